@@ -1,0 +1,208 @@
+/*
+ * toe_ring.h - ring and readiness primitives shared by the shim and the
+ * daemon's cffi module.  Both sides compile these same inline functions, so
+ * the memory-ordering rules of docs/abi.md exist in exactly one place.
+ *
+ * Rings are single-producer/single-consumer byte rings inside the socket's
+ * shared mapping.  Indices are free-running uint32 counters.  A producer
+ * publishes its index with a release store after copying the bytes; a
+ * consumer reads the peer's index with an acquire load.  Where a side stores
+ * one word and then loads another that the peer stores (the token and
+ * doorbell hand-offs) a full fence sits between them: x86 reorders exactly
+ * that pair.
+ */
+#ifndef TOE_RING_H
+#define TOE_RING_H
+
+#include <stdint.h>
+#include <string.h>
+#include "toe_abi.h"
+
+#define TOE_LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define TOE_LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define TOE_STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define TOE_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static inline uint8_t *toe_tx_base(struct toe_sock_shm *s)
+{
+    return (uint8_t *)s + TOE_SHM_HDR_SIZE;
+}
+
+static inline uint8_t *toe_rx_base(struct toe_sock_shm *s)
+{
+    return (uint8_t *)s + TOE_SHM_HDR_SIZE + s->tx_size;
+}
+
+/* Copy len bytes into ring[idx ...], wrapping. */
+static inline void toe_ring_copy_in(uint8_t *ring, uint32_t size, uint32_t idx,
+                                    const uint8_t *src, uint32_t len)
+{
+    uint32_t off = idx & (size - 1);
+    uint32_t first = size - off;
+    if (first > len)
+        first = len;
+    memcpy(ring + off, src, first);
+    if (len > first)
+        memcpy(ring, src + first, len - first);
+}
+
+/* Copy len bytes out of ring[idx ...], wrapping. */
+static inline void toe_ring_copy_out(const uint8_t *ring, uint32_t size, uint32_t idx,
+                                     uint8_t *dst, uint32_t len)
+{
+    uint32_t off = idx & (size - 1);
+    uint32_t first = size - off;
+    if (first > len)
+        first = len;
+    memcpy(dst, ring + off, first);
+    if (len > first)
+        memcpy(dst + first, ring, len - first);
+}
+
+/* ---------------- TX ring: shim produces, daemon consumes ---------------- */
+
+/* Free bytes the shim may write now. */
+static inline uint32_t toe_tx_space(struct toe_sock_shm *s)
+{
+    return s->tx_size - (s->tx_tail - TOE_LOAD_ACQ(&s->tx_head));
+}
+
+/*
+ * Shim: copy up to len bytes into the TX ring and publish them.
+ * Returns the number of bytes queued; *ring_doorbell is set to 1 when the
+ * daemon asked for a doorbell (the caller then writes one byte into A).
+ */
+static inline uint32_t toe_tx_put(struct toe_sock_shm *s, const uint8_t *src, uint32_t len,
+                                  int *ring_doorbell)
+{
+    uint32_t space = toe_tx_space(s);
+    uint32_t n = len < space ? len : space;
+    *ring_doorbell = 0;
+    if (n == 0)
+        return 0;
+    toe_ring_copy_in(toe_tx_base(s), s->tx_size, s->tx_tail, src, n);
+    TOE_STORE_REL(&s->tx_tail, s->tx_tail + n);
+    TOE_FENCE();
+    if (TOE_LOAD_RLX(&s->tx_doorbell_armed) &&
+        __atomic_exchange_n(&s->tx_doorbell_armed, 0, __ATOMIC_SEQ_CST))
+        *ring_doorbell = 1;
+    return n;
+}
+
+/*
+ * Daemon: arm the doorbell before going idle on this socket, then re-read
+ * the tail.  Returns the tail seen after arming: if it moved past what the
+ * daemon consumed, the daemon must keep working (and may disarm).
+ */
+static inline uint32_t toe_tx_arm_doorbell(struct toe_sock_shm *s)
+{
+    __atomic_store_n(&s->tx_doorbell_armed, 1, __ATOMIC_SEQ_CST);
+    TOE_FENCE();
+    return TOE_LOAD_ACQ(&s->tx_tail);
+}
+
+/* Daemon: bytes acknowledged; frees ring space.  Returns 1 when the shim is
+ * waiting for space with A stuffed (the daemon must then drain B). */
+static inline int toe_tx_release(struct toe_sock_shm *s, uint32_t new_head)
+{
+    TOE_STORE_REL(&s->tx_head, new_head);
+    TOE_FENCE();
+    if (TOE_LOAD_RLX(&s->tx_full_wait)) {
+        __atomic_store_n(&s->tx_full_wait, 0, __ATOMIC_SEQ_CST);
+        return 1;
+    }
+    return 0;
+}
+
+/*
+ * Shim: declare "A is (about to be) stuffed: tell me when space frees", then
+ * re-check.  Returns the free space seen after the declaration; if it is
+ * non-zero the caller must not wait.
+ */
+static inline uint32_t toe_tx_declare_full(struct toe_sock_shm *s)
+{
+    __atomic_store_n(&s->tx_full_wait, 1, __ATOMIC_SEQ_CST);
+    TOE_FENCE();
+    return toe_tx_space(s);
+}
+
+/* ---------------- RX ring: daemon produces, shim consumes ---------------- */
+
+static inline uint32_t toe_rx_avail(struct toe_sock_shm *s)
+{
+    return TOE_LOAD_ACQ(&s->rx_tail) - s->rx_head;
+}
+
+static inline uint32_t toe_rx_space(struct toe_sock_shm *s)
+{
+    return s->rx_size - (s->rx_tail - TOE_LOAD_ACQ(&s->rx_head));
+}
+
+/*
+ * Daemon: append len bytes (the caller checked the space) and publish.
+ * Returns 1 when a readiness token must be written into B (no token is
+ * outstanding); the caller writes it and then calls toe_rx_token_sent().
+ */
+static inline int toe_rx_push(struct toe_sock_shm *s, const uint8_t *src, uint32_t len)
+{
+    if (len) {
+        toe_ring_copy_in(toe_rx_base(s), s->rx_size, s->rx_tail, src, len);
+        TOE_STORE_REL(&s->rx_tail, s->rx_tail + len);
+    }
+    TOE_FENCE();
+    return TOE_LOAD_ACQ(&s->tok_taken) == s->tok_sent;
+}
+
+/* Daemon: a token byte was written into B. */
+static inline void toe_rx_token_sent(struct toe_sock_shm *s)
+{
+    TOE_STORE_REL(&s->tok_sent, s->tok_sent + 1);
+}
+
+/*
+ * Shim: n bytes were consumed from the RX ring.  Returns 1 when the daemon
+ * asked to hear about freed space (the caller rings a doorbell).
+ */
+static inline int toe_rx_consumed(struct toe_sock_shm *s, uint32_t n)
+{
+    TOE_STORE_REL(&s->rx_head, s->rx_head + n);
+    TOE_FENCE();
+    if (TOE_LOAD_RLX(&s->rx_wnd_wait) &&
+        __atomic_exchange_n(&s->rx_wnd_wait, 0, __ATOMIC_SEQ_CST))
+        return 1;
+    return 0;
+}
+
+/* Shim: tokens outstanding in A (written by the daemon, not yet read). */
+static inline uint32_t toe_tokens_outstanding(struct toe_sock_shm *s)
+{
+    return TOE_LOAD_ACQ(&s->tok_sent) - TOE_LOAD_ACQ(&s->tok_taken);
+}
+
+/*
+ * Shim: n token bytes were read out of A.  Returns 1 when, after that, the
+ * socket is readable again (data or EOF) with no token outstanding: the
+ * daemon may have skipped a token in the window, so the caller must kick it
+ * (write one byte into A).
+ */
+static inline int toe_tokens_taken(struct toe_sock_shm *s, uint32_t n)
+{
+    /* atomic add: processes sharing a listening socket (nginx workers) may
+     * take tokens concurrently */
+    uint32_t taken = __atomic_add_fetch(&s->tok_taken, n, __ATOMIC_SEQ_CST);
+    if (TOE_LOAD_ACQ(&s->tok_sent) != taken)
+        return 0;
+    return (TOE_LOAD_ACQ(&s->rx_tail) != s->rx_head) ||
+           (TOE_LOAD_ACQ(&s->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET)) ||
+           TOE_LOAD_ACQ(&s->accept_pending) != 0;
+}
+
+/* Daemon: set the RX-window-wait flag, then re-read the consumer index. */
+static inline uint32_t toe_rx_arm_window(struct toe_sock_shm *s)
+{
+    __atomic_store_n(&s->rx_wnd_wait, 1, __ATOMIC_SEQ_CST);
+    TOE_FENCE();
+    return TOE_LOAD_ACQ(&s->rx_head);
+}
+
+#endif /* TOE_RING_H */
