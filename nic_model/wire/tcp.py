@@ -1,0 +1,158 @@
+"""TCP header and options (RFC 9293 3.1, RFC 7323, RFC 2018).
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+    |          Source Port          |       Destination Port        |
+    |                        Sequence Number                        |
+    |                    Acknowledgment Number                      |
+    |  Data |       |C|E|U|A|P|R|S|F|                               |
+    | Offset| Rsrvd |W|C|R|C|S|S|Y|I|            Window             |
+    |           Checksum            |         Urgent Pointer        |
+    |                    Options                    |    Padding    |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import IntegrityError, SanityError
+
+HDR_LEN = 20
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+ECE = 0x40
+CWR = 0x80
+
+OPT_END = 0
+OPT_NOP = 1
+OPT_MSS = 2
+OPT_WSCALE = 3
+OPT_SACK_PERM = 4
+OPT_SACK = 5
+OPT_TIMESTAMP = 8
+
+_HDR = struct.Struct("!HHIIBBHHH")
+_MSS = struct.Struct("!BBH")
+
+
+def flags_str(flags: int) -> str:
+    names = "FSRPAUEC"
+    return "".join(n for i, n in enumerate(names) if flags & (1 << i)) or "."
+
+
+@dataclass(frozen=True, slots=True)
+class TcpOptions:
+    mss: int | None = None
+    wscale: int | None = None
+    sack_perm: bool = False
+    timestamp: tuple[int, int] | None = None
+    sack: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, buf, off: int, end: int) -> "TcpOptions":
+        mss = wscale = ts = None
+        sack_perm = False
+        sack: list[tuple[int, int]] = []
+        i = off
+        while i < end:
+            kind = buf[i]
+            if kind == OPT_END:
+                break
+            if kind == OPT_NOP:
+                i += 1
+                continue
+            if i + 1 >= end:
+                raise IntegrityError("TCP option runs past the header", "tcp_option")
+            length = buf[i + 1]
+            if length < 2 or i + length > end:
+                raise IntegrityError(f"TCP option {kind} length {length}", "tcp_option")
+            if kind == OPT_MSS and length == 4:
+                mss = struct.unpack_from("!H", buf, i + 2)[0]
+            elif kind == OPT_WSCALE and length == 3:
+                wscale = min(buf[i + 2], 14)
+            elif kind == OPT_SACK_PERM and length == 2:
+                sack_perm = True
+            elif kind == OPT_TIMESTAMP and length == 10:
+                ts = struct.unpack_from("!II", buf, i + 2)
+            elif kind == OPT_SACK and (length - 2) % 8 == 0:
+                for j in range(i + 2, i + length, 8):
+                    sack.append(struct.unpack_from("!II", buf, j))
+            i += length
+        return cls(mss, wscale, sack_perm, ts, tuple(sack))
+
+    def emit(self) -> bytes:
+        """Options block, padded with NOPs to a multiple of 4 bytes."""
+        out = bytearray()
+        if self.mss is not None:
+            out += _MSS.pack(OPT_MSS, 4, self.mss)
+        if self.sack_perm:
+            out += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERM, 2))
+        if self.timestamp is not None:
+            out += bytes((OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10)) + struct.pack("!II", *self.timestamp)
+        if self.wscale is not None:
+            out += bytes((OPT_NOP, OPT_WSCALE, 3, self.wscale))
+        if self.sack:
+            out += bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(self.sack)))
+            for left, right in self.sack:
+                out += struct.pack("!II", left, right)
+        while len(out) % 4:
+            out.append(OPT_NOP)
+        return bytes(out)
+
+
+NO_OPTIONS = TcpOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRepr:
+    """A validated TCP header; `payload_off`/`payload_len` locate the data."""
+
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: TcpOptions
+    header_len: int
+    payload_off: int
+    payload_len: int
+
+    @classmethod
+    def parse(cls, buf, off: int, seg_len: int) -> "TcpRepr":
+        """Parse the segment at buf[off:off+seg_len] (checksum is the caller's job)."""
+        if seg_len < HDR_LEN:
+            raise IntegrityError(f"TCP segment of {seg_len} bytes < 20", "tcp_short")
+        sport, dport, seq, ack, doff, flags, window, _csum, _urg = _HDR.unpack_from(buf, off)
+        hlen = (doff >> 4) * 4
+        if hlen < HDR_LEN:
+            raise IntegrityError(f"data offset {hlen // 4} < 5", "tcp_offset")
+        if hlen > seg_len:
+            raise IntegrityError(f"data offset {hlen} > segment {seg_len}", "tcp_offset")
+        if flags & SYN and flags & FIN:
+            raise SanityError("SYN+FIN", "tcp_flags")
+        if flags & SYN and flags & RST:
+            raise SanityError("SYN+RST", "tcp_flags")
+        if sport == 0 or dport == 0:
+            raise SanityError("port 0", "tcp_port")
+        opts = TcpOptions.parse(buf, off + HDR_LEN, off + hlen) if hlen > HDR_LEN else NO_OPTIONS
+        return cls(sport, dport, seq, ack, flags, window, opts, hlen, off + hlen, seg_len - hlen)
+
+    @staticmethod
+    def emit_header(out, off: int, sport: int, dport: int, seq: int, ack: int, flags: int,
+                    window: int, options: bytes = b"", csum: int = 0) -> int:
+        """Write header + options at out[off:]; returns the header length."""
+        hlen = HDR_LEN + len(options)
+        _HDR.pack_into(out, off, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                       (hlen // 4) << 4, flags, window, csum, 0)
+        if options:
+            out[off + HDR_LEN:off + hlen] = options
+        return hlen
