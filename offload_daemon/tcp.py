@@ -427,7 +427,9 @@ class TcpStack:
     def _rcv_space(self, c: Ccb) -> int:
         s = c.sock
         if s is None or not s.mapped:
-            return max(PRE_ACCEPT_WINDOW - len(c.pre_buf), 0)
+            # before accept(): a holding buffer no larger than the ring the child will get,
+            # so that the window never has to shrink when the ring takes over
+            return max(min(PRE_ACCEPT_WINDOW, self.cfg.rx_ring_bytes) - len(c.pre_buf), 0)
         return lib.toe_rx_space(s.shm)
 
     def _window(self, c: Ccb, syn: bool = False) -> int:

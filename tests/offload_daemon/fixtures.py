@@ -1,0 +1,202 @@
+"""Fixtures for driving the TCP engine without a network.
+
+`Harness` builds a TcpStack around a fake TX unit that records every segment,
+an ARP table that resolves at once, real timers on a fake clock, and real
+HostSockets over real shared memory and socket pairs (the shim's side is
+played by the test: it writes the TX ring and reads the RX ring with the
+same cffi primitives the shim uses).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from dataclasses import dataclass
+
+from nic_model.counters import AckGenCounters
+from nic_model.rx import Segment
+from nic_model.wire import tcp as T
+from offload_daemon.abi import ffi, lib
+from offload_daemon.config import AdapterConfig
+from offload_daemon.host import HostSocket, ProcessCtx
+from offload_daemon.tcp import TcpStack
+from offload_daemon.timers import Timers
+
+ME = 0xC6120002        # 198.18.0.2
+PEER = 0xC6120001      # 198.18.0.1
+PEER_MAC = b"\x02\x00\x00\x00\x00\x01"
+
+
+@dataclass
+class Sent:
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: T.TcpOptions
+    payload: bytes
+    sport: int
+    dport: int
+
+    def has(self, flags: int) -> bool:
+        return self.flags & flags == flags
+
+
+class FakeTx:
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+
+    def segment(self, key, peer_mac, src, dst, sport, dport, seq, ack, flags, window,
+                options=b"", payload=(), payload_len=0, mss=1460):
+        data = b"".join(bytes(p) for p in payload)
+        assert len(data) == payload_len
+        opts = T.TcpOptions.parse(options, 0, len(options)) if options else T.NO_OPTIONS
+        self.sent.append(Sent(seq, ack, flags, window, opts, data, sport, dport))
+
+    def invalidate(self, key) -> None:
+        pass
+
+
+class FakeArp:
+    def resolve(self, ip, now, cb):
+        cb(PEER_MAC, now)
+
+
+class FakeAdapter:
+    def __init__(self, cfg: AdapterConfig, offloads: bool = True):
+        self.cfg = cfg
+        self.my_ip = ME
+        self.timers = Timers()
+        self.tx = FakeTx()
+        self.arp = FakeArp()
+        self.ackgen = AckGenCounters()
+        self.offloads = offloads
+        self.tx_max_payload = 65000
+
+
+class AppSide:
+    """The application's view of one socket: A end and the mapping (what the shim holds)."""
+
+    def __init__(self, a: socket.socket, mm: mmap.mmap):
+        self.a = a
+        self.mm = mm
+        self.shm = ffi.cast("struct toe_sock_shm *", ffi.from_buffer(mm))
+
+    def write(self, data: bytes) -> int:
+        """Copy into the TX ring like the shim's send (no doorbell bookkeeping)."""
+        s = self.shm
+        base = ffi.cast("uint8_t *", s) + lib.TOE_SHM_HDR_SIZE
+        space = lib.toe_tx_space(s)
+        n = min(space, len(data))
+        for i in range(n):
+            base[(s.tx_tail + i) & (s.tx_size - 1)] = data[i]
+        s.tx_tail = (s.tx_tail + n) & 0xFFFFFFFF
+        return n
+
+    def read(self) -> bytes:
+        s = self.shm
+        base = ffi.cast("uint8_t *", s) + lib.TOE_SHM_HDR_SIZE + s.tx_size
+        n = (s.rx_tail - s.rx_head) & 0xFFFFFFFF
+        out = bytes(base[(s.rx_head + i) & (s.rx_size - 1)] for i in range(n))
+        s.rx_head = (s.rx_head + n) & 0xFFFFFFFF
+        return out
+
+    def readable_tokens(self) -> int:
+        self.a.setblocking(False)
+        try:
+            return len(self.a.recv(64, socket.MSG_PEEK))
+        except BlockingIOError:
+            return 0
+
+
+class Harness:
+    def __init__(self, ring: int = 1 << 16, offloads: bool = True, **cfg):
+        self.cfg = AdapterConfig(tx_ring_bytes=ring, rx_ring_bytes=ring, **cfg)
+        self.ad = FakeAdapter(self.cfg, offloads)
+        self.tcp = TcpStack(self.ad)
+        self.ring = ring
+        self.now = 100.0
+        self._ctl_a, self._ctl_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = ProcessCtx(self._ctl_b)
+        self._sid = 0
+        self.apps: list[AppSide] = []
+
+    @property
+    def sent(self) -> list[Sent]:
+        return self.ad.tx.sent
+
+    def take(self) -> list[Sent]:
+        out, self.ad.tx.sent = self.ad.tx.sent, []
+        return out
+
+    def socket(self) -> tuple[HostSocket, AppSide]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        size = lib.TOE_SHM_HDR_SIZE + 2 * self.ring
+        fd = os.memfd_create("toe-test")
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+        s = ffi.cast("struct toe_sock_shm *", ffi.from_buffer(mm))
+        s.magic = lib.TOE_SHM_MAGIC
+        s.abi_version = lib.TOE_ABI_VERSION
+        s.tx_size = s.rx_size = self.ring
+        self._sid += 1
+        b_fd = b.detach()
+        os.set_blocking(b_fd, False)
+        hs = HostSocket(self._sid, self.proc, b_fd, os.dup(fd), size)
+        os.close(fd)
+        app = AppSide(a, mm)
+        self.apps.append(app)
+        return hs, app
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.ad.timers.poll(self.now)
+
+    def seg(self, flags: int, seq: int, ack: int = 0, payload: bytes = b"", window: int = 65535,
+            options: T.TcpOptions = T.NO_OPTIONS, sport: int = 40000, dport: int = 80) -> Segment:
+        s = Segment()
+        s.src, s.dst, s.sport, s.dport = PEER, ME, sport, dport
+        s.seq, s.ack, s.flags, s.window = seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window
+        s.options = options
+        s.buf = bytearray(payload)
+        s.payload_off = 0
+        s.payload_len = len(payload)
+        s.src_mac = PEER_MAC
+        s.handle = None
+        return s
+
+    def deliver(self, seg: Segment) -> None:
+        self.tcp.input(seg, self.now)
+        self.tcp.flush(self.now)
+
+    # ---- ready-made states ----------------------------------------------
+
+    def listening(self, port: int = 80):
+        hs, app = self.socket()
+        assert self.tcp.bind(hs, 0, port) == 0
+        assert self.tcp.listen(hs, 16) == 0
+        return hs, app
+
+    def established_passive(self, irs: int = 1000, port: int = 80, wscale: int | None = 7):
+        """A connection accepted by the app: returns (ccb, host socket, app side)."""
+        lhs, lapp = self.listening(port)
+        opts = T.TcpOptions(mss=1460, wscale=wscale)
+        self.deliver(self.seg(T.SYN, irs, options=opts, dport=port))
+        synack = self.take()[-1]
+        self.deliver(self.seg(T.ACK, irs + 1, synack.seq + 1, dport=port))
+        hs, app = self.socket()
+        c = self.tcp.accept(lhs, hs, self.now)
+        assert c is not None
+        self.take()
+        return c, hs, app
+
+    def established_active(self, iss_peer: int = 5000, port: int = 8080):
+        hs, app = self.socket()
+        import errno as _e
+        assert self.tcp.connect(hs, PEER, port, self.now) == -_e.EINPROGRESS
+        syn = self.take()[-1]
+        self.deliver(self.seg(T.SYN | T.ACK, iss_peer, syn.seq + 1, sport=port,
+                              dport=syn.sport, options=T.TcpOptions(mss=1460, wscale=7)))
+        self.take()
+        return hs.ccb, hs, app, syn
