@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 
 from .counters import TapPortCounters
 from .wire import vnet
@@ -33,8 +34,9 @@ class TapError(Exception):
 
 
 class TapPort:
-    def __init__(self, name: str, offloads: bool = True):
+    def __init__(self, name: str, offloads: bool = True, pcap: str | None = None):
         self.name = name
+        self.pcap = None
         self.offloads = offloads
         self.counters = TapPortCounters()
         try:
@@ -51,6 +53,20 @@ class TapPort:
             if e.errno == 16:
                 raise TapError(f"TAP {name} is busy (another adapter holds it)") from None
             raise TapError(f"cannot set up TAP {name}: {e.strerror}") from None
+        if pcap:
+            try:
+                self.pcap = open(pcap, "wb", buffering=1 << 20)
+            except OSError as e:
+                os.close(self.fd)
+                raise TapError(f"cannot write pcap {pcap}: {e.strerror}") from None
+            # classic pcap, Ethernet link type, 256 KB snap length (TSO frames are up to 64 KB)
+            self.pcap.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+
+    def _record(self, frame) -> None:
+        t = time.time()
+        n = len(frame) - vnet.LEN
+        self.pcap.write(struct.pack("<IIII", int(t), int((t % 1) * 1e6), n, n))  # type: ignore[union-attr]
+        self.pcap.write(frame[vnet.LEN:])  # type: ignore[union-attr]
 
     def recv_into(self, buf) -> int:
         """One frame (with its virtio header) into buf; -1 when none is waiting."""
@@ -61,6 +77,8 @@ class TapPort:
         c = self.counters
         c.rx_frames += 1
         c.rx_bytes += n - vnet.LEN
+        if self.pcap is not None:
+            self._record(memoryview(buf)[:n])
         return n
 
     def send(self, parts, nbytes: int, gso: bool = False) -> None:
@@ -73,10 +91,15 @@ class TapPort:
             return
         c.tx_frames += 1
         c.tx_bytes += nbytes - vnet.LEN
+        if self.pcap is not None:
+            self._record(b"".join(parts))
         if gso:
             c.tx_gso_frames += 1
 
     def close(self) -> None:
+        if self.pcap is not None:
+            self.pcap.close()
+            self.pcap = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

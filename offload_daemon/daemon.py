@@ -79,7 +79,7 @@ class Adapter:
         if not os.path.exists("/dev/net/tun"):
             raise SetupError("/dev/net/tun is missing (load the tun module: modprobe tun)")
         try:
-            self.tap = TapPort(cfg.tap, cfg.offloads)
+            self.tap = TapPort(cfg.tap, cfg.offloads, pcap=cfg.pcap)
         except TapError as e:
             raise SetupError(str(e)) from None
         _configure_kernel_side(cfg)
@@ -357,8 +357,8 @@ class Adapter:
                                   "backlog": lst.backlog, "pending": len(lst.queue),
                                   "embryonic": len(lst.embryonic), "pid": lst.sock.pid})
         tapc = self.tap.counters  # type: ignore[union-attr]
-        bytes_in = sum(c["bytes_in"] for c in conns)
-        bytes_out = sum(c["bytes_out"] for c in conns)
+        bytes_in = sum(c["bytes_in"] for c in conns) + self.tcp.closed_bytes_in
+        bytes_out = sum(c["bytes_out"] for c in conns) + self.tcp.closed_bytes_out
         procs = [{"pid": p.pid, "comm": p.comm, "sockets": p.sockets, "handovers": p.handovers,
                   "handover_reasons": {str(k): v for k, v in p.handover_reasons.items()}}
                  for p in self.ctl.procs.values()]  # type: ignore[union-attr]
@@ -369,11 +369,12 @@ class Adapter:
                         "uptime_s": round(now - self.started, 3), "offloads": self.offloads,
                         "mtu": self.cfg.mtu, "netns": self.cfg.netns},
             "cpu": {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "max_rss_kb": ru.ru_maxrss},
-            "totals": {"connections": len(conns), "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "totals": {"connections": len(conns), "closed_connections": self.tcp.closed_count, "bytes_in": bytes_in, "bytes_out": bytes_out,
                        "frames_in": tapc.rx_frames, "frames_out": tapc.tx_frames,
                        "handovers": self.counters_host["handovers"],
                        "sockets_open": len(self.socks)},
             "connections": conns,
+            "closed": list(self.tcp.closed),
             "listeners": listeners,
             "units": {
                 "tap_port": tapc.snapshot(),

@@ -169,6 +169,10 @@ class TcpStack:
         self.our_mss = self.cfg.mtu - 40
         self._next_id = 0
         self.dirty: set[Ccb] = set()
+        self.closed: deque[dict] = deque(maxlen=64)      # recently closed, newest last
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+        self.closed_count = 0
         self.stats = {"active_opens": 0, "passive_opens": 0, "resets_sent": 0, "resets_received": 0,
                       "syn_dropped_backlog": 0, "retransmit_timeouts": 0, "fast_retransmits": 0,
                       "ooo_segments": 0, "bad_segments": 0, "conn_timeouts": 0, "time_wait": 0}
@@ -1093,6 +1097,14 @@ class TcpStack:
     def _free(self, c: Ccb) -> None:
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
+            if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
+                info = c.info()
+                info["closed_from"] = info["state"]
+                info["state"] = "CLOSED"
+                self.closed.append(info)
+                self.closed_count += 1
+                self.closed_bytes_in += c.bytes_in
+                self.closed_bytes_out += c.bytes_out
         self._disarm(c)
         prev = c.state
         c.state = State.CLOSED
