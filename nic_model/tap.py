@@ -77,6 +77,8 @@ class TapPort:
         c = self.counters
         c.rx_frames += 1
         c.rx_bytes += n - vnet.LEN
+        if buf[1]:                      # gso_type: a TSO super-frame from the kernel
+            c.rx_gso_frames += 1
         if self.pcap is not None:
             self._record(memoryview(buf)[:n])
         return n
