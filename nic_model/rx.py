@@ -11,6 +11,7 @@ the validating parsers in `wire/`.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from .counters import RxCheckerCounters
 from .wire import IntegrityError, SanityError, WireError, ethernet, ipv4, tcp, vnet
@@ -30,6 +31,20 @@ class Segment:
 
     __slots__ = ("src", "dst", "sport", "dport", "seq", "ack", "flags", "window",
                  "options", "payload_off", "payload_len", "src_mac", "buf", "handle")
+    src: int
+    dst: int
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: tcp.TcpOptions
+    payload_off: int
+    payload_len: int
+    src_mac: bytes
+    buf: Any
+    handle: Any
 
     def __repr__(self) -> str:
         return (f"Segment({self.sport}->{self.dport} {tcp.flags_str(self.flags)} "

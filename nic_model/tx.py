@@ -33,6 +33,13 @@ MAX_TSO_BYTES = 65535 - 20 - 60
 
 class _Template:
     __slots__ = ("eth_ip", "ip_base", "pseudo_base", "sport", "dport", "src", "dst")
+    eth_ip: tuple[bytes, bytes, int]
+    ip_base: int
+    pseudo_base: int
+    sport: int
+    dport: int
+    src: int
+    dst: int
 
 
 class TxEngine:

@@ -26,6 +26,9 @@ Resolved = Callable[[bytes | None, float], None]
 
 class _Pending:
     __slots__ = ("waiters", "tries", "timer")
+    waiters: list[Resolved]
+    tries: int
+    timer: Timer
 
 
 class ArpTable:
@@ -65,7 +68,7 @@ class ArpTable:
         p = _Pending()
         p.waiters = [cb]
         p.tries = 0
-        p.timer = Timer(lambda t, ip=ip: self._retry(ip, t))
+        p.timer = Timer(lambda t: self._retry(ip, t))
         self.pending[ip] = p
         self._request(ip, p, now)
 

@@ -19,7 +19,6 @@ import os
 import resource
 import select
 import signal
-import socket
 import sys
 import time
 
@@ -267,12 +266,13 @@ class Adapter:
                 return
             for fd in fds if op != lib.TOE_OP_ACCEPT else ():
                 os.close(fd)
-            s = self.socks.get(cmd.sock_id)
-            if s is None:
+            target = self.socks.get(cmd.sock_id)
+            if target is None:
                 for fd in fds:
                     os.close(fd)
                 rsp.result = -errno.EBADF
                 return
+            s = target
             if op == lib.TOE_OP_BIND:
                 ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
                 if ip not in (0, self.my_ip):
@@ -369,7 +369,8 @@ class Adapter:
                         "uptime_s": round(now - self.started, 3), "offloads": self.offloads,
                         "mtu": self.cfg.mtu, "netns": self.cfg.netns},
             "cpu": {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "max_rss_kb": ru.ru_maxrss},
-            "totals": {"connections": len(conns), "closed_connections": self.tcp.closed_count, "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "totals": {"connections": len(conns), "closed_connections": self.tcp.closed_count,
+                       "bytes_in": bytes_in, "bytes_out": bytes_out,
                        "frames_in": tapc.rx_frames, "frames_out": tapc.tx_frames,
                        "handovers": self.counters_host["handovers"],
                        "sockets_open": len(self.socks)},

@@ -138,7 +138,7 @@ class Ccb:
         self.fin_seq = 0
         self.rx_fin = False
         self.ack_pending = False
-        self.timer: Timer | None = None
+        self.timer = Timer(_no_timer)
         self.timer_kind = ""
         self.bytes_in = self.bytes_out = self.segs_in = self.segs_out = self.retransmits = 0
         self.created = now
@@ -154,8 +154,12 @@ class Ccb:
             "cwnd": self.cwnd, "ssthresh": min(self.ssthresh, 1 << 30), "mss": self.mss,
             "srtt_us": int(self.srtt * 1e6), "rto_ms": int(self.rto * 1000),
             "retransmits": self.retransmits, "pid": self.sock.pid if self.sock else None,
-            "orphan": self.orphan, "timer": self.timer_kind if self.timer and self.timer.armed else "",
+            "orphan": self.orphan, "timer": self.timer_kind if self.timer.armed else "",
         }
+
+
+def _no_timer(now: float) -> None:
+    pass
 
 
 class TcpStack:
@@ -184,7 +188,11 @@ class TcpStack:
     def _new_ccb(self, lip: int, lport: int, rip: int, rport: int, now: float) -> Ccb:
         self._next_id += 1
         c = Ccb(self._next_id, lip, lport, rip, rport, now)
-        c.timer = Timer(lambda t, c=c: self._on_timer(c, t))
+
+        def fire(t: float) -> None:
+            self._on_timer(c, t)
+
+        c.timer = Timer(fire)
         return c
 
     def _arm(self, c: Ccb, kind: str, delay: float, now: float) -> None:
@@ -192,8 +200,7 @@ class TcpStack:
         self.ad.timers.arm(c.timer, now + delay)
 
     def _disarm(self, c: Ccb) -> None:
-        if c.timer is not None:
-            self.ad.timers.cancel(c.timer)
+        self.ad.timers.cancel(c.timer)
         c.timer_kind = ""
 
     def _port_free(self, port: int, sock: "HostSocket") -> bool:
@@ -243,7 +250,7 @@ class TcpStack:
             try:
                 port = self._ephemeral(sock)
             except OSError as e:
-                return -e.errno
+                return -(e.errno or errno.EADDRNOTAVAIL)
         elif not self._port_free(port, sock):
             return -errno.EADDRINUSE
         self._bind_port(sock, ip, port)
@@ -285,7 +292,7 @@ class TcpStack:
             try:
                 port = self._ephemeral(sock, rip, rport)
             except OSError as e:
-                return -e.errno
+                return -(e.errno or errno.EADDRNOTAVAIL)
             self._bind_port(sock, self.my_ip, port)
         lport = sock.bound[1]  # type: ignore[index]
         if (rip, rport, lport) in self.conns:
@@ -300,7 +307,11 @@ class TcpStack:
         sock.set_addresses(self.my_ip, lport, rip, rport)
         sock.shm.state = lib.TOE_SS_CONNECTING
         self.stats["active_opens"] += 1
-        self.ad.arp.resolve(rip, now, lambda mac, t, c=c: self._syn_resolved(c, mac, t))
+
+        def resolved(mac: bytes | None, t: float) -> None:
+            self._syn_resolved(c, mac, t)
+
+        self.ad.arp.resolve(rip, now, resolved)
         return -errno.EINPROGRESS
 
     def _syn_resolved(self, c: Ccb, mac: bytes | None, now: float) -> None:
@@ -377,9 +388,9 @@ class TcpStack:
                 ports.remove(lst)
             if not ports:
                 self.listeners.pop(lst.port, None)
-            for c in list(lst.queue) + list(lst.embryonic):
-                self._send_rst_for(c, now)
-                self._free(c)
+            for child in list(lst.queue) + list(lst.embryonic):
+                self._send_rst_for(child, now)
+                self._free(child)
             lst.queue.clear()
             lst.embryonic.clear()
             sock.listener = None
@@ -533,7 +544,7 @@ class TcpStack:
             flight = (c.snd_nxt - c.snd_una) & M32
             room = min(c.snd_wnd, c.cwnd) - flight
             if room <= 0:
-                if c.snd_wnd == 0 and flight == 0 and not (c.timer and c.timer.armed):
+                if c.snd_wnd == 0 and flight == 0 and not (c.timer.armed):
                     self._arm(c, "persist", max(c.rto, RTO_MIN), now)
                 break
             n = min(unsent, room, max_seg)
@@ -551,7 +562,7 @@ class TcpStack:
                 c.rtt_time = now
             c.snd_nxt = (c.snd_nxt + n) & M32
             c.bytes_out += n
-            if not (c.timer and c.timer.armed and c.timer_kind == "rto"):
+            if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
         if unsent > 0:
             return
@@ -564,7 +575,7 @@ class TcpStack:
                 c.state = State.FIN_WAIT_1
             elif c.state == State.CLOSE_WAIT:
                 c.state = State.LAST_ACK
-            if not (c.timer and c.timer.armed and c.timer_kind == "rto"):
+            if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
             return
         if not c.fin_wanted:
@@ -652,7 +663,7 @@ class TcpStack:
             c.sock.shm.retransmits += 1
         self._disarm(c)
         self.try_send(c, now)
-        if not (c.timer and c.timer.armed):
+        if not (c.timer.armed):
             self._arm(c, "rto", c.rto, now)
 
     # ==================================================================
