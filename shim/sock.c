@@ -1,0 +1,1552 @@
+/*
+ * sock.c - the offloaded socket operations.
+ *
+ * The application's fd is end A of an AF_UNIX stream socketpair whose end B
+ * the daemon holds; payload moves through the rings of the socket's shared
+ * mapping.  docs/abi.md is the protocol; the primitives (ring copies, token
+ * and doorbell hand-offs) are toe_ring.h's, used as they are.
+ *
+ * Waiting is always done by the kernel, on A, so O_NONBLOCK, SO_RCVTIMEO,
+ * SO_SNDTIMEO and SA_RESTART behave exactly as for a TCP socket:
+ *   readable   recv(A, 1, MSG_PEEK) returns when a token arrives (or B shuts)
+ *   writable   send(A, 1) on a stuffed A returns when the daemon drains B
+ * No lock is held across such a wait.  The RX and TX paths have separate
+ * locks, so one thread may block in recv() while another sends.
+ *
+ * errno is preserved on success and set like the kernel's on failure.  The
+ * data paths (read/write/recv/send/close) neither allocate nor free.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <linux/sockios.h>
+#include <netinet/tcp.h>
+
+#include "toe_ring.h"
+#include "toe_shim.h"
+
+extern void __chk_fail(void) __attribute__((noreturn));
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+
+/* the kernel's floors for SO_SNDBUF / SO_RCVBUF (SOCK_MIN_SNDBUF, SOCK_MIN_RCVBUF) */
+#define TOE_MIN_SNDBUF 4608
+#define TOE_MIN_RCVBUF 2304
+#define TOE_DEFAULT_MSS 536 /* TCP_MSS_DEFAULT: what the kernel reports before connect */
+#define TOE_MIN_MSS 88      /* TCP_MIN_MSS */
+
+static const uint8_t filler[2048];
+
+static int fail(int e)
+{
+    errno = e;
+    return -1;
+}
+
+/* ---------------- state ---------------- */
+
+static inline uint32_t state_of(struct toe_sock *s)
+{
+    return LOAD(&s->shm->state);
+}
+
+static inline uint32_t flags_of(struct toe_sock *s)
+{
+    return LOAD(&s->shm->flags);
+}
+
+static inline unsigned lstate_of(struct toe_sock *s)
+{
+    return __atomic_load_n(&s->lstate, __ATOMIC_ACQUIRE);
+}
+
+static inline void lstate_set(struct toe_sock *s, unsigned bits)
+{
+    __atomic_or_fetch(&s->lstate, bits, __ATOMIC_SEQ_CST);
+}
+
+static inline void lstate_clear(struct toe_sock *s, unsigned bits)
+{
+    __atomic_and_fetch(&s->lstate, ~bits, __ATOMIC_SEQ_CST);
+}
+
+static inline int take_so_error(struct toe_sock *s)
+{
+    return __atomic_exchange_n(&s->shm->so_error, 0, __ATOMIC_ACQ_REL);
+}
+
+static int nonblocking(int fd)
+{
+    int fl = toe_real_fcntl(fd, F_GETFL, NULL);
+    return fl >= 0 && (fl & O_NONBLOCK);
+}
+
+/* ---------------- readiness on A (docs/abi.md "Readiness") ---------------- */
+
+/*
+ * Write filler into A until the kernel refuses: A is then not writable.
+ * With tx (the TX-ring-full case) stop as soon as ring space shows up: the
+ * daemon released it and drained B meanwhile, so stuffing on would only make
+ * it drain again.
+ */
+static void stuff(int fd, struct toe_sock_shm *tx)
+{
+    int saved = errno;
+    for (int i = 0; i < 64; i++) {
+        if (toe_real_send(fd, filler, sizeof(filler), MSG_DONTWAIT | MSG_NOSIGNAL) < 0 &&
+            errno != EINTR)
+            break;
+        if (tx && toe_tx_space(tx))
+            break;
+    }
+    errno = saved;
+}
+
+/* One byte into A: a doorbell or a kick.  EAGAIN (A stuffed) is dropped. */
+static void bell(int fd)
+{
+    int saved = errno;
+    toe_real_send(fd, filler, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    errno = saved;
+}
+
+/* The token dance: called (under rx_lock) when the socket is not readable. */
+static void take_tokens(struct toe_sock *s, int fd)
+{
+    struct toe_sock_shm *m = s->shm;
+    uint32_t n = toe_tokens_outstanding(m), got = 0;
+    char buf[64];
+    int saved = errno;
+    while (got < n) {
+        size_t want = n - got < sizeof(buf) ? n - got : sizeof(buf);
+        ssize_t r = toe_real_recv(fd, buf, want, MSG_DONTWAIT);
+        if (r > 0)
+            got += (uint32_t)r;
+        else if (!(r < 0 && errno == EINTR))
+            break;
+    }
+    if (toe_tokens_taken(m, got))
+        bell(fd);
+    errno = saved;
+}
+
+/* Block until A is readable.  1: a token; 0: B was shut down; -1: errno
+ * (EINTR, EAGAIN on SO_RCVTIMEO ...) exactly as the kernel reports it. */
+static int wait_readable(int fd)
+{
+    char c;
+    ssize_t r = toe_real_recv(fd, &c, 1, MSG_PEEK);
+    if (r < 0)
+        return -1;
+    return r > 0;
+}
+
+/* Block until the daemon drains B (A must be stuffed).  0, or -1 with errno
+ * (EINTR, EAGAIN on SO_SNDTIMEO, EPIPE when B is gone). */
+static int wait_writable(int fd)
+{
+    return toe_real_send(fd, filler, 1, MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+/* ---------------- creation ---------------- */
+
+/*
+ * A new socket object: the pair (A with the application's SOCK_NONBLOCK /
+ * SOCK_CLOEXEC), the memfd with its header filled in, the mapping.
+ * bm[] receives [B, memfd] for SCM_RIGHTS; the caller closes them.
+ */
+static struct toe_sock *make_sock(int flags, int *a, int bm[2])
+{
+    const struct toe_adapter *ad = toe_ctl_adapter();
+    size_t len = TOE_SHM_HDR_SIZE + (size_t)ad->tx_ring_bytes + ad->rx_ring_bytes;
+    int sv[2], mfd = -1, one = 1, e;
+    void *p = MAP_FAILED;
+    struct toe_sock *s;
+
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+        return NULL;
+    if (!toe_fd_fits(sv[0])) {
+        e = EMFILE;
+        goto fail;
+    }
+    if (!(flags & SOCK_NONBLOCK) && toe_real_fcntl(sv[0], F_SETFL, NULL) < 0)
+        goto fail_errno;
+    if (!(flags & SOCK_CLOEXEC) && toe_real_fcntl(sv[0], F_SETFD, NULL) < 0)
+        goto fail_errno;
+    /* the kernel clamps to its minimum: a little filler makes A unwritable */
+    toe_real_setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+    mfd = memfd_create("toe-sock", MFD_CLOEXEC);
+    if (mfd < 0 || ftruncate(mfd, (off_t)len) < 0)
+        goto fail_errno;
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+    if (p == MAP_FAILED)
+        goto fail_errno;
+    s = toe_sock_alloc();
+    if (!s) {
+        e = ENOMEM;
+        goto fail;
+    }
+    struct toe_sock_shm *m = p;
+    m->magic = TOE_SHM_MAGIC;
+    m->abi_version = TOE_ABI_VERSION;
+    m->tx_size = ad->tx_ring_bytes;
+    m->rx_size = ad->rx_ring_bytes;
+    m->sndbuf = ad->tx_ring_bytes;
+    m->rcvbuf = ad->rx_ring_bytes;
+    s->shm = m;
+    s->map_len = len;
+    *a = sv[0];
+    bm[0] = sv[1];
+    bm[1] = mfd;
+    return s;
+
+fail_errno:
+    e = errno;
+fail:
+    if (p != MAP_FAILED)
+        munmap(p, len);
+    if (mfd >= 0)
+        toe_real_close(mfd);
+    toe_real_close(sv[0]);
+    toe_real_close(sv[1]);
+    errno = e;
+    return NULL;
+}
+
+static void close_pair_side(int bm[2])
+{
+    toe_real_close(bm[0]);
+    toe_real_close(bm[1]);
+}
+
+int toe_sock_wanted(int domain, int type, int protocol)
+{
+    return domain == AF_INET && (type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) == SOCK_STREAM &&
+           (protocol == 0 || protocol == IPPROTO_TCP);
+}
+
+int toe_sock_socket(int domain, int type, int protocol)
+{
+    int saved = errno, a, bm[2];
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+
+    if (!toe_ctl_up())
+        return toe_real_socket(domain, type, protocol);
+    struct toe_sock *s = make_sock(type, &a, bm);
+    if (!s) {
+        TOE_DBG("socket: no resources for an offloaded socket (%s); kernel socket", strerror(errno));
+        errno = saved;
+        return toe_real_socket(domain, type, protocol);
+    }
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_SOCKET;
+    cmd.shm_bytes = (uint32_t)s->map_len;
+    int r = toe_ctl_call(&cmd, bm, 2, &rsp);
+    close_pair_side(bm);
+    if (r < 0 || rsp.result < 0) {
+        toe_real_close(a);
+        toe_sock_put(s);
+        if (r < 0) {
+            errno = saved;
+            return toe_real_socket(domain, type, protocol);
+        }
+        return fail(-rsp.result);
+    }
+    s->sock_id = rsp.sock_id;
+    stuff(a, NULL); /* an unconnected socket is not writable */
+    if (toe_fd_install(a, s) < 0) {
+        int e = errno;
+        toe_real_close(a);
+        toe_sock_put(s);
+        return fail(e);
+    }
+    toe_sock_put(s);
+    TOE_DBG("socket fd %d -> sock %u", a, rsp.sock_id);
+    errno = saved;
+    return a;
+}
+
+/* ---------------- handover to the kernel ---------------- */
+
+/*
+ * Replace the offloaded socket behind fd (and every other fd of this process
+ * that points at it) with a fresh kernel socket carrying what the application
+ * set so far: O_NONBLOCK, FD_CLOEXEC, recorded options, its bind.  The caller
+ * then performs the real operation on fd.  0, or -1 with errno (nothing
+ * changed).
+ */
+static int handover(struct toe_sock *s, int fd, int reason)
+{
+    int saved = errno, e;
+    int fl = toe_real_fcntl(fd, F_GETFL, NULL);
+    if (fl < 0)
+        return -1;
+    int k = toe_real_socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | ((fl & O_NONBLOCK) ? SOCK_NONBLOCK : 0),
+                            IPPROTO_TCP);
+    if (k < 0)
+        return -1;
+    pthread_mutex_lock(&s->opt_lock);
+    for (unsigned i = 0; i < s->nopts; i++) {
+        struct toe_opt *o = &s->opts[i];
+        if (toe_real_setsockopt(k, o->level, o->name, o->val, o->len) < 0)
+            TOE_DBG("handover: replaying option %d/%d: %s", o->level, o->name, strerror(errno));
+    }
+    struct sockaddr_in b = s->bound;
+    pthread_mutex_unlock(&s->opt_lock);
+    if ((lstate_of(s) & TOE_LS_BOUND) && toe_real_bind(k, (struct sockaddr *)&b, sizeof(b)) < 0)
+        goto fail;
+    if (toe_fd_replace_all(s, fd, k) < 0)
+        goto fail;
+    toe_real_close(k);
+
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_HANDOVER;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = reason;
+    toe_ctl_call(&cmd, NULL, 0, &rsp); /* statistics only: errors do not matter */
+    TOE_DBG("handover fd %d (sock %u) to the kernel, reason %d", fd, s->sock_id, reason);
+    errno = saved;
+    return 0;
+
+fail:
+    e = errno;
+    toe_real_close(k);
+    TOE_DBG("handover fd %d failed: %s", fd, strerror(e));
+    return fail(e);
+}
+
+/* ---------------- bind / listen / connect / accept ---------------- */
+
+int toe_sock_bind(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len)
+{
+    struct sockaddr_in sin;
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    int reason;
+
+    if (len < sizeof(sin))
+        return fail(EINVAL);
+    if (!addr)
+        return fail(EFAULT);
+    memcpy(&sin, addr, sizeof(sin));
+    if (sin.sin_family != AF_INET) {
+        if (sin.sin_family != AF_UNSPEC || sin.sin_addr.s_addr != htonl(INADDR_ANY))
+            return fail(EAFNOSUPPORT);
+        sin.sin_family = AF_INET;
+    }
+    if (lstate_of(s) || state_of(s) != TOE_SS_NEW)
+        return fail(EINVAL);
+    const struct toe_adapter *ad = toe_ctl_adapter();
+    if (sin.sin_addr.s_addr != htonl(INADDR_ANY) && sin.sin_addr.s_addr != ad->addr_be32) {
+        reason = TOE_HO_BIND_ADDR;
+        goto handover;
+    }
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_BIND;
+    cmd.sock_id = s->sock_id;
+    cmd.addr_be32 = sin.sin_addr.s_addr;
+    cmd.port_be16 = sin.sin_port;
+    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
+        reason = TOE_HO_NO_DAEMON;
+        goto handover;
+    }
+    if (rsp.flags & TOE_RF_HANDOVER) {
+        reason = TOE_HO_DAEMON;
+        goto handover;
+    }
+    if (rsp.result < 0)
+        return fail(-rsp.result);
+    pthread_mutex_lock(&s->opt_lock);
+    s->bound = sin;
+    pthread_mutex_unlock(&s->opt_lock);
+    lstate_set(s, TOE_LS_BOUND);
+    return 0;
+
+handover:
+    if (handover(s, fd, reason) < 0)
+        return -1;
+    return toe_real_bind(fd, addr, len);
+}
+
+int toe_sock_listen(struct toe_sock *s, int fd, int backlog)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    unsigned ls = lstate_of(s);
+    uint32_t st = state_of(s);
+    int reason;
+
+    if ((ls & (TOE_LS_CONNECT | TOE_LS_CONNECTED)) ||
+        (st != TOE_SS_NEW && st != TOE_SS_BOUND && st != TOE_SS_LISTEN))
+        return fail(EINVAL);
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_LISTEN;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = backlog;
+    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
+        if (ls & TOE_LS_LISTEN)
+            return 0; /* a backlog change; the listener keeps running */
+        reason = TOE_HO_NO_DAEMON;
+        goto handover;
+    }
+    if ((rsp.flags & TOE_RF_HANDOVER) && !(ls & TOE_LS_LISTEN)) {
+        reason = TOE_HO_DAEMON;
+        goto handover;
+    }
+    if (rsp.result < 0)
+        return fail(-rsp.result);
+    lstate_set(s, TOE_LS_LISTEN);
+    stuff(fd, NULL); /* a listening socket is never writable */
+    return 0;
+
+handover:
+    if (handover(s, fd, reason) < 0)
+        return -1;
+    return toe_real_listen(fd, backlog);
+}
+
+/* Block (on A) until the handshake has ended.  0, or -1 with errno. */
+static int wait_connect_done(struct toe_sock *s, int fd)
+{
+    while (state_of(s) == TOE_SS_CONNECTING) {
+        if (wait_writable(fd) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The handshake has ended: report it like connect() does. */
+static int connect_result(struct toe_sock *s)
+{
+    if (state_of(s) == TOE_SS_CONNECTED) {
+        lstate_set(s, TOE_LS_CONNECTED);
+        lstate_clear(s, TOE_LS_CONNECT);
+        return 0;
+    }
+    int e = take_so_error(s);
+    lstate_clear(s, TOE_LS_CONNECT);
+    return fail(e ? e : ECONNABORTED);
+}
+
+/* A blocking connect's wait failed: SO_SNDTIMEO expiry is EINPROGRESS. */
+static int connect_wait_failed(void)
+{
+    return errno == EAGAIN ? fail(EINPROGRESS) : -1;
+}
+
+int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len)
+{
+    struct sockaddr_in sin;
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    sa_family_t family;
+    int reason = 0, saved = errno;
+
+    if (len < sizeof(family))
+        return fail(EINVAL);
+    if (!addr)
+        return fail(EFAULT);
+    memcpy(&family, addr, sizeof(family));
+    unsigned ls = lstate_of(s);
+    uint32_t st = state_of(s);
+    if (family == AF_UNSPEC) /* "disconnect": only a no-op is supported */
+        return (st == TOE_SS_NEW || st == TOE_SS_BOUND) ? 0 : fail(EINVAL);
+    if (len < sizeof(sin))
+        return fail(EINVAL);
+    if (family != AF_INET)
+        return fail(EAFNOSUPPORT);
+    memcpy(&sin, addr, sizeof(sin));
+    if ((ls & (TOE_LS_LISTEN | TOE_LS_CONNECTED)) || st == TOE_SS_LISTEN)
+        return fail(EISCONN);
+    if (ls & TOE_LS_CONNECT) {
+        /* a connect() is under way or its outcome was not reported yet */
+        if (st == TOE_SS_CONNECTING) {
+            if (nonblocking(fd))
+                return fail(EALREADY);
+            if (wait_connect_done(s, fd) < 0)
+                return connect_wait_failed();
+        }
+        if (connect_result(s) < 0)
+            return -1;
+        errno = saved;
+        return 0;
+    }
+    if (st == TOE_SS_CONNECTED)
+        return fail(EISCONN);
+
+    const struct toe_adapter *ad = toe_ctl_adapter();
+    uint32_t dst = sin.sin_addr.s_addr;
+    if ((ntohl(dst) >> 24) == 127 || dst == htonl(INADDR_ANY))
+        reason = TOE_HO_LOOPBACK;
+    else if ((dst & ad->netmask_be32) != (ad->addr_be32 & ad->netmask_be32))
+        reason = TOE_HO_OFF_SUBNET;
+    if (reason)
+        goto handover;
+
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_CONNECT;
+    cmd.sock_id = s->sock_id;
+    cmd.addr_be32 = dst;
+    cmd.port_be16 = sin.sin_port;
+    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
+        reason = TOE_HO_NO_DAEMON;
+        goto handover;
+    }
+    if (rsp.flags & TOE_RF_HANDOVER) {
+        reason = TOE_HO_DAEMON;
+        goto handover;
+    }
+    if (rsp.result == 0) {
+        lstate_set(s, TOE_LS_CONNECTED);
+        return 0;
+    }
+    if (rsp.result != -EINPROGRESS)
+        return fail(-rsp.result);
+    lstate_set(s, TOE_LS_CONNECT);
+    if (nonblocking(fd))
+        return fail(EINPROGRESS);
+    if (wait_connect_done(s, fd) < 0)
+        return connect_wait_failed();
+    if (connect_result(s) < 0)
+        return -1;
+    errno = saved;
+    return 0;
+
+handover:
+    if (handover(s, fd, reason) < 0)
+        return -1;
+    return toe_real_connect(fd, addr, len);
+}
+
+/* Write an IPv4 address the way the kernel does: truncated to *len, the
+ * full length written back. */
+static int put_sockaddr(struct sockaddr *addr, socklen_t *len, uint32_t a_be32, uint16_t p_be16)
+{
+    struct sockaddr_in sin;
+    if (!len)
+        return fail(EFAULT);
+    if ((int)*len < 0)
+        return fail(EINVAL);
+    memset(&sin, 0, sizeof(sin));
+    sin.sin_family = AF_INET;
+    sin.sin_addr.s_addr = a_be32;
+    sin.sin_port = p_be16;
+    size_t n = *len < sizeof(sin) ? *len : sizeof(sin);
+    if (n && !addr)
+        return fail(EFAULT);
+    memcpy(addr, &sin, n);
+    *len = sizeof(sin);
+    return 0;
+}
+
+int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    struct toe_sock_shm *m = s->shm;
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    int saved = errno, nb = -1, a_eof = 0;
+
+    if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
+        return fail(EINVAL);
+    if (!(lstate_of(s) & TOE_LS_LISTEN))
+        return fail(EINVAL);
+    if (addr && !len)
+        return fail(EFAULT);
+    if (addr && (int)*len < 0)
+        return fail(EINVAL);
+    for (;;) {
+        if (LOAD(&m->accept_pending) == 0) {
+            pthread_mutex_lock(&s->rx_lock);
+            take_tokens(s, fd);
+            pthread_mutex_unlock(&s->rx_lock);
+            if (LOAD(&m->accept_pending))
+                continue;
+            if (nb < 0)
+                nb = nonblocking(fd);
+            if (nb)
+                return fail(EAGAIN);
+            int w = wait_readable(fd);
+            if (w < 0)
+                return -1;
+            if (w == 0 && a_eof++)
+                return fail(EINVAL); /* B is gone: the listener was shut down */
+            continue;
+        }
+
+        int a, bm[2];
+        struct toe_sock *c = make_sock(flags, &a, bm);
+        if (!c)
+            return -1;
+        /* an accepted socket inherits the listener's options */
+        struct toe_sock_shm *cm = c->shm;
+        cm->opt_flags = LOAD(&m->opt_flags);
+        cm->linger_s = m->linger_s;
+        cm->keepidle_s = m->keepidle_s;
+        cm->keepintvl_s = m->keepintvl_s;
+        cm->keepcnt = m->keepcnt;
+        cm->user_mss = m->user_mss;
+        cm->sndbuf = m->sndbuf;
+        cm->rcvbuf = m->rcvbuf;
+        pthread_mutex_lock(&s->opt_lock);
+        c->nopts = s->nopts;
+        memcpy(c->opts, s->opts, sizeof(c->opts[0]) * s->nopts);
+        pthread_mutex_unlock(&s->opt_lock);
+
+        memset(&cmd, 0, sizeof(cmd));
+        cmd.op = TOE_OP_ACCEPT;
+        cmd.sock_id = s->sock_id;
+        cmd.shm_bytes = (uint32_t)c->map_len;
+        int r = toe_ctl_call(&cmd, bm, 2, &rsp);
+        close_pair_side(bm);
+        if (r < 0 || rsp.result < 0) {
+            toe_real_close(a);
+            toe_sock_put(c);
+            if (r == 0 && rsp.result == -EAGAIN)
+                continue; /* another process took it */
+            return fail(r < 0 ? ECONNABORTED : -rsp.result);
+        }
+        c->sock_id = rsp.sock_id;
+        lstate_set(c, TOE_LS_CONNECTED);
+        if (toe_fd_install(a, c) < 0) {
+            int e = errno;
+            toe_real_close(a);
+            toe_sock_put(c);
+            return fail(e);
+        }
+        toe_sock_put(c);
+        /* leave the listener's readiness exact for the next select()/poll() */
+        if (LOAD(&m->accept_pending) == 0 && toe_tokens_outstanding(m)) {
+            pthread_mutex_lock(&s->rx_lock);
+            take_tokens(s, fd);
+            pthread_mutex_unlock(&s->rx_lock);
+        }
+        if (addr)
+            put_sockaddr(addr, len, rsp.addr_be32, rsp.port_be16);
+        TOE_DBG("accept fd %d -> fd %d (sock %u)", fd, a, rsp.sock_id);
+        errno = saved;
+        return a;
+    }
+}
+
+/* ---------------- receive ---------------- */
+
+/* Copy n ring bytes from idx into the iovecs, starting off bytes in. */
+static void ring_to_iov(struct toe_sock_shm *m, uint32_t idx, const struct iovec *iov, int iovcnt,
+                        size_t off, size_t n)
+{
+    const uint8_t *ring = toe_rx_base(m);
+    int i = 0;
+    while (i < iovcnt && off >= iov[i].iov_len) {
+        off -= iov[i].iov_len;
+        i++;
+    }
+    for (; n > 0 && i < iovcnt; i++, off = 0) {
+        size_t chunk = iov[i].iov_len - off;
+        if (chunk > n)
+            chunk = n;
+        toe_ring_copy_out(ring, m->rx_size, idx, (uint8_t *)iov[i].iov_base + off, (uint32_t)chunk);
+        idx += (uint32_t)chunk;
+        n -= chunk;
+    }
+}
+
+/* Validate an iovec array like the kernel; *total gets its length. */
+static int iov_total(const struct iovec *iov, int iovcnt, size_t *total)
+{
+    size_t t = 0;
+    if (iovcnt < 0 || iovcnt > IOV_MAX)
+        return fail(EINVAL);
+    if (iovcnt && !iov)
+        return fail(EFAULT);
+    for (int i = 0; i < iovcnt; i++) {
+        if (iov[i].iov_len > (size_t)SSIZE_MAX - t)
+            return fail(EINVAL);
+        if (iov[i].iov_len && !iov[i].iov_base)
+            return fail(EFAULT);
+        t += iov[i].iov_len;
+    }
+    *total = t;
+    return 0;
+}
+
+static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt, size_t total,
+                       int flags)
+{
+    struct toe_sock_shm *m = s->shm;
+    uint32_t st = state_of(s);
+    int saved = errno, a_eof = 0;
+    int peek = flags & MSG_PEEK, waitall = (flags & MSG_WAITALL) && !peek;
+    int discard = (flags & MSG_TRUNC) && !peek;
+    int nb = (flags & MSG_DONTWAIT) ? 1 : -1;
+    size_t got = 0;
+
+    if (flags & MSG_OOB)
+        return fail(EINVAL);
+    if (flags & MSG_ERRQUEUE)
+        return fail(EAGAIN);
+    if (st == TOE_SS_LISTEN || (lstate_of(s) & TOE_LS_LISTEN))
+        return fail(ENOTCONN);
+    if (total == 0)
+        return 0;
+    if (st == TOE_SS_NEW || st == TOE_SS_BOUND)
+        return fail(ENOTCONN);
+
+    for (;;) {
+        pthread_mutex_lock(&s->rx_lock);
+        uint32_t avail = toe_rx_avail(m);
+        if (avail) {
+            size_t n = total - got < avail ? total - got : avail;
+            if (!discard)
+                ring_to_iov(m, m->rx_head, iov, iovcnt, got, n);
+            if (!peek) {
+                if (toe_rx_consumed(m, (uint32_t)n))
+                    bell(fd);
+                /* emptied: leave A's readability exact for select()/poll() */
+                if (toe_rx_avail(m) == 0 && toe_tokens_outstanding(m) &&
+                    !(flags_of(s) & (TOE_SF_RX_EOF | TOE_SF_RESET)))
+                    take_tokens(s, fd);
+            }
+            got += n;
+            pthread_mutex_unlock(&s->rx_lock);
+            if (got == total || !waitall)
+                break;
+            continue;
+        }
+        uint32_t fl = flags_of(s), st_now = state_of(s);
+        if (toe_rx_avail(m)) {
+            /* the last data was published just before the flag/state we now see */
+            pthread_mutex_unlock(&s->rx_lock);
+            continue;
+        }
+        if (fl & TOE_SF_RESET) {
+            pthread_mutex_unlock(&s->rx_lock);
+            int e = got ? 0 : take_so_error(s);
+            if (e)
+                return fail(e);
+            break; /* reported once: end of file from now on */
+        }
+        if ((fl & (TOE_SF_RX_EOF | TOE_SF_RX_SHUT)) || (lstate_of(s) & TOE_LS_SHUT_RD) ||
+            st_now == TOE_SS_CLOSED) {
+            pthread_mutex_unlock(&s->rx_lock);
+            break;
+        }
+        take_tokens(s, fd);
+        int again = toe_rx_avail(m) || (flags_of(s) & (TOE_SF_RX_EOF | TOE_SF_RESET));
+        pthread_mutex_unlock(&s->rx_lock);
+        if (again)
+            continue;
+        if (nb < 0)
+            nb = nonblocking(fd);
+        if (nb) {
+            if (got)
+                break;
+            return fail(EAGAIN);
+        }
+        int w = wait_readable(fd);
+        if (w < 0) {
+            if (got)
+                break;
+            return -1;
+        }
+        if (w == 0 && a_eof++) {
+            /* B shut down with no EOF/reset published: the daemon went away */
+            if (got)
+                break;
+            return fail(ECONNRESET);
+        }
+    }
+    errno = saved;
+    return (ssize_t)got;
+}
+
+ssize_t toe_sock_recv(struct toe_sock *s, int fd, void *buf, size_t n, int flags)
+{
+    struct iovec iov = {.iov_base = buf, .iov_len = n};
+    if (n && !buf)
+        return fail(EFAULT);
+    return do_recv(s, fd, &iov, 1, n, flags);
+}
+
+ssize_t toe_sock_read_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return toe_sock_recv(s, fd, buf, n, 0);
+}
+
+ssize_t toe_sock_recv_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+    if (n > buflen)
+        __chk_fail();
+    return toe_sock_recv(s, fd, buf, n, flags);
+}
+
+ssize_t toe_sock_recvfrom(struct toe_sock *s, int fd, void *buf, size_t n, int flags,
+                          struct sockaddr *addr, socklen_t *len)
+{
+    ssize_t r = toe_sock_recv(s, fd, buf, n, flags);
+    if (r >= 0 && addr && len)
+        *len = 0; /* TCP reports no source address */
+    return r;
+}
+
+ssize_t toe_sock_recvfrom_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen,
+                              int flags, struct sockaddr *addr, socklen_t *len)
+{
+    if (n > buflen)
+        __chk_fail();
+    return toe_sock_recvfrom(s, fd, buf, n, flags, addr, len);
+}
+
+ssize_t toe_sock_readv(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt)
+{
+    size_t total;
+    if (iov_total(iov, iovcnt, &total) < 0)
+        return -1;
+    return do_recv(s, fd, iov, iovcnt, total, 0);
+}
+
+ssize_t toe_sock_recvmsg(struct toe_sock *s, int fd, struct msghdr *msg, int flags)
+{
+    size_t total;
+    if (!msg)
+        return fail(EFAULT);
+    if (msg->msg_iovlen > INT_MAX)
+        return fail(EMSGSIZE);
+    if (iov_total(msg->msg_iov, (int)msg->msg_iovlen, &total) < 0)
+        return -1;
+    ssize_t r = do_recv(s, fd, msg->msg_iov, (int)msg->msg_iovlen, total, flags);
+    if (r >= 0) {
+        msg->msg_namelen = 0;
+        msg->msg_controllen = 0;
+        msg->msg_flags = 0;
+    }
+    return r;
+}
+
+/* ---------------- send ---------------- */
+
+static int broken_pipe(int flags)
+{
+    if (!(flags & MSG_NOSIGNAL))
+        raise(SIGPIPE);
+    return fail(EPIPE);
+}
+
+/* The send-side error of a socket that cannot send (pending error first). */
+static int send_error(struct toe_sock *s, int flags)
+{
+    int e = take_so_error(s);
+    return e ? fail(e) : broken_pipe(flags);
+}
+
+/* 0 when data may be queued now; -1 with errno (and SIGPIPE) otherwise.
+ * A blocking send on a connecting socket waits for the handshake. */
+static int send_ready(struct toe_sock *s, int fd, int flags, int *nb)
+{
+    for (;;) {
+        uint32_t fl = flags_of(s), st = state_of(s);
+        if (fl & TOE_SF_RESET)
+            return send_error(s, flags);
+        if ((lstate_of(s) & TOE_LS_SHUT_WR) || (fl & TOE_SF_TX_SHUT))
+            return broken_pipe(flags);
+        if (st == TOE_SS_CONNECTED)
+            return 0;
+        if (st == TOE_SS_CLOSED)
+            return send_error(s, flags);
+        if (st != TOE_SS_CONNECTING)
+            return broken_pipe(flags);
+        if (*nb < 0)
+            *nb = nonblocking(fd);
+        if (*nb)
+            return fail(EAGAIN);
+        if (wait_connect_done(s, fd) < 0)
+            return -1;
+    }
+}
+
+static ssize_t do_send(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt, size_t total,
+                       int flags)
+{
+    struct toe_sock_shm *m = s->shm;
+    int saved = errno, nb = (flags & MSG_DONTWAIT) ? 1 : -1;
+    size_t sent = 0, off = 0;
+    int i = 0;
+
+    if (send_ready(s, fd, flags, &nb) < 0)
+        return -1;
+    if (total == 0)
+        return 0;
+    pthread_mutex_lock(&s->tx_lock);
+    for (;;) {
+        while (sent < total) {
+            while (i < iovcnt && off == iov[i].iov_len) {
+                i++;
+                off = 0;
+            }
+            size_t chunk = iov[i].iov_len - off;
+            if (chunk > (1u << 30))
+                chunk = 1u << 30;
+            int ring;
+            uint32_t n = toe_tx_put(m, (const uint8_t *)iov[i].iov_base + off, (uint32_t)chunk, &ring);
+            if (ring)
+                bell(fd);
+            sent += n;
+            off += n;
+            if (n < chunk)
+                break;
+        }
+        if (sent == total)
+            break;
+        /* the ring is full: A must stop being writable until space frees */
+        if (toe_tx_declare_full(m))
+            continue;
+        stuff(fd, m);
+        if (toe_tx_space(m))
+            continue;
+        if (nb < 0)
+            nb = nonblocking(fd);
+        if (nb)
+            break;
+        pthread_mutex_unlock(&s->tx_lock);
+        int w = wait_writable(fd), e = errno;
+        uint32_t fl = flags_of(s);
+        int dead = (fl & (TOE_SF_RESET | TOE_SF_TX_SHUT)) || state_of(s) != TOE_SS_CONNECTED ||
+                   (lstate_of(s) & TOE_LS_SHUT_WR) || (w < 0 && (e == EPIPE || e == ECONNRESET));
+        if (w < 0 || dead) {
+            if (sent) {
+                errno = saved;
+                return (ssize_t)sent;
+            }
+            if (dead)
+                return (fl & TOE_SF_RESET) ? send_error(s, flags) : broken_pipe(flags);
+            return fail(e); /* EINTR, or EAGAIN when SO_SNDTIMEO expired */
+        }
+        pthread_mutex_lock(&s->tx_lock);
+    }
+    pthread_mutex_unlock(&s->tx_lock);
+    if (sent == 0)
+        return fail(EAGAIN);
+    errno = saved;
+    return (ssize_t)sent;
+}
+
+ssize_t toe_sock_send(struct toe_sock *s, int fd, const void *buf, size_t n, int flags)
+{
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = n};
+    if (n && !buf)
+        return fail(EFAULT);
+    return do_send(s, fd, &iov, 1, n, flags);
+}
+
+ssize_t toe_sock_sendto(struct toe_sock *s, int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *addr, socklen_t len)
+{
+    (void)addr; /* like the kernel's TCP: the address is ignored */
+    (void)len;
+    return toe_sock_send(s, fd, buf, n, flags);
+}
+
+ssize_t toe_sock_writev(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt)
+{
+    size_t total;
+    if (iov_total(iov, iovcnt, &total) < 0)
+        return -1;
+    return do_send(s, fd, iov, iovcnt, total, 0);
+}
+
+ssize_t toe_sock_sendmsg(struct toe_sock *s, int fd, const struct msghdr *msg, int flags)
+{
+    size_t total;
+    if (!msg)
+        return fail(EFAULT);
+    if (msg->msg_iovlen > INT_MAX)
+        return fail(EMSGSIZE);
+    if (iov_total(msg->msg_iov, (int)msg->msg_iovlen, &total) < 0)
+        return -1;
+    return do_send(s, fd, msg->msg_iov, (int)msg->msg_iovlen, total, flags);
+}
+
+/* ---------------- shutdown / names ---------------- */
+
+int toe_sock_shutdown(struct toe_sock *s, int fd, int how)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    (void)fd;
+
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
+        return fail(EINVAL);
+    uint32_t st = state_of(s);
+    if (st == TOE_SS_NEW || st == TOE_SS_BOUND || st == TOE_SS_CLOSED)
+        return fail(ENOTCONN);
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_SHUTDOWN;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = how;
+    if (toe_ctl_call(&cmd, NULL, 0, &rsp) == 0 && rsp.result < 0)
+        return fail(-rsp.result);
+    if (st != TOE_SS_LISTEN)
+        lstate_set(s, (how == SHUT_RD ? 0 : TOE_LS_SHUT_WR) | (how == SHUT_WR ? 0 : TOE_LS_SHUT_RD));
+    return 0;
+}
+
+int toe_sock_getsockname(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len)
+{
+    (void)fd;
+    struct toe_sock_shm *m = s->shm;
+    return put_sockaddr(addr, len, LOAD(&m->local_addr_be32), LOAD(&m->local_port_be16));
+}
+
+int toe_sock_getpeername(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len)
+{
+    (void)fd;
+    struct toe_sock_shm *m = s->shm;
+    if (state_of(s) != TOE_SS_CONNECTED)
+        return fail(ENOTCONN);
+    return put_sockaddr(addr, len, LOAD(&m->remote_addr_be32), LOAD(&m->remote_port_be16));
+}
+
+/* ---------------- socket options ---------------- */
+
+/* Copy an option value out like the kernel: truncated to *len, *len set to
+ * what was copied. */
+static int opt_out(void *val, socklen_t *len, const void *v, size_t vlen)
+{
+    if (!len)
+        return fail(EFAULT);
+    int l = (int)*len;
+    if (l < 0)
+        return fail(EINVAL);
+    size_t n = (size_t)l < vlen ? (size_t)l : vlen;
+    if (n && !val)
+        return fail(EFAULT);
+    memcpy(val, v, n);
+    *len = (socklen_t)n;
+    return 0;
+}
+
+static int opt_int(void *val, socklen_t *len, int v)
+{
+    return opt_out(val, len, &v, sizeof(v));
+}
+
+static void record_opt(struct toe_sock *s, int level, int name, const void *val, socklen_t len)
+{
+    if (len > TOE_OPT_VAL_MAX || (len && !val)) {
+        TOE_DBG("setsockopt %d/%d: %u bytes, not recorded for handover", level, name, len);
+        return;
+    }
+    pthread_mutex_lock(&s->opt_lock);
+    unsigned i;
+    for (i = 0; i < s->nopts; i++)
+        if (s->opts[i].level == level && s->opts[i].name == name)
+            break;
+    if (i == s->nopts) {
+        if (s->nopts == TOE_MAX_OPTS) {
+            pthread_mutex_unlock(&s->opt_lock);
+            TOE_DBG("setsockopt %d/%d: replay list full", level, name);
+            return;
+        }
+        s->nopts++;
+    }
+    s->opts[i].level = level;
+    s->opts[i].name = name;
+    s->opts[i].len = len;
+    if (len)
+        memcpy(s->opts[i].val, val, len);
+    pthread_mutex_unlock(&s->opt_lock);
+}
+
+/* A recorded value for an option we do not model: 1 and copied out, or 0. */
+static int recorded_opt(struct toe_sock *s, int level, int name, void *val, socklen_t *len,
+                        int *rc)
+{
+    struct toe_opt o;
+    int found = 0;
+    pthread_mutex_lock(&s->opt_lock);
+    for (unsigned i = 0; i < s->nopts; i++) {
+        if (s->opts[i].level == level && s->opts[i].name == name) {
+            o = s->opts[i];
+            found = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->opt_lock);
+    if (found)
+        *rc = opt_out(val, len, o.val, o.len);
+    return found;
+}
+
+static void notify_opt(struct toe_sock *s, int level, int name, const void *val, socklen_t len)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_SETSOCKOPT;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = level;
+    cmd.arg1 = name;
+    cmd.optlen = (uint16_t)(len < TOE_OPT_BYTES ? len : TOE_OPT_BYTES);
+    memcpy(cmd.opt, val, cmd.optlen);
+    toe_ctl_call(&cmd, NULL, 0, &rsp); /* the option is recorded either way */
+}
+
+static void set_flag(struct toe_sock *s, uint32_t bit, int on)
+{
+    if (on)
+        __atomic_or_fetch(&s->shm->opt_flags, bit, __ATOMIC_SEQ_CST);
+    else
+        __atomic_and_fetch(&s->shm->opt_flags, ~bit, __ATOMIC_SEQ_CST);
+}
+
+static int has_flag(struct toe_sock *s, uint32_t bit)
+{
+    return (LOAD(&s->shm->opt_flags) & bit) != 0;
+}
+
+/* net.core.wmem_max / rmem_max, read once (the kernel's SO_*BUF ceiling). */
+static uint32_t sysctl_u32(const char *path, uint32_t *cache, uint32_t dflt)
+{
+    uint32_t v = __atomic_load_n(cache, __ATOMIC_RELAXED);
+    if (v)
+        return v;
+    v = dflt;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char buf[32];
+        ssize_t n = toe_real_read(fd, buf, sizeof(buf) - 1);
+        if (n > 0) {
+            unsigned long x = 0;
+            buf[n] = 0;
+            if (sscanf(buf, "%lu", &x) == 1 && x > 0 && x <= INT_MAX)
+                v = (uint32_t)x;
+        }
+        toe_real_close(fd);
+    }
+    __atomic_store_n(cache, v, __ATOMIC_RELAXED);
+    return v;
+}
+
+static uint32_t buf_size(int v, int force, const char *sysctl, uint32_t *cache, uint32_t floor)
+{
+    uint32_t max = sysctl_u32(sysctl, cache, 212992);
+    uint32_t u = v < 0 ? 0 : (uint32_t)v;
+    if (!force && u > max)
+        u = max;
+    if (u > INT_MAX / 2)
+        u = INT_MAX / 2;
+    u *= 2;
+    return u < floor ? floor : u;
+}
+
+static int is_timeo(int level, int name)
+{
+    if (level != SOL_SOCKET)
+        return 0;
+    if (name == SO_RCVTIMEO || name == SO_SNDTIMEO)
+        return 1;
+#ifdef SO_RCVTIMEO_NEW
+    if (name == SO_RCVTIMEO_NEW || name == SO_SNDTIMEO_NEW)
+        return 1;
+#endif
+    return 0;
+}
+
+int toe_sock_setsockopt(struct toe_sock *s, int fd, int level, int name, const void *val,
+                        socklen_t len)
+{
+    static uint32_t wmem_max, rmem_max;
+    struct toe_sock_shm *m = s->shm;
+    int saved = errno, v = 0, notify = 0;
+
+    if (len && !val)
+        return fail(EFAULT);
+    if ((int)len < 0)
+        return fail(EINVAL);
+    if (is_timeo(level, name)) {
+        /* the timeouts live on A: the kernel applies them to our waits */
+        if (toe_real_setsockopt(fd, level, name, val, len) < 0)
+            return -1;
+        record_opt(s, level, name, val, len);
+        errno = saved;
+        return 0;
+    }
+    int is_int = (level == SOL_SOCKET &&
+                  (name == SO_SNDBUF || name == SO_RCVBUF || name == SO_SNDBUFFORCE ||
+                   name == SO_RCVBUFFORCE || name == SO_KEEPALIVE || name == SO_REUSEADDR ||
+                   name == SO_REUSEPORT)) ||
+                 (level == IPPROTO_TCP &&
+                  (name == TCP_NODELAY || name == TCP_CORK || name == TCP_KEEPIDLE ||
+                   name == TCP_KEEPINTVL || name == TCP_KEEPCNT || name == TCP_MAXSEG));
+    if (level == SOL_SOCKET && (name == SO_ERROR || name == SO_TYPE || name == SO_PROTOCOL ||
+                                name == SO_DOMAIN || name == SO_ACCEPTCONN))
+        return fail(ENOPROTOOPT);
+    if (level == SOL_SOCKET && name == SO_LINGER && len < sizeof(struct linger))
+        return fail(EINVAL);
+    if (is_int) {
+        if (len < sizeof(int))
+            return fail(EINVAL);
+        memcpy(&v, val, sizeof(v));
+    }
+
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_SNDBUF:
+        case SO_SNDBUFFORCE:
+            /* reported, not applied to A (A's buffer must stay minimal) */
+            __atomic_store_n(&m->sndbuf,
+                             buf_size(v, name == SO_SNDBUFFORCE, "/proc/sys/net/core/wmem_max",
+                                      &wmem_max, TOE_MIN_SNDBUF),
+                             __ATOMIC_RELEASE);
+            break;
+        case SO_RCVBUF:
+        case SO_RCVBUFFORCE:
+            __atomic_store_n(&m->rcvbuf,
+                             buf_size(v, name == SO_RCVBUFFORCE, "/proc/sys/net/core/rmem_max",
+                                      &rmem_max, TOE_MIN_RCVBUF),
+                             __ATOMIC_RELEASE);
+            break;
+        case SO_KEEPALIVE:
+            set_flag(s, TOE_OF_KEEPALIVE, v != 0);
+            notify = 1;
+            break;
+        case SO_REUSEADDR:
+            set_flag(s, TOE_OF_REUSEADDR, v != 0);
+            break;
+        case SO_REUSEPORT:
+            set_flag(s, TOE_OF_REUSEPORT, v != 0);
+            break;
+        case SO_LINGER: {
+            struct linger l;
+            memcpy(&l, val, sizeof(l));
+            __atomic_store_n(&m->linger_s, l.l_linger, __ATOMIC_RELEASE);
+            set_flag(s, TOE_OF_LINGER, l.l_onoff != 0);
+            notify = 1;
+            break;
+        }
+        default:
+            break;
+        }
+    } else if (level == IPPROTO_TCP) {
+        switch (name) {
+        case TCP_NODELAY:
+            set_flag(s, TOE_OF_NODELAY, v != 0);
+            notify = 1;
+            break;
+        case TCP_CORK:
+            set_flag(s, TOE_OF_CORK, v != 0);
+            notify = 1;
+            break;
+        case TCP_KEEPIDLE:
+        case TCP_KEEPINTVL:
+            if (v < 1 || v > 32767)
+                return fail(EINVAL);
+            __atomic_store_n(name == TCP_KEEPIDLE ? &m->keepidle_s : &m->keepintvl_s, (uint32_t)v,
+                             __ATOMIC_RELEASE);
+            notify = 1;
+            break;
+        case TCP_KEEPCNT:
+            if (v < 1 || v > 127)
+                return fail(EINVAL);
+            __atomic_store_n(&m->keepcnt, (uint32_t)v, __ATOMIC_RELEASE);
+            notify = 1;
+            break;
+        case TCP_MAXSEG:
+            if (v != 0 && (v < TOE_MIN_MSS || v > 65535))
+                return fail(EINVAL);
+            __atomic_store_n(&m->user_mss, (uint32_t)v, __ATOMIC_RELEASE);
+            break;
+        default:
+            break;
+        }
+    }
+    /* everything else is accepted and only recorded: never break the program */
+    record_opt(s, level, name, val, len);
+    if (notify)
+        notify_opt(s, level, name, val, len);
+    errno = saved;
+    return 0;
+}
+
+/* The kernel's TCP state numbers (tcpi_state). */
+static uint8_t tcpi_state_of(struct toe_sock *s)
+{
+    uint32_t fl = flags_of(s);
+    switch (state_of(s)) {
+    case TOE_SS_LISTEN:
+        return TCP_LISTEN;
+    case TOE_SS_CONNECTING:
+        return TCP_SYN_SENT;
+    case TOE_SS_CONNECTED:
+        if ((fl & TOE_SF_TX_SHUT) && (fl & TOE_SF_RX_EOF))
+            return TCP_LAST_ACK;
+        if (fl & TOE_SF_TX_SHUT)
+            return TCP_FIN_WAIT1;
+        if (fl & TOE_SF_RX_EOF)
+            return TCP_CLOSE_WAIT;
+        return TCP_ESTABLISHED;
+    default:
+        return TCP_CLOSE;
+    }
+}
+
+int toe_sock_getsockopt(struct toe_sock *s, int fd, int level, int name, void *val,
+                        socklen_t *len)
+{
+    struct toe_sock_shm *m = s->shm;
+    int saved = errno, rc;
+
+    if (!len)
+        return fail(EFAULT);
+    if ((int)*len < 0)
+        return fail(EINVAL);
+    if (is_timeo(level, name))
+        return toe_real_getsockopt(fd, level, name, val, len);
+
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_ERROR:
+            rc = opt_int(val, len, take_so_error(s));
+            goto out;
+        case SO_TYPE:
+            rc = opt_int(val, len, SOCK_STREAM);
+            goto out;
+        case SO_DOMAIN:
+            rc = opt_int(val, len, AF_INET);
+            goto out;
+        case SO_PROTOCOL:
+            rc = opt_int(val, len, IPPROTO_TCP);
+            goto out;
+        case SO_ACCEPTCONN:
+            rc = opt_int(val, len, state_of(s) == TOE_SS_LISTEN);
+            goto out;
+        case SO_SNDBUF:
+            rc = opt_int(val, len, (int)LOAD(&m->sndbuf));
+            goto out;
+        case SO_RCVBUF:
+            rc = opt_int(val, len, (int)LOAD(&m->rcvbuf));
+            goto out;
+        case SO_KEEPALIVE:
+            rc = opt_int(val, len, has_flag(s, TOE_OF_KEEPALIVE));
+            goto out;
+        case SO_REUSEADDR:
+            rc = opt_int(val, len, has_flag(s, TOE_OF_REUSEADDR));
+            goto out;
+        case SO_REUSEPORT:
+            rc = opt_int(val, len, has_flag(s, TOE_OF_REUSEPORT));
+            goto out;
+        case SO_LINGER: {
+            struct linger l = {.l_onoff = has_flag(s, TOE_OF_LINGER), .l_linger = LOAD(&m->linger_s)};
+            rc = opt_out(val, len, &l, sizeof(l));
+            goto out;
+        }
+        default:
+            break;
+        }
+    } else if (level == IPPROTO_TCP) {
+        switch (name) {
+        case TCP_NODELAY:
+            rc = opt_int(val, len, has_flag(s, TOE_OF_NODELAY));
+            goto out;
+        case TCP_CORK:
+            rc = opt_int(val, len, has_flag(s, TOE_OF_CORK));
+            goto out;
+        case TCP_MAXSEG: {
+            uint32_t mss = state_of(s) == TOE_SS_CONNECTED ? LOAD(&m->mss) : 0;
+            if (!mss)
+                mss = LOAD(&m->user_mss);
+            rc = opt_int(val, len, mss ? (int)mss : TOE_DEFAULT_MSS);
+            goto out;
+        }
+        case TCP_KEEPIDLE: {
+            uint32_t x = LOAD(&m->keepidle_s);
+            rc = opt_int(val, len, x ? (int)x : 7200);
+            goto out;
+        }
+        case TCP_KEEPINTVL: {
+            uint32_t x = LOAD(&m->keepintvl_s);
+            rc = opt_int(val, len, x ? (int)x : 75);
+            goto out;
+        }
+        case TCP_KEEPCNT: {
+            uint32_t x = LOAD(&m->keepcnt);
+            rc = opt_int(val, len, x ? (int)x : 9);
+            goto out;
+        }
+        case TCP_INFO: {
+            struct tcp_info ti;
+            uint32_t mss = LOAD(&m->mss);
+            memset(&ti, 0, sizeof(ti));
+            ti.tcpi_state = tcpi_state_of(s);
+            ti.tcpi_snd_mss = mss ? mss : TOE_DEFAULT_MSS;
+            ti.tcpi_rcv_mss = ti.tcpi_snd_mss;
+            ti.tcpi_total_retrans = (uint32_t)LOAD(&m->retransmits);
+            rc = opt_out(val, len, &ti, sizeof(ti));
+            goto out;
+        }
+        case TCP_CONGESTION: {
+            char name16[16] = "reno";
+            int found = recorded_opt(s, level, name, val, len, &rc);
+            if (!found)
+                rc = opt_out(val, len, name16, sizeof(name16));
+            goto out;
+        }
+        default:
+            break;
+        }
+    }
+
+    /* not modelled: what the application set, else the kernel's default */
+    if (recorded_opt(s, level, name, val, len, &rc))
+        goto out;
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_RCVLOWAT:
+        case SO_SNDLOWAT:
+            rc = opt_int(val, len, 1);
+            goto out;
+        case SO_PEEK_OFF:
+        case SO_INCOMING_CPU:
+            rc = opt_int(val, len, -1);
+            goto out;
+        case SO_DEBUG:
+        case SO_DONTROUTE:
+        case SO_BROADCAST:
+        case SO_OOBINLINE:
+        case SO_NO_CHECK:
+        case SO_PRIORITY:
+        case SO_PASSCRED:
+        case SO_TIMESTAMP:
+        case SO_TIMESTAMPNS:
+        case SO_MARK:
+        case SO_RXQ_OVFL:
+        case SO_BUSY_POLL:
+        case SO_ZEROCOPY:
+        case SO_SELECT_ERR_QUEUE:
+            rc = opt_int(val, len, 0);
+            goto out;
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    if (level == IPPROTO_TCP) {
+        switch (name) {
+        case TCP_QUICKACK:
+            rc = opt_int(val, len, 1);
+            goto out;
+        case TCP_SYNCNT:
+            rc = opt_int(val, len, 6);
+            goto out;
+        case TCP_LINGER2:
+            rc = opt_int(val, len, 60);
+            goto out;
+        case TCP_NOTSENT_LOWAT:
+            rc = opt_int(val, len, -1);
+            goto out;
+        case TCP_DEFER_ACCEPT:
+        case TCP_WINDOW_CLAMP:
+        case TCP_USER_TIMEOUT:
+        case TCP_FASTOPEN:
+        case TCP_THIN_LINEAR_TIMEOUTS:
+            rc = opt_int(val, len, 0);
+            goto out;
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    if (level == IPPROTO_IP) {
+        switch (name) {
+        case IP_TTL:
+            rc = opt_int(val, len, 64);
+            goto out;
+        case IP_TOS:
+        case IP_RECVERR:
+        case IP_FREEBIND:
+        case IP_TRANSPARENT:
+        case IP_BIND_ADDRESS_NO_PORT:
+            rc = opt_int(val, len, 0);
+            goto out;
+        case IP_MTU_DISCOVER:
+            rc = opt_int(val, len, IP_PMTUDISC_WANT);
+            goto out;
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    return fail(EOPNOTSUPP);
+
+out:
+    if (rc == 0)
+        errno = saved;
+    return rc;
+}
+
+/* ---------------- fcntl / ioctl / dup / close ---------------- */
+
+int toe_sock_fcntl(struct toe_sock *s, int fd, int cmd, void *arg, int is64)
+{
+    /* status and descriptor flags live on A: everything goes to A */
+    int r = is64 ? toe_real_fcntl64(fd, cmd, arg) : toe_real_fcntl(fd, cmd, arg);
+    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && toe_fd_install(r, s) < 0) {
+        toe_real_close(r);
+        return fail(EMFILE);
+    }
+    return r;
+}
+
+int toe_sock_ioctl(struct toe_sock *s, int fd, unsigned long req, void *arg)
+{
+    struct toe_sock_shm *m = s->shm;
+    int v;
+
+    switch (req) {
+    case FIONREAD:    /* SIOCINQ */
+    case TIOCOUTQ:    /* SIOCOUTQ */
+    case SIOCOUTQNSD:
+        if (state_of(s) == TOE_SS_LISTEN)
+            return fail(EINVAL);
+        if (req == FIONREAD)
+            v = (int)toe_rx_avail(m);
+        else
+            v = (int)(s->shm->tx_tail - LOAD(&m->tx_head));
+        break;
+    case SIOCATMARK:
+        v = 0;
+        break;
+    default:
+        /* FIONBIO, FIOASYNC, FIOCLEX ...: A's business */
+        return toe_real_ioctl(fd, req, arg);
+    }
+    if (!arg)
+        return fail(EFAULT);
+    memcpy(arg, &v, sizeof(v));
+    return 0;
+}
+
+int toe_sock_dup(struct toe_sock *s, int fd)
+{
+    int r = toe_real_dup(fd);
+    if (r >= 0 && toe_fd_install(r, s) < 0) {
+        toe_real_close(r);
+        return fail(EMFILE);
+    }
+    return r;
+}
+
+int toe_sock_close(int fd)
+{
+    /* lifetime is A's: no command, the daemon sees B's EOF after the last close */
+    toe_fd_remove(fd);
+    return toe_real_close(fd);
+}

@@ -1,0 +1,202 @@
+/*
+ * toe_shim.h - internals of the preloaded shim (libtoe_shim.so).
+ *
+ * Nothing here is ABI: it is shared by the shim's own translation units only.
+ *
+ *   real.c      the libc functions we interpose, resolved with dlsym(RTLD_NEXT)
+ *   fdtable.c   fd -> struct toe_sock, lifetime of struct toe_sock
+ *   ctl.c       the per-process control channel to the adapter daemon
+ *   sock.c      the offloaded socket operations
+ *   interpose.c the exported entry points (dispatch only)
+ *
+ * Reference counting: a struct toe_sock holds one reference per fd of this
+ * process that points at it (fd table entries) plus one per operation in
+ * flight (toe_fd_get() .. toe_sock_put()).  The last reference unmaps the
+ * shared memory and recycles the struct onto a free list: struct toe_sock
+ * memory is never returned to malloc, which is what makes the lock-free
+ * lookup safe (see fdtable.c).
+ */
+#ifndef TOE_SHIM_H
+#define TOE_SHIM_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <netinet/in.h>
+
+#include "toe_abi.h"
+
+#define TOE_EXPORT __attribute__((visibility("default")))
+
+/* TOE_OP_HANDOVER arg0: why a socket was given to the kernel. */
+#define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */
+#define TOE_HO_OFF_SUBNET 2  /* connect() outside the adapter's subnet */
+#define TOE_HO_BIND_ADDR 3   /* bind() to an address that is not the adapter's */
+#define TOE_HO_DAEMON 4      /* the daemon answered BIND/CONNECT/LISTEN with HANDOVER */
+#define TOE_HO_NO_DAEMON 5   /* the control channel failed during BIND/CONNECT/LISTEN */
+
+/* struct toe_sock.lstate: process-local state bits */
+#define TOE_LS_BOUND 1          /* bind() succeeded on the adapter; s->bound is valid */
+#define TOE_LS_LISTEN 2         /* listen() succeeded */
+#define TOE_LS_CONNECT 4        /* a CONNECT was issued and its outcome not yet reported */
+#define TOE_LS_CONNECTED 8      /* connect() reported success: next connect() is EISCONN */
+#define TOE_LS_SHUT_WR 16       /* shutdown(SHUT_WR|SHUT_RDWR) called */
+#define TOE_LS_SHUT_RD 32       /* shutdown(SHUT_RD|SHUT_RDWR) called */
+
+#define TOE_MAX_OPTS 32         /* recorded setsockopt() calls replayed on handover */
+#define TOE_OPT_VAL_MAX 32      /* longer option values are not recorded */
+
+struct toe_opt {
+    int level;
+    int name;
+    socklen_t len;
+    uint8_t val[TOE_OPT_VAL_MAX];
+};
+
+struct toe_sock {
+    int refs;                   /* atomic; see the top of this file */
+    uint32_t sock_id;           /* the daemon's id */
+    struct toe_sock_shm *shm;   /* header + TX ring + RX ring */
+    size_t map_len;
+    unsigned lstate;            /* atomic TOE_LS_* */
+    pthread_mutex_t rx_lock;    /* one RX consumer per process at a time */
+    pthread_mutex_t tx_lock;    /* one TX producer per process at a time */
+    pthread_mutex_t opt_lock;   /* opts[], nopts, bound */
+    struct sockaddr_in bound;   /* address the application bound (replayed on handover) */
+    unsigned nopts;
+    struct toe_opt opts[TOE_MAX_OPTS];
+    struct toe_sock *free_next; /* free list link */
+};
+
+/* What HELLO told us about the adapter. */
+struct toe_adapter {
+    uint32_t addr_be32;
+    uint32_t netmask_be32;
+    uint32_t tx_ring_bytes;
+    uint32_t rx_ring_bytes;
+    uint32_t daemon_pid;
+};
+
+/* ---------------- real.c: the next definitions (libc) ---------------- */
+
+void toe_real_init(void);
+int toe_real_socket(int domain, int type, int protocol);
+int toe_real_bind(int fd, const struct sockaddr *addr, socklen_t len);
+int toe_real_listen(int fd, int backlog);
+int toe_real_accept(int fd, struct sockaddr *addr, socklen_t *len);
+int toe_real_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
+int toe_real_connect(int fd, const struct sockaddr *addr, socklen_t len);
+ssize_t toe_real_read(int fd, void *buf, size_t n);
+ssize_t toe_real_write(int fd, const void *buf, size_t n);
+ssize_t toe_real_readv(int fd, const struct iovec *iov, int iovcnt);
+ssize_t toe_real_writev(int fd, const struct iovec *iov, int iovcnt);
+ssize_t toe_real_send(int fd, const void *buf, size_t n, int flags);
+ssize_t toe_real_recv(int fd, void *buf, size_t n, int flags);
+ssize_t toe_real_sendto(int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *addr, socklen_t len);
+ssize_t toe_real_recvfrom(int fd, void *buf, size_t n, int flags,
+                          struct sockaddr *addr, socklen_t *len);
+ssize_t toe_real_sendmsg(int fd, const struct msghdr *msg, int flags);
+ssize_t toe_real_recvmsg(int fd, struct msghdr *msg, int flags);
+int toe_real_close(int fd);
+int toe_real_shutdown(int fd, int how);
+int toe_real_getsockname(int fd, struct sockaddr *addr, socklen_t *len);
+int toe_real_getpeername(int fd, struct sockaddr *addr, socklen_t *len);
+int toe_real_getsockopt(int fd, int level, int name, void *val, socklen_t *len);
+int toe_real_setsockopt(int fd, int level, int name, const void *val, socklen_t len);
+int toe_real_fcntl(int fd, int cmd, void *arg);
+int toe_real_fcntl64(int fd, int cmd, void *arg);
+int toe_real_ioctl(int fd, unsigned long req, void *arg);
+int toe_real_dup(int fd);
+int toe_real_dup2(int oldfd, int newfd);
+int toe_real_dup3(int oldfd, int newfd, int flags);
+ssize_t toe_real_read_chk(int fd, void *buf, size_t n, size_t buflen);
+ssize_t toe_real_recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags);
+ssize_t toe_real_recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+                              struct sockaddr *addr, socklen_t *len);
+
+/* ---------------- fdtable.c ---------------- */
+
+/* Socket behind fd with an operation reference taken, or NULL (not offloaded).
+ * Lock-free; the caller drops the reference with toe_sock_put(). */
+struct toe_sock *toe_fd_get(int fd);
+/* Non-zero when fd is offloaded right now (no reference taken). */
+int toe_fd_is_offloaded(int fd);
+/* Non-zero when fd can be entered in the table (it is below its size). */
+int toe_fd_fits(int fd);
+/* Enter fd -> s; the table takes a new reference on s.  An entry already
+ * there is dropped.  Returns 0, or -1 with errno (fd beyond the table). */
+int toe_fd_install(int fd, struct toe_sock *s);
+/* Remove fd's entry (lock-free, signal-safe) and drop its reference. */
+void toe_fd_remove(int fd);
+/* dup2/dup3 with the table kept consistent: the real call and the table
+ * update happen under the table mutex. */
+int toe_fd_dup2(int oldfd, int newfd, int flags, int is_dup3);
+/* Make every fd of this process that points at s point at kernel socket k
+ * instead (dup3 over it, keeping each fd's FD_CLOEXEC) and drop the
+ * entries.  Returns 0, or -1 with errno if fd itself could not be replaced. */
+int toe_fd_replace_all(struct toe_sock *s, int fd, int k);
+/* Reinitialise process-local locks after fork (child side). */
+void toe_fd_atfork_child(void);
+
+/* A zeroed struct toe_sock holding one reference (the caller's), locks
+ * initialised, or NULL (ENOMEM). */
+struct toe_sock *toe_sock_alloc(void);
+/* Drop one reference; the last one unmaps the shared memory.  Keeps errno. */
+void toe_sock_put(struct toe_sock *s);
+
+/* ---------------- ctl.c ---------------- */
+
+extern int toe_debug;
+void toe_ctl_init(void);
+/* 1 when the adapter is reachable (connects and says HELLO on first use);
+ * 0 when sockets must go to the kernel (the warning has been printed). */
+int toe_ctl_up(void);
+const struct toe_adapter *toe_ctl_adapter(void);
+/* One command, one response.  fds (0..2) travel with SCM_RIGHTS.
+ * Returns 0 when rsp is valid, or -errno when the channel failed. */
+int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp);
+/* Trace on stderr when TOE_DEBUG is set.  Keeps errno. */
+void toe_dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define TOE_DBG(...) do { if (toe_debug) toe_dbg(__VA_ARGS__); } while (0)
+
+/* ---------------- sock.c: offloaded operations ---------------- */
+
+/* Is this socket() call one we offload? */
+int toe_sock_wanted(int domain, int type, int protocol);
+int toe_sock_socket(int domain, int type, int protocol);
+int toe_sock_bind(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len);
+int toe_sock_listen(struct toe_sock *s, int fd, int backlog);
+int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len, int flags);
+int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len);
+ssize_t toe_sock_recv(struct toe_sock *s, int fd, void *buf, size_t n, int flags);
+ssize_t toe_sock_read_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen);
+ssize_t toe_sock_recv_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen,
+                          int flags);
+ssize_t toe_sock_recvfrom(struct toe_sock *s, int fd, void *buf, size_t n, int flags,
+                          struct sockaddr *addr, socklen_t *len);
+ssize_t toe_sock_recvfrom_chk(struct toe_sock *s, int fd, void *buf, size_t n, size_t buflen,
+                              int flags, struct sockaddr *addr, socklen_t *len);
+ssize_t toe_sock_readv(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt);
+ssize_t toe_sock_recvmsg(struct toe_sock *s, int fd, struct msghdr *msg, int flags);
+ssize_t toe_sock_send(struct toe_sock *s, int fd, const void *buf, size_t n, int flags);
+ssize_t toe_sock_sendto(struct toe_sock *s, int fd, const void *buf, size_t n, int flags,
+                        const struct sockaddr *addr, socklen_t len);
+ssize_t toe_sock_writev(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt);
+ssize_t toe_sock_sendmsg(struct toe_sock *s, int fd, const struct msghdr *msg, int flags);
+int toe_sock_shutdown(struct toe_sock *s, int fd, int how);
+int toe_sock_getsockname(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len);
+int toe_sock_getpeername(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len);
+int toe_sock_getsockopt(struct toe_sock *s, int fd, int level, int name, void *val,
+                        socklen_t *len);
+int toe_sock_setsockopt(struct toe_sock *s, int fd, int level, int name, const void *val,
+                        socklen_t len);
+int toe_sock_fcntl(struct toe_sock *s, int fd, int cmd, void *arg, int is64);
+int toe_sock_ioctl(struct toe_sock *s, int fd, unsigned long req, void *arg);
+int toe_sock_dup(struct toe_sock *s, int fd);
+int toe_sock_close(int fd);
+
+#endif /* TOE_SHIM_H */

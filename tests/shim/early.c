@@ -1,0 +1,31 @@
+/*
+ * early.c - a preloaded library whose constructor uses an offloaded socket.
+ * Listed after the shim in LD_PRELOAD, its constructor runs before the shim's:
+ * the shim must work before its own constructor ran.
+ */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+__attribute__((constructor)) static void early(void)
+{
+    const char *port = getenv("EARLY_PORT");
+    if (!port || !getenv("EARLY_ADDR"))
+        return;
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(port))};
+    inet_pton(AF_INET, getenv("EARLY_ADDR"), &sin.sin_addr);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    char buf[8] = {0};
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0 || write(fd, "early", 5) != 5 ||
+        recv(fd, buf, 5, MSG_WAITALL) != 5 || memcmp(buf, "early", 5) != 0) {
+        perror("early");
+        _exit(3);
+    }
+    close(fd);
+    fputs("early=ok\n", stdout);
+    fflush(stdout);
+}

@@ -1,0 +1,588 @@
+"""A minimal fake of the adapter daemon's side of docs/abi.md, for the shim's tests.
+
+It runs in a thread of the test process, serves the control socket, and plays
+the far end of every offloaded socket without any network:
+
+* CONNECT to an address in the adapter's subnet reaches an "echo peer": the
+  handshake completes at once, and whatever the application writes into the
+  TX ring comes back in its RX ring.  A SHUT_WR makes the echo peer close its
+  side after echoing everything (a FIN: RX_EOF).  Special ports change that:
+  ``REFUSED_PORT`` (refused at once), ``SLOW_PORT`` / ``SLOW_REFUSED_PORT``
+  (the outcome after ``SLOW_DELAY_S``), ``HOLD_PORT`` (connected, but the TX
+  ring is only consumed when the test calls :meth:`FakeAdapter.release`),
+  ``HANDOVER_PORT`` (the daemon answers HANDOVER).
+* LISTEN + ACCEPT: :meth:`FakeAdapter.inject_connection` queues a child on a
+  listening port; the child is connected to an echo peer.
+
+The ring, token and doorbell hand-offs are the compiled cffi module's (the same
+toe_ring.h code the shim runs), never re-implemented here.  The fake follows
+the daemon rules of docs/abi.md: a token into B when the socket becomes
+readable and none is outstanding; B drained when the socket becomes writable
+(connect completion, toe_tx_release() == 1) and on every B edge while the
+socket is writable; RX_EOF / RESET followed by shutdown(B, SHUT_WR).
+
+Two deviations from docs/abi.md are deliberate (both are explained in the
+shim's report as proposed protocol changes):
+
+* tok_sent is bumped *before* the token byte is written, not after.  With the
+  documented order a reader that empties the ring between the daemon's write
+  and its bump leaves the byte in A uncounted; the daemon then suppresses the
+  next token and an edge-triggered waiter is never woken.  Counting first makes
+  the in-flight byte "outstanding" (the shim then reads fewer bytes than
+  outstanding, which it tolerates) and its arrival is a fresh edge.
+* A window doorbell cannot reach the daemon while A is stuffed (TX ring full),
+  so while the fake waits for RX space on a socket whose TX side is
+  full-waiting it re-reads rx_head on a short timer instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from offload_daemon.abi import ffi, lib
+
+ADAPTER_ADDR = "198.18.0.2"
+NETMASK = "255.255.255.0"
+PEER_ADDR = "198.18.0.9"  # any address in the subnet reaches an echo peer
+
+REFUSED_PORT = 7999
+SLOW_PORT = 7001
+SLOW_REFUSED_PORT = 7002
+HOLD_PORT = 7003
+HANDOVER_PORT = 7004
+SLOW_DELAY_S = 0.2
+WINDOW_RECHECK_S = 0.002
+EPHEMERAL_BASE = 40000
+
+
+def be32(dotted: str) -> int:
+    """A dotted quad as the uint32 whose memory holds network byte order."""
+    return struct.unpack("=I", socket.inet_aton(dotted))[0]
+
+
+def be16(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def from_be16(v: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", v))[0]
+
+
+def from_be32(v: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", v))
+
+
+@dataclass
+class FakeSock:
+    """The daemon's view of one offloaded socket."""
+
+    sid: int
+    b: socket.socket
+    mm: mmap.mmap
+    buf: Any
+    shm: Any
+    mode: str = "new"  # new | listen | echo | hold
+    fin_pending: bool = False
+    wnd_waiting: bool = False
+    gone: bool = False
+    pending: list = field(default_factory=list)  # listen: queued (addr, port)
+    received: bytearray = field(default_factory=bytearray)  # hold mode: TX bytes consumed
+
+    # ---- B ----
+    def drain_b(self) -> bool:
+        """Read everything in B.  False when A is gone (EOF)."""
+        while True:
+            try:
+                d = self.b.recv(65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not d:
+                return False
+
+    def send_token(self) -> None:
+        """Count the token, then write it (see the module docstring for the order)."""
+        lib.toe_rx_token_sent(self.shm)
+        try:
+            self.b.send(b"T")
+        except OSError:
+            pass  # A is gone
+
+    def token_if_needed(self) -> None:
+        """Readable and no token outstanding: send one."""
+        if lib.toe_rx_push(self.shm, ffi.NULL, 0):
+            self.send_token()
+
+    def readable(self) -> bool:
+        s = self.shm
+        return (
+            lib.toe_ring_load(ffi.addressof(s, "rx_tail")) != s.rx_head
+            or bool(s.flags & (lib.TOE_SF_RX_EOF | lib.TOE_SF_RESET))
+            or s.accept_pending != 0
+        )
+
+    # ---- rings ----
+    def tx_bytes(self, head: int, n: int) -> bytes:
+        size = self.shm.tx_size
+        base = lib.TOE_SHM_HDR_SIZE
+        off = head & (size - 1)
+        first = min(n, size - off)
+        out = self.mm[base + off: base + off + first]
+        if n > first:
+            out += self.mm[base: base + n - first]
+        return out
+
+    def tx_avail(self) -> tuple[int, int]:
+        tail = lib.toe_ring_load(ffi.addressof(self.shm, "tx_tail"))
+        head = self.shm.tx_head
+        return head, (tail - head) & 0xFFFFFFFF
+
+    def release_tx(self, new_head: int) -> None:
+        if lib.toe_tx_release(self.shm, new_head & 0xFFFFFFFF):
+            self.drain_b()
+
+    def push_rx(self, data: bytes) -> int:
+        """Append what fits of data to the RX ring (token if needed)."""
+        n = min(len(data), lib.toe_rx_space(self.shm))
+        if n and lib.toe_rx_push(self.shm, data[:n], n):
+            self.send_token()
+        return n
+
+    def pump(self) -> None:
+        """Move TX to RX (echo), arm doorbells before going idle."""
+        s = self.shm
+        for _ in range(10000):
+            head, avail = self.tx_avail()
+            if avail and self.mode == "echo":
+                space = lib.toe_rx_space(s)
+                n = min(avail, space)
+                if n:
+                    self.wnd_waiting = False
+                    self.push_rx(self.tx_bytes(head, n))
+                    self.release_tx(head + n)
+                    continue
+                lib.toe_rx_arm_window(s)
+                if lib.toe_rx_space(s):
+                    continue
+                self.wnd_waiting = True
+                break
+            tail = lib.toe_tx_arm_doorbell(s)
+            if avail == 0 and tail != head:
+                continue
+            break
+        head, avail = self.tx_avail()
+        if self.fin_pending and avail == 0:
+            self.fin_pending = False
+            self.fin()
+
+    def fin(self) -> None:
+        """The peer closed its side: EOF after the data already in the ring."""
+        self.shm.flags |= lib.TOE_SF_RX_EOF
+        self.token_if_needed()
+        try:
+            self.b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def reset(self, err: int) -> None:
+        s = self.shm
+        s.so_error = err
+        s.state = lib.TOE_SS_CLOSED
+        s.flags |= lib.TOE_SF_RESET
+        self.token_if_needed()
+        self.drain_b()  # the socket is "writable" now: sends fail at once
+        try:
+            self.b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def connected(self, mode: str = "echo") -> None:
+        self.mode = mode
+        self.shm.mss = 1460
+        self.shm.state = lib.TOE_SS_CONNECTED
+        self.drain_b()
+        self.process()
+
+    def process(self) -> None:
+        """A B edge, a timer, or a command: look at the socket again."""
+        if self.gone:
+            return
+        s = self.shm
+        if s.state == lib.TOE_SS_CONNECTED:
+            if not s.tx_full_wait and not self.drain_b():
+                return
+            if self.mode in ("echo", "hold"):
+                self.pump()
+        if self.readable():
+            self.token_if_needed()
+
+
+class FakeAdapter:
+    """The fake daemon.  Use as a context manager; ``path`` is TOE_SOCK."""
+
+    def __init__(self, path: str, ring_bytes: int = 1 << 16) -> None:
+        self.path = path
+        self.ring_bytes = ring_bytes
+        self.socks: dict[int, FakeSock] = {}
+        self.by_bfd: dict[int, FakeSock] = {}
+        self.ctl: dict[int, socket.socket] = {}
+        self.ops: dict[int, int] = {}
+        self.hello_pids: list[int] = []
+        self.setsockopts: list[tuple[int, int, int, bytes]] = []
+        self.handovers: list[tuple[int, int]] = []
+        self.errors: list[str] = []
+        self._ids = itertools.count(1)
+        self._ports = itertools.count(EPHEMERAL_BASE)
+        self._timers: list = []
+        self._tseq = itertools.count()
+        self._calls: list = []
+        self._lock = threading.Lock()
+        self._stop = False
+        self.ep = select.epoll()
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.lsock.bind(path)
+        self.lsock.listen(64)
+        self.lsock.setblocking(False)
+        self.ep.register(self.lsock.fileno(), select.EPOLLIN)
+        self._wr, self._ww = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ep.register(self._wr, select.EPOLLIN)
+        self.thread = threading.Thread(target=self._run, name="fake-adapter", daemon=True)
+
+    # ---- lifecycle ----
+    def __enter__(self) -> "FakeAdapter":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        os.write(self._ww, b"x")
+        self.thread.join(5)
+        for s in list(self.socks.values()):
+            self._forget(s)
+        for c in self.ctl.values():
+            c.close()
+        self.lsock.close()
+        self.ep.close()
+        os.close(self._wr)
+        os.close(self._ww)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    # ---- test hooks (run on the loop thread) ----
+    def call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        done = threading.Event()
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append(fn())
+            except Exception as e:  # surfaced to the test
+                box.append(e)
+            done.set()
+
+        with self._lock:
+            self._calls.append(run)
+        os.write(self._ww, b"x")
+        if not done.wait(timeout):
+            raise TimeoutError("fake adapter did not run the call")
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    def find(self, *, local_port: int | None = None, remote_port: int | None = None,
+             mode: str | None = None) -> FakeSock:
+        for s in self.socks.values():
+            if local_port is not None and from_be16(s.shm.local_port_be16) != local_port:
+                continue
+            if remote_port is not None and from_be16(s.shm.remote_port_be16) != remote_port:
+                continue
+            if mode is not None and s.mode != mode:
+                continue
+            return s
+        raise KeyError(f"no socket local={local_port} remote={remote_port} mode={mode}")
+
+    def inject_connection(self, listen_port: int, peer: tuple[str, int]) -> None:
+        """A connection from `peer` arrives on the listener at listen_port."""
+        def run() -> None:
+            s = self.find(local_port=listen_port, mode="listen")
+            s.pending.append((be32(peer[0]), be16(peer[1])))
+            s.shm.accept_pending += 1
+            s.token_if_needed()
+        self.call(run)
+
+    def release(self, remote_port: int) -> int:
+        """HOLD_PORT socket: the peer acknowledges everything queued so far."""
+        def run() -> int:
+            s = self.find(remote_port=remote_port, mode="hold")
+            head, avail = s.tx_avail()
+            s.received += s.tx_bytes(head, avail)
+            s.release_tx(head + avail)
+            return avail
+        return int(self.call(run))
+
+    def push(self, remote_port: int, data: bytes) -> int:
+        return int(self.call(lambda: self.find(remote_port=remote_port).push_rx(data)))
+
+    def peer_fin(self, remote_port: int) -> None:
+        self.call(lambda: self.find(remote_port=remote_port).fin())
+
+    def peer_reset(self, remote_port: int, err: int = errno.ECONNRESET) -> None:
+        self.call(lambda: self.find(remote_port=remote_port).reset(err))
+
+    def stats(self) -> dict:
+        return self.call(lambda: {
+            "ops": dict(self.ops), "hellos": list(self.hello_pids),
+            "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
+            "live": len(self.socks), "errors": list(self.errors),
+        })
+
+    # ---- loop ----
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._tseq), fn))
+
+    def _run(self) -> None:
+        while not self._stop:
+            timeout = -1.0
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            if any(s.wnd_waiting and s.shm.tx_full_wait for s in self.socks.values()):
+                timeout = WINDOW_RECHECK_S if timeout < 0 else min(timeout, WINDOW_RECHECK_S)
+            try:
+                events = self.ep.poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                try:
+                    self._event(fd, ev)
+                except Exception as e:  # keep serving; the test looks at .errors
+                    self.errors.append(f"{type(e).__name__}: {e}")
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self._timers)
+                fn()
+            for s in list(self.socks.values()):
+                if s.wnd_waiting and s.shm.tx_full_wait:
+                    s.process()
+
+    def _event(self, fd: int, ev: int) -> None:
+        if fd == self.lsock.fileno():
+            try:
+                c, _ = self.lsock.accept()
+            except BlockingIOError:
+                return
+            c.setblocking(False)
+            self.ctl[c.fileno()] = c
+            self.ep.register(c.fileno(), select.EPOLLIN)
+        elif fd == self._wr:
+            try:
+                os.read(self._wr, 4096)
+            except BlockingIOError:
+                pass
+            with self._lock:
+                calls, self._calls = self._calls, []
+            for run in calls:
+                run()
+        elif fd in self.ctl:
+            self._command(self.ctl[fd])
+        elif fd in self.by_bfd:
+            s = self.by_bfd[fd]
+            if ev & (select.EPOLLRDHUP | select.EPOLLHUP):
+                self._forget(s)  # the last reference to A is gone
+                return
+            s.process()
+
+    def _forget(self, s: FakeSock) -> None:
+        if s.gone:
+            return
+        s.gone = True
+        self.socks.pop(s.sid, None)
+        self.by_bfd.pop(s.b.fileno(), None)
+        try:
+            self.ep.unregister(s.b.fileno())
+        except (OSError, ValueError):
+            pass
+        s.b.close()
+        s.shm = None
+        ffi.release(s.buf)
+        s.mm.close()
+
+    # ---- commands ----
+    def _command(self, conn: socket.socket) -> None:
+        try:
+            msg, fds, _, _ = socket.recv_fds(conn, 64, 4)
+        except BlockingIOError:
+            return
+        except OSError:
+            msg, fds = b"", []
+        if not msg:
+            for f in fds:
+                os.close(f)
+            self.ep.unregister(conn.fileno())
+            del self.ctl[conn.fileno()]
+            conn.close()
+            return
+        cmd = ffi.new("struct toe_cmd *")
+        ffi.memmove(cmd, msg, len(msg))
+        rsp = ffi.new("struct toe_rsp *")
+        self.ops[cmd.op] = self.ops.get(cmd.op, 0) + 1
+        handler = {
+            lib.TOE_OP_HELLO: self._hello, lib.TOE_OP_SOCKET: self._socket,
+            lib.TOE_OP_BIND: self._bind, lib.TOE_OP_LISTEN: self._listen,
+            lib.TOE_OP_CONNECT: self._connect, lib.TOE_OP_ACCEPT: self._accept,
+            lib.TOE_OP_SHUTDOWN: self._shutdown, lib.TOE_OP_SETSOCKOPT: self._setsockopt,
+            lib.TOE_OP_HANDOVER: self._handover,
+        }.get(cmd.op)
+        if handler is None:
+            rsp.result = -errno.EINVAL
+        else:
+            handler(cmd, fds, rsp)
+        conn.send(bytes(ffi.buffer(rsp)))
+
+    def _hello(self, cmd, fds, rsp) -> None:
+        self.hello_pids.append(cmd.pid)
+        rsp.addr_be32 = be32(ADAPTER_ADDR)
+        rsp.netmask_be32 = be32(NETMASK)
+        rsp.prefix_len = 24
+        rsp.tx_ring_bytes = self.ring_bytes
+        rsp.rx_ring_bytes = self.ring_bytes
+        rsp.daemon_pid = os.getpid()
+        rsp.abi_version = lib.TOE_ABI_VERSION
+
+    def _adopt(self, cmd, fds) -> FakeSock | None:
+        """[B, memfd] of a SOCKET/ACCEPT command -> a FakeSock (not registered)."""
+        if len(fds) != 2:
+            for f in fds:
+                os.close(f)
+            return None
+        bfd, mfd = fds
+        mm = mmap.mmap(mfd, cmd.shm_bytes)
+        os.close(mfd)
+        buf = ffi.from_buffer(mm)
+        shm = ffi.cast("struct toe_sock_shm *", buf)
+        sid = next(self._ids)
+        if lib.toe_shm_init(shm, sid, self.ring_bytes, self.ring_bytes) != 0:
+            self.errors.append(f"bad shm header for socket {sid}")
+        b = socket.socket(fileno=bfd)
+        b.setblocking(False)
+        return FakeSock(sid=sid, b=b, mm=mm, buf=buf, shm=shm)
+
+    def _register(self, s: FakeSock) -> None:
+        self.socks[s.sid] = s
+        self.by_bfd[s.b.fileno()] = s
+        self.ep.register(s.b.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+
+    def _socket(self, cmd, fds, rsp) -> None:
+        s = self._adopt(cmd, fds)
+        if s is None:
+            rsp.result = -errno.EINVAL
+            return
+        self._register(s)
+        rsp.sock_id = s.sid
+
+    def _bind(self, cmd, fds, rsp) -> None:
+        s = self.socks[cmd.sock_id]
+        port = from_be16(cmd.port_be16)
+        if port == HANDOVER_PORT:
+            rsp.flags = lib.TOE_RF_HANDOVER
+            return
+        s.shm.local_addr_be32 = be32(ADAPTER_ADDR)
+        s.shm.local_port_be16 = be16(port or next(self._ports))
+        s.shm.state = lib.TOE_SS_BOUND
+
+    def _listen(self, cmd, fds, rsp) -> None:
+        s = self.socks[cmd.sock_id]
+        if not s.shm.local_port_be16:
+            s.shm.local_addr_be32 = be32(ADAPTER_ADDR)
+            s.shm.local_port_be16 = be16(next(self._ports))
+        s.shm.state = lib.TOE_SS_LISTEN
+        s.mode = "listen"
+
+    def _connect(self, cmd, fds, rsp) -> None:
+        s = self.socks[cmd.sock_id]
+        port = from_be16(cmd.port_be16)
+        if port == HANDOVER_PORT:
+            rsp.flags = lib.TOE_RF_HANDOVER
+            return
+        shm = s.shm
+        if not shm.local_port_be16:
+            shm.local_addr_be32 = be32(ADAPTER_ADDR)
+            shm.local_port_be16 = be16(next(self._ports))
+        shm.remote_addr_be32 = cmd.addr_be32
+        shm.remote_port_be16 = cmd.port_be16
+        shm.state = lib.TOE_SS_CONNECTING
+        rsp.result = -errno.EINPROGRESS
+        def refuse() -> None:
+            if not s.gone:
+                s.reset(errno.ECONNREFUSED)
+
+        def complete() -> None:
+            if not s.gone:
+                s.connected()
+
+        if port == REFUSED_PORT:
+            refuse()
+        elif port == SLOW_REFUSED_PORT:
+            self._after(SLOW_DELAY_S, refuse)
+        elif port == SLOW_PORT:
+            self._after(SLOW_DELAY_S, complete)
+        elif port == HOLD_PORT:
+            s.connected("hold")
+        else:
+            s.connected("echo")
+
+    def _accept(self, cmd, fds, rsp) -> None:
+        lst = self.socks[cmd.sock_id]
+        if not lst.pending:
+            for f in fds:
+                os.close(f)
+            rsp.result = -errno.EAGAIN
+            return
+        c = self._adopt(cmd, fds)
+        if c is None:
+            rsp.result = -errno.EINVAL
+            return
+        addr, port = lst.pending.pop(0)
+        lst.shm.accept_pending -= 1
+        self._register(c)
+        c.shm.local_addr_be32 = lst.shm.local_addr_be32
+        c.shm.local_port_be16 = lst.shm.local_port_be16
+        c.shm.remote_addr_be32 = addr
+        c.shm.remote_port_be16 = port
+        c.connected("echo")
+        if lst.pending:
+            lst.token_if_needed()
+        rsp.sock_id = c.sid
+        rsp.addr_be32 = addr
+        rsp.port_be16 = port
+
+    def _shutdown(self, cmd, fds, rsp) -> None:
+        s = self.socks[cmd.sock_id]
+        if cmd.arg0 in (socket.SHUT_WR, socket.SHUT_RDWR):
+            s.shm.flags |= lib.TOE_SF_TX_SHUT
+            s.fin_pending = s.mode == "echo"  # the echo peer closes in turn
+        if cmd.arg0 in (socket.SHUT_RD, socket.SHUT_RDWR):
+            s.shm.flags |= lib.TOE_SF_RX_SHUT
+        s.process()
+
+    def _setsockopt(self, cmd, fds, rsp) -> None:
+        self.setsockopts.append((cmd.sock_id, cmd.arg0, cmd.arg1, bytes(cmd.opt)[: cmd.optlen]))
+
+    def _handover(self, cmd, fds, rsp) -> None:
+        self.handovers.append((cmd.sock_id, cmd.arg0))
+        s = self.socks.get(cmd.sock_id)
+        if s is not None:
+            self._forget(s)
