@@ -27,7 +27,24 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from offload_daemon import netns
+import importlib
+
+
+class _LazyModule:
+    """Import a module on first use: `toe run` must exec its command without paying for
+    pyroute2 (about 150 ms of start-up that would be charged to the application)."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._mod: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._mod is None:
+            self._mod = importlib.import_module(self._name)
+        return getattr(self._mod, attr)
+
+
+netns: Any = _LazyModule("offload_daemon.netns")
 from offload_daemon.config import RUN_DIR, AdapterConfig, api_path, ctl_path, log_path, state_path
 
 DEFAULT_TAP = AdapterConfig.tap

@@ -66,11 +66,14 @@ class HostSocket:
     # ---- readiness hand-offs -------------------------------------------
 
     def _token(self) -> None:
+        # count first, then write: the shim may then find a token counted but not yet
+        # in A (it reads what is there); the reverse order could leave a byte in A that
+        # nobody counted, and the next token would be suppressed (a lost edge)
+        lib.toe_rx_token_sent(self.shm)
         try:
             os.write(self.b_fd, _TOKEN)
         except OSError:
-            return
-        lib.toe_rx_token_sent(self.shm)
+            pass
 
     def push(self, src_ptr, n: int) -> None:
         """Append n bytes (the caller checked the space) and make A readable."""

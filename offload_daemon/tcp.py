@@ -40,6 +40,7 @@ RCV_WSCALE = 7
 PRE_ACCEPT_WINDOW = 1 << 16
 INIT_CWND_SEGS = 10
 EPHEMERAL = (32768, 60999)
+WND_POLL_S = 0.005
 
 
 class State(IntEnum):
@@ -177,6 +178,10 @@ class TcpStack:
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
         self.closed_count = 0
+        # connections waiting to advertise freed RX space; the app's window doorbell can be
+        # lost while its A end is stuffed (TX ring full), so these are also polled
+        self.wnd_watch: set[Ccb] = set()
+        self._wnd_timer = Timer(self._poll_windows)
         self.stats = {"active_opens": 0, "passive_opens": 0, "resets_sent": 0, "resets_received": 0,
                       "syn_dropped_backlog": 0, "retransmit_timeouts": 0, "fast_retransmits": 0,
                       "ooo_segments": 0, "bad_segments": 0, "conn_timeouts": 0, "time_wait": 0}
@@ -463,6 +468,7 @@ class TcpStack:
         s = c.sock
         if s is not None and s.mapped and space < s.rx_size // 2 and not c.wnd_wait:
             c.wnd_wait = True
+            self.wnd_watch.add(c)
             lib.toe_rx_arm_window(s.shm)
         return w
 
@@ -1077,6 +1083,7 @@ class TcpStack:
             self.send_ack(c)
         elif space < s.rx_size // 2:
             c.wnd_wait = True
+            self.wnd_watch.add(c)
             lib.toe_rx_arm_window(s.shm)
 
     # ==================================================================
@@ -1121,6 +1128,7 @@ class TcpStack:
         c.state = State.CLOSED
         self.ad.tx.invalidate(c.key)
         self.dirty.discard(c)
+        self.wnd_watch.discard(c)
         if c.listener is not None:
             c.listener.embryonic.discard(c)
             if c in c.listener.queue:
@@ -1136,8 +1144,19 @@ class TcpStack:
                 s.shm.state = lib.TOE_SS_CLOSED if s.shm.flags & lib.TOE_SF_RESET else s.shm.state
         c.sock = None if (s is None or s.app_closed) else s
 
+    def _poll_windows(self, now: float) -> None:
+        for c in list(self.wnd_watch):
+            if not c.wnd_wait or c.state == State.CLOSED or c.sock is None or not c.sock.mapped:
+                self.wnd_watch.discard(c)
+            else:
+                self._maybe_window_update(c, now)
+                if not c.wnd_wait:
+                    self.wnd_watch.discard(c)
+
     def flush(self, now: float) -> None:
-        """End of an RX batch: one ACK per connection that still owes one."""
+        """End of a loop pass: one ACK per connection that still owes one."""
+        if self.wnd_watch and not self._wnd_timer.armed:
+            self.ad.timers.arm(self._wnd_timer, now + WND_POLL_S)
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()
