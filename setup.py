@@ -82,7 +82,7 @@ setup(
     cmdclass={"build_ext": ShimBuildExt},
     install_requires=["cffi>=1.15", "pyroute2", "psutil", "rich"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scapy", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "scapy", "hypothesis", "ruff", "mypy"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["toe = offload_daemon.cli:main"]},

@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             ss = [s for s in samples if s["direction"] == direction and s["path"] == path]
             wall = statistics.median(s["wall_s"] for s in ss)
             cpu = statistics.median(s["app_cpu_s"] for s in ss)
-            dcpu = statistics.median(s["adapter_cpu_s"] for s in ss) if path == "adapter" else None
+            med_dcpu = statistics.median(s["adapter_cpu_s"] for s in ss) if path == "adapter" else None
             ok = all(s["sha256_ok"] for s in ss)
             print(f"{direction:<10} {path:<8} {wall:8.3f} {size * 8 / wall / 1e9:8.2f} {cpu:10.3f} "
-                  f"{'' if dcpu is None else f'{dcpu:14.3f}':>14} {'yes' if ok else 'NO'}")
+                  f"{'' if med_dcpu is None else f'{med_dcpu:14.3f}':>14} {'yes' if ok else 'NO'}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"size_bytes": size, "samples": samples}, f, indent=1)

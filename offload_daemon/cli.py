@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import importlib.resources
 import json
 import os
@@ -27,7 +28,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-import importlib
+from offload_daemon.config import RUN_DIR, AdapterConfig, api_path, ctl_path, log_path, state_path
 
 
 class _LazyModule:
@@ -45,7 +46,6 @@ class _LazyModule:
 
 
 netns: Any = _LazyModule("offload_daemon.netns")
-from offload_daemon.config import RUN_DIR, AdapterConfig, api_path, ctl_path, log_path, state_path
 
 DEFAULT_TAP = AdapterConfig.tap
 UP_TIMEOUT_S = 30.0        # how long `toe up` waits for the daemon to answer ping
