@@ -89,11 +89,11 @@ class Ccb:
     __slots__ = (
         "id", "state", "key", "local_ip", "local_port", "remote_ip", "remote_port", "peer_mac",
         "sock", "listener", "pre_buf", "orphan",
-        "iss", "snd_una", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale", "tx_head",
+        "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale", "tx_head",
         "irs", "rcv_nxt", "rcv_wscale", "rcv_adv", "wnd_wait", "ooo", "ooo_bytes",
         "mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery",
         "srtt", "rttvar", "rto", "rtt_seq", "rtt_time", "retries",
-        "fin_wanted", "fin_sent", "fin_seq", "rx_fin", "ack_pending", "timer", "timer_kind",
+        "fin_wanted", "fin_sent", "fin_seq", "fin_seq_set", "rx_fin", "ack_pending", "timer", "timer_kind",
         "bytes_in", "bytes_out", "segs_in", "segs_out", "retransmits", "created",
     )
 
@@ -112,6 +112,7 @@ class Ccb:
         self.iss = random.getrandbits(32)
         self.snd_una = self.iss
         self.snd_nxt = self.iss
+        self.snd_max = self.iss          # highest sequence ever sent (snd_nxt rewinds on RTO)
         self.snd_wnd = 0
         self.snd_wl1 = self.snd_wl2 = 0
         self.snd_wscale = 0
@@ -137,6 +138,7 @@ class Ccb:
         self.fin_wanted = False
         self.fin_sent = False
         self.fin_seq = 0
+        self.fin_seq_set = False
         self.rx_fin = False
         self.ack_pending = False
         self.timer = Timer(_no_timer)
@@ -307,7 +309,7 @@ class TcpStack:
         sock.ccb = c
         c.state = State.SYN_SENT
         c.mss = self._send_mss(None)
-        c.snd_nxt = (c.iss + 1) & M32
+        c.snd_nxt = c.snd_max = (c.iss + 1) & M32
         self.conns[c.key] = c
         sock.set_addresses(self.my_ip, lport, rip, rport)
         sock.shm.state = lib.TOE_SS_CONNECTING
@@ -567,15 +569,20 @@ class TcpStack:
                 c.rtt_seq = (c.snd_nxt + n) & M32
                 c.rtt_time = now
             c.snd_nxt = (c.snd_nxt + n) & M32
-            c.bytes_out += n
+            if seq_gt(c.snd_nxt, c.snd_max):
+                c.bytes_out += (c.snd_nxt - c.snd_max) & M32
+                c.snd_max = c.snd_nxt
             if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
         if unsent > 0:
             return
         if c.fin_wanted and not c.fin_sent:
             c.fin_seq = c.snd_nxt
+            c.fin_seq_set = True
             self._emit(c, c.snd_nxt, T.FIN | T.ACK)
             c.snd_nxt = (c.snd_nxt + 1) & M32
+            if seq_gt(c.snd_nxt, c.snd_max):
+                c.snd_max = c.snd_nxt
             c.fin_sent = True
             if c.state == State.ESTABLISHED:
                 c.state = State.FIN_WAIT_1
@@ -715,7 +722,7 @@ class TcpStack:
         c.irs = seg.seq
         c.rcv_nxt = (seg.seq + 1) & M32
         c.rcv_adv = c.rcv_nxt
-        c.snd_nxt = (c.iss + 1) & M32
+        c.snd_nxt = c.snd_max = (c.iss + 1) & M32
         opts = seg.options
         c.mss = self._send_mss(opts.mss if opts.mss else 536)
         if opts.wscale is not None:
@@ -901,15 +908,20 @@ class TcpStack:
         """RFC 9293 3.10.7.4 fifth check + RFC 5681/6582. False: drop the segment."""
         ack = seg.ack
         una = c.snd_una
-        if seq_gt(ack, c.snd_nxt):
-            self.send_ack(c)                           # acks something not yet sent
+        if seq_gt(ack, c.snd_max):
+            self.send_ack(c)                           # acks something never sent
             return False
         window = seg.window << c.snd_wscale
         if seq_lt(una, ack):
             acked = (ack - una) & M32
-            fin_acked = c.fin_sent and seq_gt(ack, c.fin_seq)
+            fin_acked = c.fin_seq_set and seq_gt(ack, c.fin_seq)
             data_acked = acked - (1 if fin_acked else 0)
             c.snd_una = ack
+            if seq_lt(c.snd_nxt, ack):
+                # data sent before an RTO rewound snd_nxt, acked after all
+                c.snd_nxt = ack
+            if fin_acked:
+                c.fin_sent = True
             c.retries = 0
             s = c.sock
             if data_acked > 0 and s is not None and s.mapped:

@@ -185,6 +185,23 @@ def test_rto_retransmits_from_snd_una_and_backs_off(h):
     assert c.retransmits == 1
 
 
+def test_ack_for_data_sent_before_an_rto_is_accepted(h):
+    """The ACK of a whole flight was lost; after the RTO rewinds snd_nxt, the peer's
+    cumulative ACK covers more than was re-sent (it must be taken, not refused)."""
+    c, hs, app, _ = h.established_active()
+    hs.shm.opt_flags |= lib.TOE_OF_NODELAY
+    app.write(b"q" * 8000)
+    h.tcp.doorbell(hs, h.now)
+    h.take()
+    end = c.snd_nxt
+    h.advance(c.rto + 0.001)
+    assert c.snd_nxt != end                      # rewound: one MSS re-sent
+    h.deliver(h.seg(T.ACK, 5001, end, sport=8080, dport=c.local_port))
+    assert c.snd_una == end and c.snd_nxt == end
+    assert hs.shm.tx_head == 8000
+    assert not c.timer.armed
+
+
 def test_fast_retransmit_after_three_dupacks(h):
     c, hs, app, _ = h.established_active()
     c.cwnd = 100000
