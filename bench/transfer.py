@@ -34,7 +34,7 @@ import time
 import psutil
 
 from offload_daemon import netns
-from offload_daemon.config import api_path, ctl_path
+from offload_daemon.config import api_path, ctl_path, log_path
 
 SRV_NET, VETH_SRV, VETH_CLI = "198.18.1", "198.18.1.1", "198.18.1.2"
 
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                     p.kill()
                     p.wait()
         subprocess.run(_toe("down", "--tap", tap), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            os.unlink(log_path(tap))
+        except FileNotFoundError:
+            pass
         for ns in (kcli, acli, srv):
             netns.delete(ns)
         shutil.rmtree(tmp, ignore_errors=True)
