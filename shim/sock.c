@@ -148,6 +148,17 @@ static int wait_readable(int fd)
     return r > 0;
 }
 
+/* A reads end-of-file although the daemon published neither EOF nor a reset:
+ * the daemon went away (crash, `toe down`).  Only asked on slow paths. */
+static int daemon_gone(struct toe_sock *s, int fd)
+{
+    char c;
+    int saved = errno;
+    ssize_t r = toe_real_recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    errno = saved;
+    return r == 0 && !(flags_of(s) & (TOE_SF_RX_EOF | TOE_SF_RESET)) && !toe_rx_avail(s->shm);
+}
+
 /* Block until the daemon drains B (A must be stuffed).  0, or -1 with errno
  * (EINTR, EAGAIN on SO_SNDTIMEO, EPIPE when B is gone). */
 static int wait_writable(int fd)
@@ -735,7 +746,7 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
                 return fail(e);
             break; /* reported once: end of file from now on */
         }
-        if ((fl & (TOE_SF_RX_EOF | TOE_SF_RX_SHUT)) || (lstate_of(s) & TOE_LS_SHUT_RD) ||
+        if ((fl & (TOE_SF_RX_EOF | TOE_SF_RX_SHUT)) || (lstate_of(s) & (TOE_LS_SHUT_RD | TOE_LS_GONE)) ||
             st_now == TOE_SS_CLOSED) {
             pthread_mutex_unlock(&s->rx_lock);
             break;
@@ -750,6 +761,12 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
         if (nb) {
             if (got)
                 break;
+            if (daemon_gone(s, fd)) {
+                /* A stays readable (EOF) forever: report a reset once, then end of file,
+                 * instead of EAGAIN that would spin a poll() loop */
+                lstate_set(s, TOE_LS_GONE);
+                return fail(ECONNRESET);
+            }
             return fail(EAGAIN);
         }
         int w = wait_readable(fd);
@@ -760,6 +777,7 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
         }
         if (w == 0 && a_eof++) {
             /* B shut down with no EOF/reset published: the daemon went away */
+            lstate_set(s, TOE_LS_GONE);
             if (got)
                 break;
             return fail(ECONNRESET);

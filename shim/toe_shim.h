@@ -45,6 +45,7 @@
 #define TOE_LS_CONNECTED 8      /* connect() reported success: next connect() is EISCONN */
 #define TOE_LS_SHUT_WR 16       /* shutdown(SHUT_WR|SHUT_RDWR) called */
 #define TOE_LS_SHUT_RD 32       /* shutdown(SHUT_RD|SHUT_RDWR) called */
+#define TOE_LS_GONE 64          /* the daemon vanished under the socket: reset reported */
 
 #define TOE_MAX_OPTS 32         /* recorded setsockopt() calls replayed on handover */
 #define TOE_OPT_VAL_MAX 32      /* longer option values are not recorded */
