@@ -776,17 +776,18 @@ class TcpStack:
             self._send_synack(c, opts, now)
             return
         # SYN|ACK acking our SYN -> ESTABLISHED
-        c.snd_una = seg.ack
-        c.snd_wnd = seg.window << c.snd_wscale
-        c.snd_wl1, c.snd_wl2 = seg.seq, seg.ack
-        self._rtt_sample(c, now - c.created if c.retries == 0 else None)
-        self._established(c, now)
+        self._established(c, seg, now)
         self.send_ack(c)
         if c.sock is not None:
             c.sock.set_connected(c.mss)
             self.try_send(c, now)
 
-    def _established(self, c: Ccb, now: float) -> None:
+    def _established(self, c: Ccb, seg: "Segment", now: float) -> None:
+        """The handshake's ACK of our SYN arrived: take the peer's window, time the RTT."""
+        c.snd_una = seg.ack
+        c.snd_wnd = seg.window << c.snd_wscale
+        c.snd_wl1, c.snd_wl2 = seg.seq, seg.ack
+        self._rtt_sample(c, now - c.created if c.retries == 0 else None)   # Karn: not if resent
         c.state = State.ESTABLISHED
         c.retries = 0
         c.cwnd = INIT_CWND_SEGS * c.mss
@@ -813,11 +814,7 @@ class TcpStack:
         if not (seq_lt(c.snd_una, seg.ack) and seq_le(seg.ack, c.snd_nxt)):
             self.send_rst_reply(seg)
             return
-        c.snd_una = seg.ack
-        c.snd_wnd = seg.window << c.snd_wscale
-        c.snd_wl1, c.snd_wl2 = seg.seq, seg.ack
-        self._rtt_sample(c, now - c.created if c.retries == 0 else None)
-        self._established(c, now)
+        self._established(c, seg, now)
         lst = c.listener
         if lst is not None:
             lst.embryonic.discard(c)
