@@ -10,21 +10,15 @@ import json
 import os
 import socket
 
+from .host import unix_listener
+
 
 class ApiServer:
     def __init__(self, path: str, handler):
         """`handler(request: dict) -> dict` answers one request."""
         self.path = path
         self.handler = handler
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        os.chmod(path, 0o666)
-        self.sock.listen(16)
+        self.sock = unix_listener(path, socket.SOCK_STREAM, 16)
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
 
     def accept(self) -> socket.socket | None:

@@ -187,6 +187,19 @@ def from_be16(x: int) -> int:
     return struct.unpack("!H", struct.pack("=H", x))[0]
 
 
+def unix_listener(path: str, kind: int, backlog: int) -> socket.socket:
+    """A nonblocking listening Unix socket at `path` (a stale one is replaced), open to all users."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(backlog)
+    return sock
+
+
 class ProcessCtx:
     """One application process's control channel."""
 
@@ -211,15 +224,7 @@ class ControlServer:
     def __init__(self, path: str, adapter):
         self.path = path
         self.adapter = adapter
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        os.chmod(path, 0o666)
-        self.sock.listen(128)
+        self.sock = unix_listener(path, socket.SOCK_SEQPACKET, 128)
         self.procs: dict[int, ProcessCtx] = {}
         self._rsp = ffi.new("struct toe_rsp *")
         self._rsp_buf = ffi.buffer(self._rsp)
