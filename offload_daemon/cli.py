@@ -235,6 +235,8 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
         kw["syn_retries"] = args.syn_retries
     if args.ring_kb is not None:
         kw["tx_ring_bytes"] = kw["rx_ring_bytes"] = args.ring_kb * 1024
+    if args.pcap is not None:
+        kw["pcap"] = os.path.abspath(args.pcap)
     config = AdapterConfig(**kw)
     try:
         if config.netns is not None:
@@ -852,6 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mtu", type=_int(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")
     up.add_argument("--ring-kb", type=_int(1, 1 << 20), metavar="N",
                     help=f"TX and RX ring size per socket in KiB (default {AdapterConfig.tx_ring_bytes // 1024})")
+    up.add_argument("--pcap", metavar="FILE",
+                    help="write every frame the adapter sends and receives to FILE (pcap, for Wireshark)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop an adapter", description="Stop the adapter's daemon; "

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-    curl netcat-openbsd iproute2 tcpdump nftables
+    curl netcat-openbsd iproute2 iputils-ping tcpdump nftables
     python3-venv python3-dev gcc libc6-dev binutils
     iperf3 sockperf nginx redis-server redis-tools
 )

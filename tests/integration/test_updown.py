@@ -95,3 +95,31 @@ def test_down_after_the_daemon_died():
             netns.delete(ns)
         if os.path.exists(log_path(tap)):
             os.unlink(log_path(tap))
+
+
+def test_ping_and_pcap_capture(tmp_path):
+    """The adapter answers ARP and ping from the kernel side; --pcap records those frames."""
+    from scapy.layers.inet import ICMP
+    from scapy.layers.l2 import ARP
+    from scapy.utils import rdpcap
+
+    ns, tap = unique("toe-t"), unique("tt")
+    pcap = tmp_path / "adapter.pcap"
+    res = run_toe("up", "--netns", ns, "--tap", tap, "--pcap", str(pcap))
+    assert res.returncode == 0, res.stderr
+    try:
+        ping = netns.run(ns, ["ping", "-c", "3", "-i", "0.2", "-W", "5", "198.18.0.2"],
+                         capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert "3 received" in ping.stdout
+    finally:
+        run_toe("down", "--tap", tap)
+        if netns.exists(ns):
+            netns.stop_pids(netns.pids(ns))
+            netns.delete(ns)
+        if os.path.exists(log_path(tap)):
+            os.unlink(log_path(tap))
+    frames = rdpcap(str(pcap))
+    assert any(ARP in f and f[ARP].op == 2 and f[ARP].psrc == "198.18.0.2" for f in frames)
+    replies = [f for f in frames if ICMP in f and f[ICMP].type == 0 and f["IP"].src == "198.18.0.2"]
+    assert len(replies) == 3
