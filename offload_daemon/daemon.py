@@ -38,6 +38,8 @@ from .tcp import SEND_STATES, TcpStack, ip_str
 from .timers import Timers
 
 RX_BATCH = 128
+HANDOVER_REASONS = {1: "loopback", 2: "outside the adapter's subnet", 3: "bind to another address",
+                    4: "adapter said so", 5: "adapter unreachable"}
 POOL_BUFFERS = 256
 POOL_BUF_BYTES = 65536 + 256
 EP_B = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP
@@ -57,7 +59,8 @@ class Adapter:
         self.timers = Timers()
         self.started = time.monotonic()
         self.counters_host = {"commands": 0, "bad_commands": 0, "sockets": 0, "accepts": 0,
-                              "handovers": 0, "doorbells": 0, "app_closes": 0}
+                              "adoptions": 0, "handovers": 0, "handovers_refused": 0, "doorbells": 0,
+                              "app_closes": 0}
         self.ackgen = AckGenCounters()
         self.socks: dict[int, HostSocket] = {}
         self.by_b: dict[int, HostSocket] = {}
@@ -215,7 +218,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ commands
 
-    def _new_sock(self, ctx: ProcessCtx, fds: list[int], shm_bytes: int) -> HostSocket:
+    def _new_sock(self, ctx: ProcessCtx, fds: list[int], shm_bytes: int, cookie: int = 0) -> HostSocket:
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -227,7 +230,7 @@ class Adapter:
                 raise OSError(errno.EINVAL, "B is not a socket")
             os.set_blocking(b_fd, False)
             self._next_sid += 1
-            s = HostSocket(self._next_sid, ctx, b_fd, memfd, shm_bytes)
+            s = HostSocket(self._next_sid, ctx, b_fd, memfd, shm_bytes, cookie)
         except (OSError, ValueError) as e:
             os.close(b_fd)
             if isinstance(e, ValueError):
@@ -239,6 +242,7 @@ class Adapter:
         self.socks[s.id] = s
         self.by_b[s.b_fd] = s
         s.proc.sockets += 1
+        s.proc.offloaded += 1
         self.ep.register(s.b_fd, EP_B)
 
     def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> None:
@@ -258,11 +262,16 @@ class Adapter:
                 rsp.result = 0
                 return
             if op == lib.TOE_OP_SOCKET:
-                s = self._new_sock(ctx, fds, cmd.shm_bytes)
+                s = self._new_sock(ctx, fds, cmd.shm_bytes, cmd.cookie)
                 self._register(s)
                 self.counters_host["sockets"] += 1
                 rsp.sock_id = s.id
                 rsp.result = 0
+                return
+            if op == lib.TOE_OP_ADOPT:
+                for fd in fds:
+                    os.close(fd)
+                self._adopt(ctx, cmd.cookie, rsp)
                 return
             for fd in fds if op != lib.TOE_OP_ACCEPT else ():
                 os.close(fd)
@@ -299,9 +308,14 @@ class Adapter:
                 self.tcp.setsockopt(s, cmd.arg0, cmd.arg1, now)
                 rsp.result = 0
             elif op == lib.TOE_OP_HANDOVER:
-                ctx.handovers += 1
-                ctx.handover_reasons[cmd.arg0] = ctx.handover_reasons.get(cmd.arg0, 0) + 1
-                self.counters_host["handovers"] += 1
+                reason = HANDOVER_REASONS.get(cmd.arg0, f"reason {cmd.arg0}")
+                ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
+                if cmd.arg1:                       # strict mode: the shim refused it
+                    ctx.refused += 1
+                    self.counters_host["handovers_refused"] += 1
+                else:
+                    ctx.handovers += 1
+                    self.counters_host["handovers"] += 1
                 rsp.result = 0
             else:
                 rsp.result = -errno.EOPNOTSUPP
@@ -320,7 +334,7 @@ class Adapter:
                 os.close(fd)
             rsp.result = -errno.EAGAIN
             return
-        child = self._new_sock(ctx, fds, cmd.shm_bytes)
+        child = self._new_sock(ctx, fds, cmd.shm_bytes, cmd.cookie)
         c = self.tcp.accept(ls, child, now)
         if c is None:
             child.close_b()
@@ -335,6 +349,25 @@ class Adapter:
         rsp.result = 0
         if ls.listener.queue:
             ls.wake()
+
+    def _adopt(self, ctx: ProcessCtx, cookie: int, rsp) -> None:
+        """A program exec'd with an inherited A end asks for its socket by A's SO_COOKIE."""
+        if cookie:
+            for s in self.socks.values():
+                if s.cookie == cookie and s.mapped and s.memfd >= 0:
+                    self.ctl.rsp_fds = [s.memfd]  # type: ignore[union-attr]
+                    rsp.sock_id = s.id
+                    rsp.tx_ring_bytes = s.tx_size
+                    rsp.rx_ring_bytes = s.rx_size
+                    rsp.result = 0
+                    s.proc.sockets -= 1            # the socket now counts for the adopter
+                    s.proc = ctx
+                    s.pid = ctx.pid
+                    ctx.sockets += 1
+                    ctx.offloaded += 1
+                    self.counters_host["adoptions"] += 1
+                    return
+        rsp.result = -errno.ENOENT
 
     # ------------------------------------------------------------------ inspection
 
@@ -359,8 +392,9 @@ class Adapter:
         tapc = self.tap.counters  # type: ignore[union-attr]
         bytes_in = sum(c["bytes_in"] for c in conns) + self.tcp.closed_bytes_in
         bytes_out = sum(c["bytes_out"] for c in conns) + self.tcp.closed_bytes_out
-        procs = [{"pid": p.pid, "comm": p.comm, "sockets": p.sockets, "handovers": p.handovers,
-                  "handover_reasons": {str(k): v for k, v in p.handover_reasons.items()}}
+        procs = [{"pid": p.pid, "comm": p.comm, "sockets": p.sockets, "offloaded": p.offloaded,
+                  "handovers": p.handovers, "refused": p.refused,
+                  "handover_reasons": dict(p.handover_reasons)}
                  for p in self.ctl.procs.values()]  # type: ignore[union-attr]
         return {
             "ok": True,

@@ -29,19 +29,25 @@ SS_NEW, SS_BOUND, SS_LISTEN, SS_CONNECTING, SS_CONNECTED, SS_CLOSED = range(6)
 class HostSocket:
     """One offloaded socket: B end + shared mapping."""
 
-    def __init__(self, sid: int, proc: "ProcessCtx", b_fd: int, memfd: int, shm_bytes: int):
+    def __init__(self, sid: int, proc: "ProcessCtx", b_fd: int, memfd: int, shm_bytes: int,
+                 cookie: int = 0):
         self.id = sid
         self.proc = proc
         self.pid = proc.pid
         self.b_fd = b_fd
+        self.cookie = cookie          # SO_COOKIE of A: how an exec'd program finds its socket again
+        self.shm_bytes = shm_bytes
+        self.memfd = -1               # kept open to hand to an adopting process
         self.mm: mmap.mmap | None = None
         try:
             st = os.fstat(memfd)
             if st.st_size != shm_bytes or shm_bytes < lib.TOE_SHM_HDR_SIZE + 8192:
                 raise ValueError(f"memfd of {st.st_size} bytes, command says {shm_bytes}")
             self.mm = mmap.mmap(memfd, shm_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(memfd)
+            raise
+        self.memfd = memfd
         self._ptr = ffi.from_buffer(self.mm)
         self.shm = ffi.cast("struct toe_sock_shm *", self._ptr)
         s = self.shm
@@ -145,6 +151,9 @@ class HostSocket:
 
     def release(self) -> None:
         """Unmap the shared memory (the connection no longer needs the rings)."""
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
         self.tx_ring = None  # type: ignore[assignment]
         if hasattr(self, "view") and self.view is not None:
             self.view.release()
@@ -212,9 +221,11 @@ class ProcessCtx:
                 self.comm = f.read().strip()
         except OSError:
             self.comm = "?"
-        self.sockets = 0
-        self.handovers = 0
-        self.handover_reasons: dict[int, int] = {}
+        self.sockets = 0              # offloaded sockets open now
+        self.offloaded = 0            # offloaded sockets ever (created, accepted, adopted)
+        self.handovers = 0            # sockets handed over to the kernel
+        self.refused = 0              # would-be handovers refused in strict mode
+        self.handover_reasons: dict[str, int] = {}
         self.alive = True
 
 
@@ -228,6 +239,7 @@ class ControlServer:
         self.procs: dict[int, ProcessCtx] = {}
         self._rsp = ffi.new("struct toe_rsp *")
         self._rsp_buf = ffi.buffer(self._rsp)
+        self.rsp_fds: list[int] = []     # descriptors to send with the current response
 
     def accept(self) -> ProcessCtx | None:
         try:
@@ -263,9 +275,14 @@ class ControlServer:
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
                 self.adapter.command(ctx, cmd, fds, rsp, now)
             try:
-                ctx.conn.send(self._rsp_buf)
+                if self.rsp_fds:
+                    socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds)
+                else:
+                    ctx.conn.send(self._rsp_buf)
             except OSError:
                 return False
+            finally:
+                self.rsp_fds = []
 
     def close(self) -> None:
         for ctx in self.procs.values():

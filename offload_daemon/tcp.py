@@ -40,6 +40,8 @@ RCV_WSCALE = 7
 PRE_ACCEPT_WINDOW = 1 << 16
 INIT_CWND_SEGS = 10
 EPHEMERAL = (32768, 60999)
+KEEPIDLE_S, KEEPINTVL_S, KEEPCNT = 7200, 75, 9      # Linux defaults
+CORK_MAX_S = 0.2                                      # Linux: corked data waits 200 ms at most
 WND_POLL_S = 0.005
 
 
@@ -94,6 +96,7 @@ class Ccb:
         "mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery",
         "srtt", "rttvar", "rto", "rtt_seq", "rtt_time", "retries",
         "fin_wanted", "fin_sent", "fin_seq", "fin_seq_set", "rx_fin", "ack_pending", "timer", "timer_kind",
+        "ka_timer", "ka_probes", "last_rx", "cork_since",
         "bytes_in", "bytes_out", "segs_in", "segs_out", "retransmits", "created",
     )
 
@@ -143,6 +146,10 @@ class Ccb:
         self.ack_pending = False
         self.timer = Timer(_no_timer)
         self.timer_kind = ""
+        self.ka_timer = Timer(_no_timer)     # keepalive, beside the retransmission timer
+        self.ka_probes = 0
+        self.last_rx = now
+        self.cork_since: float | None = None
         self.bytes_in = self.bytes_out = self.segs_in = self.segs_out = self.retransmits = 0
         self.created = now
 
@@ -186,7 +193,8 @@ class TcpStack:
         self._wnd_timer = Timer(self._poll_windows)
         self.stats = {"active_opens": 0, "passive_opens": 0, "resets_sent": 0, "resets_received": 0,
                       "syn_dropped_backlog": 0, "retransmit_timeouts": 0, "fast_retransmits": 0,
-                      "ooo_segments": 0, "bad_segments": 0, "conn_timeouts": 0, "time_wait": 0}
+                      "ooo_segments": 0, "bad_segments": 0, "conn_timeouts": 0, "time_wait": 0,
+                      "keepalive_probes": 0, "keepalive_timeouts": 0, "aborts_on_linger": 0}
 
     # ==================================================================
     # helpers: ids, timers, ports
@@ -199,7 +207,11 @@ class TcpStack:
         def fire(t: float) -> None:
             self._on_timer(c, t)
 
+        def keepalive(t: float) -> None:
+            self._on_keepalive(c, t)
+
         c.timer = Timer(fire)
+        c.ka_timer = Timer(keepalive)
         return c
 
     def _arm(self, c: Ccb, kind: str, delay: float, now: float) -> None:
@@ -209,6 +221,40 @@ class TcpStack:
     def _disarm(self, c: Ccb) -> None:
         self.ad.timers.cancel(c.timer)
         c.timer_kind = ""
+
+    # ---- keepalive (RFC 9293 3.8.4; Linux's SO_KEEPALIVE / TCP_KEEPIDLE / INTVL / CNT)
+
+    @staticmethod
+    def _ka_params(c: Ccb) -> tuple[bool, float, float, int]:
+        s = c.sock
+        if s is None or not s.mapped:
+            return False, 0.0, 0.0, 0
+        shm = s.shm
+        return (bool(shm.opt_flags & lib.TOE_OF_KEEPALIVE), float(shm.keepidle_s or KEEPIDLE_S),
+                float(shm.keepintvl_s or KEEPINTVL_S), shm.keepcnt or KEEPCNT)
+
+    def _keepalive_arm(self, c: Ccb, now: float) -> None:
+        on, idle, _intvl, _cnt = self._ka_params(c)
+        if not on or c.state not in SEND_STATES + (State.FIN_WAIT_2,):
+            self.ad.timers.cancel(c.ka_timer)
+            return
+        self.ad.timers.arm(c.ka_timer, c.last_rx + idle)
+
+    def _on_keepalive(self, c: Ccb, now: float) -> None:
+        on, idle, intvl, cnt = self._ka_params(c)
+        if not on or self.conns.get(c.key) is not c:
+            return
+        if now < c.last_rx + idle and c.ka_probes == 0:
+            self.ad.timers.arm(c.ka_timer, c.last_rx + idle)
+            return
+        if c.ka_probes >= cnt:
+            self.stats["keepalive_timeouts"] += 1
+            self._fail(c, errno.ETIMEDOUT, now)
+            return
+        c.ka_probes += 1
+        self.stats["keepalive_probes"] += 1
+        self._emit(c, (c.snd_una - 1) & M32, T.ACK)    # an old sequence number: the peer must ACK
+        self.ad.timers.arm(c.ka_timer, now + intvl)
 
     def _port_free(self, port: int, sock: "HostSocket") -> bool:
         users = [s for s in self.bound.get(port, ()) if s is not sock]
@@ -352,6 +398,7 @@ class TcpStack:
                 child_sock.set_eof()
             if c.state in SEND_STATES or c.state == State.FIN_WAIT_2:
                 self._maybe_window_update(c, now, force=True)
+            self._keepalive_arm(c, now)
             return c
         return None
 
@@ -364,6 +411,11 @@ class TcpStack:
         c = sock.ccb
         if c is None or c.state in (State.SYN_SENT, State.SYN_RCVD, State.CLOSED):
             return -errno.ENOTCONN
+        if how in (0, 2):       # SHUT_RD / SHUT_RDWR: a blocked reader wakes up at EOF
+            s = sock.shm
+            s.flags |= lib.TOE_SF_RX_SHUT
+            sock.wake()
+            sock.shut_b()
         if how in (1, 2):       # SHUT_WR / SHUT_RDWR
             self._close_tx(c, now)
         return 0
@@ -414,6 +466,13 @@ class TcpStack:
             self._free(c)
             return
         unread = sock.mapped and sock.shm.rx_tail != sock.shm.rx_head
+        linger0 = sock.mapped and sock.shm.opt_flags & lib.TOE_OF_LINGER and sock.shm.linger_s == 0
+        if linger0 and c.state not in (State.TIME_WAIT, State.CLOSED):
+            # SO_LINGER {on, 0}: close() aborts with RST, no TIME-WAIT
+            self.stats["aborts_on_linger"] += 1
+            self._send_rst_for(c, now)
+            self._free(c)
+            return
         if unread and c.state in (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1,
                                   State.FIN_WAIT_2):
             # RFC 9293 3.10.4 / Linux: close with unread data aborts the connection
@@ -428,8 +487,12 @@ class TcpStack:
             self._detach(c)
 
     def setsockopt(self, sock: "HostSocket", level: int, name: int, now: float) -> None:
+        """The shim recorded an option in the header; act on it (keepalive, NODELAY, CORK)."""
         c = sock.ccb
-        if c is not None and c.state in SEND_STATES:
+        if c is None:
+            return
+        self._keepalive_arm(c, now)
+        if c.state in SEND_STATES:
             self.try_send(c, now)
 
     def _close_tx(self, c: Ccb, now: float) -> None:
@@ -540,6 +603,7 @@ class TcpStack:
         mss = c.mss
         max_seg = (self.ad.tx_max_payload // mss) * mss if self.ad.offloads else mss
         nodelay = shm.opt_flags & lib.TOE_OF_NODELAY
+        corked = shm.opt_flags & lib.TOE_OF_CORK
         while True:
             tail = shm.tx_tail
             in_ring = (tail - c.tx_head) & M32
@@ -560,6 +624,15 @@ class TcpStack:
                 break                                   # sender SWS avoidance (RFC 9293 3.8.6.2.1)
             if n < mss and flight > 0 and not nodelay and not c.fin_wanted:
                 break                                   # Nagle
+            if corked and n < mss and not c.fin_wanted:
+                # TCP_CORK: only full segments, unless the partial one waited 200 ms
+                if c.cork_since is None:
+                    c.cork_since = now
+                if now - c.cork_since < CORK_MAX_S:
+                    if not c.timer.armed:
+                        self._arm(c, "cork", CORK_MAX_S - (now - c.cork_since), now)
+                    break
+            c.cork_since = None
             off = (c.tx_head + sent) & size_mask
             first = min(n, s.tx_size - off)
             parts = (ring[off:off + first],) if first == n else (ring[off:off + first], ring[:n - first])
@@ -650,6 +723,8 @@ class TcpStack:
                 self.try_send(c, now)
         elif kind in ("time_wait", "fin_wait_2"):
             self._free(c)
+        elif kind == "cork":
+            self.try_send(c, now)
 
     def _on_rto(self, c: Ccb, now: float) -> None:
         if c.snd_una == c.snd_nxt:
@@ -689,6 +764,10 @@ class TcpStack:
             self._no_connection(seg, now)
             return
         c.segs_in += 1
+        c.last_rx = now
+        if c.ka_probes:
+            c.ka_probes = 0
+            self._keepalive_arm(c, now)
         st = c.state
         if st == State.SYN_SENT:
             self._in_syn_sent(c, seg, now)
@@ -790,6 +869,7 @@ class TcpStack:
         self._rtt_sample(c, now - c.created if c.retries == 0 else None)   # Karn: not if resent
         c.state = State.ESTABLISHED
         c.retries = 0
+        self._keepalive_arm(c, now)
         c.cwnd = INIT_CWND_SEGS * c.mss
         self._disarm(c)
         if c.sock is not None and c.sock.mapped:
@@ -1133,6 +1213,7 @@ class TcpStack:
                 self.closed_bytes_in += c.bytes_in
                 self.closed_bytes_out += c.bytes_out
         self._disarm(c)
+        self.ad.timers.cancel(c.ka_timer)
         prev = c.state
         c.state = State.CLOSED
         self.ad.tx.invalidate(c.key)

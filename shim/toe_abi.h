@@ -39,6 +39,14 @@
 #define TOE_OP_SHUTDOWN 7
 #define TOE_OP_SETSOCKOPT 8
 #define TOE_OP_HANDOVER 9
+#define TOE_OP_ADOPT 10
+
+/* struct toe_cmd.arg0 of HANDOVER: why a socket went to the kernel */
+#define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */
+#define TOE_HO_OFF_SUBNET 2  /* connect() outside the adapter's subnet */
+#define TOE_HO_BIND_ADDR 3   /* bind() to an address that is not the adapter's */
+#define TOE_HO_DAEMON 4      /* the daemon answered BIND/CONNECT/LISTEN with HANDOVER */
+#define TOE_HO_NO_DAEMON 5   /* the control channel failed during BIND/CONNECT/LISTEN */
 
 /* struct toe_rsp.flags */
 #define TOE_RF_HANDOVER 1
@@ -69,6 +77,9 @@
  * One command, shim -> daemon, over the per-process SOCK_SEQPACKET control
  * channel.  Every command gets exactly one struct toe_rsp back, in order.
  * SOCKET and ACCEPT carry two descriptors with SCM_RIGHTS: [B end, memfd].
+ * ADOPT asks for the socket whose A end has SO_COOKIE `cookie` (a program
+ * exec'd with inherited offloaded sockets); its answer carries the memfd
+ * with SCM_RIGHTS, sock_id, and the ring sizes in tx_ring_bytes/rx_ring_bytes.
  */
 struct toe_cmd {
     uint32_t op;
@@ -81,7 +92,8 @@ struct toe_cmd {
     uint32_t pid;            /* HELLO: caller's pid */
     uint32_t shm_bytes;      /* SOCKET / ACCEPT: size of the memfd */
     uint8_t opt[TOE_OPT_BYTES];
-    uint8_t reserved[16];
+    uint64_t cookie;         /* SOCKET / ACCEPT: SO_COOKIE of A; ADOPT: the cookie to look up */
+    uint8_t reserved[8];
 };
 
 /*

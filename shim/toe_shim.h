@@ -32,11 +32,7 @@
 #define TOE_EXPORT __attribute__((visibility("default")))
 
 /* TOE_OP_HANDOVER arg0: why a socket was given to the kernel. */
-#define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */
-#define TOE_HO_OFF_SUBNET 2  /* connect() outside the adapter's subnet */
-#define TOE_HO_BIND_ADDR 3   /* bind() to an address that is not the adapter's */
-#define TOE_HO_DAEMON 4      /* the daemon answered BIND/CONNECT/LISTEN with HANDOVER */
-#define TOE_HO_NO_DAEMON 5   /* the control channel failed during BIND/CONNECT/LISTEN */
+/* handover reasons (TOE_HO_*) are part of the ABI: toe_abi.h */
 
 /* struct toe_sock.lstate: process-local state bits */
 #define TOE_LS_BOUND 1          /* bind() succeeded on the adapter; s->bound is valid */

@@ -374,3 +374,75 @@ def test_window_update_after_app_reads():
     h.tcp.doorbell(hs, h.now)
     (upd,) = h.take()
     assert upd.window << RCV_WSCALE >= (1 << 14) - 128
+
+
+# keepalive (SO_KEEPALIVE + TCP_KEEPIDLE/INTVL/CNT from the socket's header)
+def _keepalive(hs, idle=10, intvl=2, cnt=3):
+    hs.shm.opt_flags |= lib.TOE_OF_KEEPALIVE
+    hs.shm.keepidle_s, hs.shm.keepintvl_s, hs.shm.keepcnt = idle, intvl, cnt
+
+
+def test_keepalive_probes_then_times_out(h):
+    c, hs, app = h.established_passive()
+    _keepalive(hs)
+    h.tcp.setsockopt(hs, 1, 9, h.now)
+    h.advance(9)
+    assert h.take() == []
+    h.advance(1.5)
+    (probe,) = h.take()
+    assert probe.flags == T.ACK and probe.seq == (c.snd_una - 1) & 0xFFFFFFFF and not probe.payload
+    for _ in range(3):
+        h.advance(2.01)
+    assert hs.shm.so_error == errno.ETIMEDOUT
+    assert h.tcp.stats["keepalive_probes"] == 3
+
+
+def test_keepalive_answer_keeps_the_connection(h):
+    c, hs, app = h.established_passive()
+    _keepalive(hs)
+    h.tcp.setsockopt(hs, 1, 9, h.now)
+    h.advance(10.5)
+    assert len(h.take()) == 1
+    h.deliver(h.seg(T.ACK, c.rcv_nxt, c.snd_nxt))            # the peer answers the probe
+    h.advance(9)
+    assert h.take() == []
+    assert c.state == State.ESTABLISHED and hs.shm.so_error == 0
+
+
+def test_linger_zero_close_aborts_with_rst(h):
+    c, hs, app = h.established_passive()
+    hs.shm.opt_flags |= lib.TOE_OF_LINGER
+    hs.shm.linger_s = 0
+    h.tcp.app_closed(hs, h.now)
+    (rst,) = h.take()
+    assert rst.has(T.RST)
+    assert c.key not in h.tcp.conns
+
+
+def test_cork_holds_partial_segments_until_uncorked(h):
+    c, hs, app, _ = h.established_active()
+    hs.shm.opt_flags |= lib.TOE_OF_CORK | lib.TOE_OF_NODELAY
+    app.write(b"c" * 100)
+    h.tcp.doorbell(hs, h.now)
+    assert [s for s in h.take() if s.payload] == []
+    hs.shm.opt_flags &= ~lib.TOE_OF_CORK
+    h.tcp.setsockopt(hs, 6, 3, h.now)                          # TCP_CORK off
+    assert b"".join(s.payload for s in h.take()) == b"c" * 100
+
+
+def test_cork_releases_after_200ms(h):
+    c, hs, app, _ = h.established_active()
+    hs.shm.opt_flags |= lib.TOE_OF_CORK
+    app.write(b"d" * 10)
+    h.tcp.doorbell(hs, h.now)
+    assert [s for s in h.take() if s.payload] == []
+    h.advance(0.21)
+    assert b"".join(s.payload for s in h.take()) == b"d" * 10
+
+
+def test_shutdown_read_makes_a_reader_see_eof(h):
+    c, hs, app = h.established_passive()
+    assert h.tcp.shutdown(hs, 0, h.now) == 0
+    assert hs.shm.flags & lib.TOE_SF_RX_SHUT
+    assert app.readable_tokens() == 1
+    assert c.state == State.ESTABLISHED                        # nothing on the wire
