@@ -461,6 +461,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != shim]
     env["LD_PRELOAD"] = " ".join([shim, *preload])
     env["TOE_SOCK"] = ctl
+    if args.strict:
+        env["TOE_STRICT"] = "1"
+    else:
+        env.pop("TOE_STRICT", None)
     # Python ignores SIGPIPE and SIGXFSZ; the program must get the defaults, as from a shell.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
@@ -595,10 +599,12 @@ def render_stat(data: dict[str, Any], console: Any = None) -> None:
     procs = _rows(data.get("processes"))
     if procs:
         t = Table(title=f"processes ({len(procs)})", title_justify="left")
-        for title in ("pid", "comm", "sockets", "handovers"):
+        for title in ("pid", "comm", "open", "offloaded", "to kernel", "refused", "why to kernel"):
             t.add_column(title)
         for p in procs:
-            t.add_row(*[fmt(p.get(k)) for k in ("pid", "comm", "sockets", "handovers")])
+            why = ", ".join(f"{k} ×{v}" for k, v in (p.get("handover_reasons") or {}).items())
+            t.add_row(*[fmt(p.get(k)) for k in ("pid", "comm", "sockets", "offloaded", "handovers",
+                                                 "refused")], why or "")
         console.print(t)
 
     if tot:
@@ -864,9 +870,14 @@ def build_parser() -> argparse.ArgumentParser:
     down.set_defaults(func=cmd_down)
 
     run = sub.add_parser("run", help="run a program with its TCP sockets on the adapter",
-                         usage="toe run [-h] [--tap NAME] -- CMD [ARGS ...]",
-                         description="Run CMD with the shim preloaded (same pid: exec).")
+                         usage="toe run [-h] [--tap NAME] [--strict] -- CMD [ARGS ...]",
+                         description="Run CMD with the shim preloaded (same pid: exec). Sockets the "
+                         "adapter does not serve (loopback, other subnets) go to the kernel, and "
+                         "'toe stat' counts them per process with the reason.")
     run.add_argument("--tap", default=DEFAULT_TAP, metavar="NAME", help=TAP_HELP)
+    run.add_argument("--strict", action="store_true",
+                     help="make a would-be handover to the kernel an error (connect: ENETUNREACH, "
+                     "bind: EADDRNOTAVAIL) with one line on stderr, instead of a silent fallback")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command and its arguments")
     run.set_defaults(func=cmd_run)
 
