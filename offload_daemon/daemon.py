@@ -64,6 +64,7 @@ class Adapter:
         self.ackgen = AckGenCounters()
         self.socks: dict[int, HostSocket] = {}
         self.by_b: dict[int, HostSocket] = {}
+        self.by_kl: dict[int, HostSocket] = {}      # kernel listening sockets of INADDR_ANY listeners
         self._next_sid = 0
         self.running = True
         self.tap: TapPort | None = None
@@ -141,6 +142,8 @@ class Adapter:
                     self._tap_rx(now)
                 elif fd in by_b:
                     self._b_event(by_b[fd], ev, now)
+                elif fd in self.by_kl:
+                    self.by_kl[fd].wake()          # a connection arrived through the kernel
                 elif fd in procs:
                     if not self.ctl.serve(procs[fd], now):  # type: ignore[union-attr]
                         self._proc_gone(procs[fd])
@@ -201,6 +204,7 @@ class Adapter:
             self.counters_host["app_closes"] += 1
             s.proc.sockets -= 1
             self.socks.pop(s.id, None)
+            self._drop_kernel_listener(s)
             self.tcp.app_closed(s, now)
             return
         self.counters_host["doorbells"] += 1
@@ -273,7 +277,7 @@ class Adapter:
                     os.close(fd)
                 self._adopt(ctx, cmd.cookie, rsp)
                 return
-            for fd in fds if op != lib.TOE_OP_ACCEPT else ():
+            for fd in fds if op not in (lib.TOE_OP_ACCEPT, lib.TOE_OP_LISTEN) else ():
                 os.close(fd)
             target = self.socks.get(cmd.sock_id)
             if target is None:
@@ -291,6 +295,7 @@ class Adapter:
                 rsp.result = self.tcp.bind(s, ip, port)
             elif op == lib.TOE_OP_LISTEN:
                 rsp.result = self.tcp.listen(s, cmd.arg0)
+                self._kernel_listener(s, fds if rsp.result == 0 else [], fds)
             elif op == lib.TOE_OP_CONNECT:
                 ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
                 if ip == self.my_ip or ipaddress.IPv4Address(ip) not in self.network \
@@ -349,6 +354,26 @@ class Adapter:
         rsp.result = 0
         if ls.listener.queue:
             ls.wake()
+
+    def _kernel_listener(self, s: HostSocket, take: list[int], fds: list[int]) -> None:
+        """LISTEN on INADDR_ANY may carry the app's kernel listening socket on the same port:
+        watch it, so A is readable when a connection waits there too (both paths accepted)."""
+        for fd in fds:
+            if take and fd == take[0] and s.kernel_listener < 0:
+                os.set_blocking(fd, False)
+                s.kernel_listener = fd
+                self.by_kl[fd] = s
+                self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
+            else:
+                os.close(fd)
+
+    def _drop_kernel_listener(self, s: HostSocket) -> None:
+        fd = s.kernel_listener
+        if fd >= 0:
+            self.ep.unregister(fd)
+            del self.by_kl[fd]
+            os.close(fd)
+            s.kernel_listener = -1
 
     def _adopt(self, ctx: ProcessCtx, cookie: int, rsp) -> None:
         """A program exec'd with an inherited A end asks for its socket by A's SO_COOKIE."""
@@ -434,6 +459,9 @@ class Adapter:
             for c in list(tcp.conns.values()):
                 tcp._send_rst_for(c, now)
         for s in list(self.socks.values()):
+            if s.kernel_listener >= 0:
+                os.close(s.kernel_listener)
+                s.kernel_listener = -1
             s.close_b()
             s.release()
         if self.ctl is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import select
 import socket
 import struct
 from typing import TYPE_CHECKING
@@ -68,6 +69,9 @@ class HostSocket:
         self.bound: tuple[int, int] | None = None     # (ip, port) in host order
         self.app_closed = False
         self.b_shut = False
+        # INADDR_ANY listener: the app's kernel listening socket on the same port (a dup),
+        # watched so that A is readable when a connection waits on either path
+        self.kernel_listener = -1
 
     # ---- readiness hand-offs -------------------------------------------
 
@@ -148,6 +152,14 @@ class HostSocket:
         if self.b_fd >= 0:
             os.close(self.b_fd)
             self.b_fd = -1
+
+    def kernel_pending(self) -> bool:
+        """A connection waits in the kernel listening socket's accept queue."""
+        if self.kernel_listener < 0:
+            return False
+        p = select.poll()
+        p.register(self.kernel_listener, select.POLLIN)
+        return bool(p.poll(0))
 
     def release(self) -> None:
         """Unmap the shared memory (the connection no longer needs the rings)."""

@@ -424,7 +424,7 @@ class TcpStack:
         """Something changed in the socket's rings (data to send, space freed)."""
         c = sock.ccb
         if c is None:
-            if sock.listener is not None and sock.listener.queue:
+            if sock.listener is not None and (sock.listener.queue or sock.kernel_pending()):
                 sock.wake()
             return
         if c.state in SEND_STATES:
