@@ -10,7 +10,14 @@
  * closes its copy and reconnects on its first command (pthread_atfork).
  *
  * If the daemon cannot be reached (or a HELLO fails), one line goes to stderr
- * and every socket of the process goes to the kernel from then on.
+ * and every socket of the process goes to the kernel from then on (with
+ * TOE_STRICT: every TCP socket() fails instead).
+ *
+ * fork(): the prepare handler takes the channel and table locks so that no
+ * other thread is inside a command or a table update at the fork; parent and
+ * child release/reinitialise them (the mutexes are error-checking, so a fork
+ * from a signal handler that interrupted the shim on this thread does not
+ * deadlock on its own lock).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -30,10 +37,13 @@
 enum { CTL_UNKNOWN, CTL_UP, CTL_DOWN };
 
 int toe_debug;
+int toe_strict;
+int toe_adopting;
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-static pthread_mutex_t ctl_mu = PTHREAD_MUTEX_INITIALIZER;
-static int ctl_fd = -1;             /* under ctl_mu */
+static pthread_mutex_t ctl_mu = PTHREAD_ERRORCHECK_MUTEX_INITIALIZER_NP;
+static int ctl_mu_taken_for_fork;   /* the prepare handler holds ctl_mu */
+static int ctl_fd = -1;             /* written under ctl_mu (atomic stores: read without it) */
 static int ctl_state = CTL_UNKNOWN; /* atomic; written under ctl_mu */
 static int warned;                  /* atomic: the one stderr line was printed */
 static struct toe_adapter adapter;  /* valid once ctl_state has been CTL_UP */
@@ -68,6 +78,36 @@ void toe_dbg(const char *fmt, ...)
     errno = saved;
 }
 
+void toe_say(const char *fmt, ...)
+{
+    int saved = errno;
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof(buf) - 2)
+        n = (int)sizeof(buf) - 2;
+    buf[n++] = '\n';
+    say(buf, (size_t)n);
+    errno = saved;
+}
+
+static void set_ctl_fd(int fd)
+{
+    __atomic_store_n(&ctl_fd, fd, __ATOMIC_RELEASE);
+}
+
+int toe_ctl_is_channel(int fd)
+{
+    return fd >= 0 && fd == __atomic_load_n(&ctl_fd, __ATOMIC_ACQUIRE);
+}
+
+int toe_ctl_channel_fd(void)
+{
+    return __atomic_load_n(&ctl_fd, __ATOMIC_ACQUIRE);
+}
+
 /* The one line on stderr, once per process. */
 static void warn_once(const char *fmt, ...)
 {
@@ -84,31 +124,67 @@ static void warn_once(const char *fmt, ...)
     say(buf, (size_t)n);
 }
 
+static void mutex_init_ec(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
+    pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+}
+
+/* Lock order: ctl_mu before the table locks (nothing takes them the other way). */
+static void atfork_prepare(void)
+{
+    int saved = errno;
+    ctl_mu_taken_for_fork = pthread_mutex_lock(&ctl_mu) == 0;
+    toe_fd_atfork_prepare();
+    errno = saved;
+}
+
+static void atfork_parent(void)
+{
+    int saved = errno;
+    toe_fd_atfork_parent();
+    if (ctl_mu_taken_for_fork)
+        pthread_mutex_unlock(&ctl_mu);
+    ctl_mu_taken_for_fork = 0;
+    errno = saved;
+}
+
 static void atfork_child(void)
 {
-    pthread_mutex_init(&ctl_mu, NULL);
+    int saved = errno;
+    mutex_init_ec(&ctl_mu);
+    ctl_mu_taken_for_fork = 0;
     if (ctl_fd >= 0) {
-        int saved = errno;
         toe_real_close(ctl_fd);
-        errno = saved;
-        ctl_fd = -1;
+        set_ctl_fd(-1);
     }
     if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UP)
         __atomic_store_n(&ctl_state, CTL_UNKNOWN, __ATOMIC_RELAXED);
     toe_fd_atfork_child();
+    errno = saved;
+}
+
+static int env_flag(const char *name)
+{
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
 }
 
 static void do_init(void)
 {
     int saved = errno;
-    const char *d = getenv("TOE_DEBUG");
-    toe_debug = d && *d && strcmp(d, "0") != 0;
+    toe_debug = env_flag("TOE_DEBUG");
+    toe_strict = env_flag("TOE_STRICT");
     const char *p = getenv("TOE_SOCK");
+    toe_adopting = p && *p;
     if (!p || !*p)
         p = TOE_DEFAULT_SOCK;
     snprintf(ctl_path, sizeof(ctl_path), "%s", p);
     toe_real_init();
-    pthread_atfork(NULL, NULL, atfork_child);
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     errno = saved;
 }
 
@@ -120,6 +196,7 @@ void toe_ctl_init(void)
 __attribute__((constructor)) static void toe_shim_constructor(void)
 {
     toe_ctl_init();
+    toe_fd_adopt_once();
 }
 
 const struct toe_adapter *toe_ctl_adapter(void)
@@ -132,7 +209,7 @@ const struct toe_adapter *toe_ctl_adapter(void)
  * left (a failure after that must not be retried).  0 or -errno.
  */
 static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
-                       int *sent)
+                       int *sent, int *rfds, int *nrfds)
 {
     union {
         char buf[CMSG_SPACE(4 * sizeof(int))];
@@ -176,21 +253,32 @@ static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
-    /* the protocol sends no descriptors back: never leak any */
+    /* keep what the caller asked for (ADOPT's memfd), never leak the rest */
+    int want = rfds ? *nrfds : 0, got = 0;
+    if (rfds)
+        *nrfds = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
             int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
             for (int i = 0; i < n; i++) {
                 int fd;
                 memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-                toe_real_close(fd);
+                if (got < want)
+                    rfds[got++] = fd;
+                else
+                    toe_real_close(fd);
             }
         }
     }
-    if (r == 0)
-        return -ECONNRESET;
-    if (r != (ssize_t)sizeof(*rsp) || (mh.msg_flags & MSG_TRUNC))
-        return -EPROTO;
+    int bad = r == 0 ? -ECONNRESET
+                     : (r != (ssize_t)sizeof(*rsp) || (mh.msg_flags & MSG_TRUNC)) ? -EPROTO : 0;
+    if (bad) {
+        while (got > 0)
+            toe_real_close(rfds[--got]);
+        return bad;
+    }
+    if (rfds)
+        *nrfds = got;
     return 0;
 }
 
@@ -225,12 +313,12 @@ static int connect_locked(void)
         toe_real_close(fd);
         fd = hi;
     }
-    ctl_fd = fd;
+    set_ctl_fd(fd);
 
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_HELLO;
     cmd.pid = (uint32_t)getpid();
-    r = xfer_locked(&cmd, NULL, 0, &rsp, &sent);
+    r = xfer_locked(&cmd, NULL, 0, &rsp, &sent, NULL, NULL);
     if (r == 0 && rsp.result < 0)
         r = rsp.result;
     if (r == 0 && rsp.abi_version != TOE_ABI_VERSION) {
@@ -242,7 +330,7 @@ static int connect_locked(void)
         r = -EPROTO;
     if (r < 0) {
         toe_real_close(ctl_fd);
-        ctl_fd = -1;
+        set_ctl_fd(-1);
         return r;
     }
     adapter.addr_be32 = rsp.addr_be32;
@@ -259,11 +347,11 @@ static int connect_locked(void)
 static void go_down_locked(int err, int was_up)
 {
     __atomic_store_n(&ctl_state, CTL_DOWN, __ATOMIC_RELEASE);
-    if (was_up)
-        warn_once("toe: lost the adapter at %s (%s); new sockets use the kernel", ctl_path,
-                  strerror(err));
-    else
-        warn_once("toe: no adapter at %s (%s); sockets use the kernel", ctl_path, strerror(err));
+    const char *then = toe_strict ? (was_up ? "new TCP sockets fail" : "TCP sockets fail")
+                       : was_up   ? "new sockets use the kernel"
+                                  : "sockets use the kernel";
+    warn_once("toe: %s%s adapter at %s (%s); %s", toe_strict ? "strict: " : "",
+              was_up ? "lost the" : "no", ctl_path, strerror(err), then);
 }
 
 int toe_ctl_up(void)
@@ -284,9 +372,30 @@ int toe_ctl_up(void)
     return __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP;
 }
 
+int toe_ctl_up_quiet(void)
+{
+    int st = __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE);
+    if (st != CTL_UNKNOWN)
+        return st == CTL_UP;
+    toe_ctl_init();
+    int saved = errno;
+    pthread_mutex_lock(&ctl_mu);
+    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UNKNOWN && ctl_fd < 0)
+        connect_locked(); /* a failure leaves the state unknown: no warning, asked again later */
+    pthread_mutex_unlock(&ctl_mu);
+    errno = saved;
+    return __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP;
+}
+
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp)
 {
-    int saved = errno, r = -ENOTCONN, sent;
+    return toe_ctl_call_rfds(cmd, fds, nfds, rsp, NULL, NULL);
+}
+
+int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
+                      int *rfds, int *nrfds)
+{
+    int saved = errno, r = -ENOTCONN, sent, want = rfds ? *nrfds : 0;
     toe_ctl_init();
     pthread_mutex_lock(&ctl_mu);
     for (int attempt = 0; __atomic_load_n(&ctl_state, __ATOMIC_RELAXED) != CTL_DOWN; attempt++) {
@@ -299,11 +408,13 @@ int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *
                 break;
             }
         }
-        r = xfer_locked(cmd, fds, nfds, rsp, &sent);
+        if (rfds)
+            *nrfds = want;
+        r = xfer_locked(cmd, fds, nfds, rsp, &sent, rfds, nrfds);
         if (r == 0)
             break;
         toe_real_close(ctl_fd);
-        ctl_fd = -1;
+        set_ctl_fd(-1);
         if (sent || attempt > 0) {
             go_down_locked(-r, 1);
             break;
@@ -311,6 +422,8 @@ int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *
         /* the command never left (channel closed under us): reconnect once */
     }
     pthread_mutex_unlock(&ctl_mu);
+    if (r < 0 && rfds)
+        *nrfds = 0;
     if (r == 0)
         TOE_DBG("cmd op=%u sock=%u -> result=%d flags=%u sock=%u", cmd->op, cmd->sock_id,
                 rsp->result, rsp->flags, rsp->sock_id);

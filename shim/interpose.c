@@ -4,13 +4,17 @@
  * Every one has the same shape: fd-table lookup (lock-free; it is NULL until
  * the first offloaded socket exists, so no initialisation is needed) ->
  * offloaded operation in sock.c, or the real libc function.  The dup2/dup3/
- * close family goes to the table when either fd is offloaded.  No logic here.
+ * close family goes to the table when either fd is offloaded (close_range and
+ * closefrom always: the range may hold any).  Calls with two descriptors
+ * (sendfile, splice) look up the one that matters first, then the other.
+ * No logic here.
  */
 #undef _FORTIFY_SOURCE /* we define read(), recv() ...: no inline wrappers */
 
 #include <fcntl.h>
 #include <stdarg.h>
 #include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -156,14 +160,59 @@ TOE_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 TOE_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 {
     OFFLOAD(ssize_t, fd, toe_sock_recvmsg(s, fd, msg, flags));
-    return toe_real_recvmsg(fd, msg, flags);
+    return toe_pass_recvmsg(fd, msg, flags);
+}
+
+TOE_EXPORT int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
+                        struct timespec *timeout)
+{
+    OFFLOAD(int, fd, toe_sock_recvmmsg(s, fd, vec, vlen, flags, timeout));
+    return toe_real_recvmmsg(fd, vec, vlen, flags, timeout);
+}
+
+TOE_EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
+{
+    OFFLOAD(int, fd, toe_sock_sendmmsg(s, fd, vec, vlen, flags));
+    return toe_real_sendmmsg(fd, vec, vlen, flags);
+}
+
+TOE_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+{
+    OFFLOAD(ssize_t, out_fd, toe_sock_sendfile(s, out_fd, in_fd, offset, count));
+    OFFLOAD(ssize_t, in_fd, toe_sock_sendfile_in(s, out_fd, in_fd, offset, count));
+    return toe_real_sendfile(out_fd, in_fd, offset, count);
+}
+
+TOE_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count)
+{
+    OFFLOAD(ssize_t, out_fd, toe_sock_sendfile(s, out_fd, in_fd, offset, count));
+    OFFLOAD(ssize_t, in_fd, toe_sock_sendfile_in(s, out_fd, in_fd, offset, count));
+    return toe_real_sendfile64(out_fd, in_fd, offset, count);
+}
+
+TOE_EXPORT ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len,
+                          unsigned int flags)
+{
+    OFFLOAD(ssize_t, fd_out, toe_sock_splice_out(s, fd_in, off_in, fd_out, off_out, len, flags));
+    OFFLOAD(ssize_t, fd_in, toe_sock_splice_in(s, fd_in, off_in, fd_out, off_out, len, flags));
+    return toe_real_splice(fd_in, off_in, fd_out, off_out, len, flags);
 }
 
 TOE_EXPORT int close(int fd)
 {
     if (toe_fd_is_offloaded(fd))
         return toe_sock_close(fd);
-    return toe_real_close(fd);
+    return toe_fd_close_other(fd);
+}
+
+TOE_EXPORT int close_range(unsigned int first, unsigned int last, int flags)
+{
+    return toe_fd_close_range(first, last, flags);
+}
+
+TOE_EXPORT void closefrom(int lowfd)
+{
+    toe_fd_closefrom(lowfd);
 }
 
 TOE_EXPORT int shutdown(int fd, int how)

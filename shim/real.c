@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/sendfile.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -72,6 +73,13 @@ SLOT(dup3);
 SLOT(__read_chk);
 SLOT(__recv_chk);
 SLOT(__recvfrom_chk);
+SLOT(sendfile);
+SLOT(sendfile64);
+SLOT(splice);
+SLOT(close_range);
+SLOT(closefrom);
+SLOT(recvmmsg);
+SLOT(sendmmsg);
 
 void toe_real_init(void)
 {
@@ -83,6 +91,8 @@ void toe_real_init(void)
         &slot_getpeername, &slot_getsockopt, &slot_setsockopt, &slot_fcntl,
         &slot_fcntl64, &slot_ioctl, &slot_dup, &slot_dup2, &slot_dup3,
         &slot___read_chk, &slot___recv_chk, &slot___recvfrom_chk,
+        &slot_sendfile, &slot_sendfile64, &slot_splice, &slot_close_range, &slot_closefrom,
+        &slot_recvmmsg, &slot_sendmmsg,
     };
     static const char *const names[] = {
         "socket", "bind", "listen", "accept", "accept4",
@@ -92,6 +102,8 @@ void toe_real_init(void)
         "getpeername", "getsockopt", "setsockopt", "fcntl",
         "fcntl64", "ioctl", "dup", "dup2", "dup3",
         "__read_chk", "__recv_chk", "__recvfrom_chk",
+        "sendfile", "sendfile64", "splice", "close_range", "closefrom",
+        "recvmmsg", "sendmmsg",
     };
     _Static_assert(sizeof(slots) / sizeof(slots[0]) == sizeof(names) / sizeof(names[0]),
                    "slot table");
@@ -305,4 +317,55 @@ ssize_t toe_real_recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int fl
     if (n > buflen)
         __chk_fail();
     return toe_real_recvfrom(fd, buf, n, flags, addr, len);
+}
+
+ssize_t toe_real_sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+{
+    LOOKUP(ssize_t (*)(int, int, off_t *, size_t), sendfile);
+    return f ? f(out_fd, in_fd, offset, count)
+             : syscall(SYS_sendfile, out_fd, in_fd, offset, count);
+}
+
+ssize_t toe_real_sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count)
+{
+    LOOKUP(ssize_t (*)(int, int, off64_t *, size_t), sendfile64);
+    return f ? f(out_fd, in_fd, offset, count)
+             : syscall(SYS_sendfile, out_fd, in_fd, offset, count);
+}
+
+ssize_t toe_real_splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len,
+                        unsigned int flags)
+{
+    LOOKUP(ssize_t (*)(int, loff_t *, int, loff_t *, size_t, unsigned int), splice);
+    return f ? f(fd_in, off_in, fd_out, off_out, len, flags)
+             : syscall(SYS_splice, fd_in, off_in, fd_out, off_out, len, flags);
+}
+
+int toe_real_close_range(unsigned int first, unsigned int last, int flags)
+{
+    LOOKUP(int (*)(unsigned int, unsigned int, int), close_range);
+    return f ? f(first, last, flags) : (int)syscall(SYS_close_range, first, last, flags);
+}
+
+void toe_real_closefrom(int lowfd)
+{
+    LOOKUP(void (*)(int), closefrom);
+    if (f)
+        f(lowfd);
+    else
+        syscall(SYS_close_range, lowfd < 0 ? 0 : lowfd, ~0U, 0);
+}
+
+int toe_real_recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
+                      struct timespec *timeout)
+{
+    LOOKUP(int (*)(int, struct mmsghdr *, unsigned int, int, struct timespec *), recvmmsg);
+    return f ? f(fd, vec, vlen, flags, timeout)
+             : (int)syscall(SYS_recvmmsg, fd, vec, vlen, flags, timeout);
+}
+
+int toe_real_sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
+{
+    LOOKUP(int (*)(int, struct mmsghdr *, unsigned int, int), sendmmsg);
+    return f ? f(fd, vec, vlen, flags) : (int)syscall(SYS_sendmmsg, fd, vec, vlen, flags);
 }

@@ -72,6 +72,20 @@ static inline uint32_t toe_tx_space(struct toe_sock_shm *s)
  * Returns the number of bytes queued; *ring_doorbell is set to 1 when the
  * daemon asked for a doorbell (the caller then writes one byte into A).
  */
+/*
+ * Shim: publish n bytes already written into the ring at tx_tail (by a copy,
+ * or by a read()/pread() straight into the free span: sendfile, splice).
+ * Returns 1 when the daemon asked for a doorbell (the caller writes one byte
+ * into A).
+ */
+static inline int toe_tx_commit(struct toe_sock_shm *s, uint32_t n)
+{
+    TOE_STORE_REL(&s->tx_tail, s->tx_tail + n);
+    TOE_FENCE();
+    return TOE_LOAD_RLX(&s->tx_doorbell_armed) &&
+           __atomic_exchange_n(&s->tx_doorbell_armed, 0, __ATOMIC_SEQ_CST);
+}
+
 static inline uint32_t toe_tx_put(struct toe_sock_shm *s, const uint8_t *src, uint32_t len,
                                   int *ring_doorbell)
 {
@@ -81,11 +95,7 @@ static inline uint32_t toe_tx_put(struct toe_sock_shm *s, const uint8_t *src, ui
     if (n == 0)
         return 0;
     toe_ring_copy_in(toe_tx_base(s), s->tx_size, s->tx_tail, src, n);
-    TOE_STORE_REL(&s->tx_tail, s->tx_tail + n);
-    TOE_FENCE();
-    if (TOE_LOAD_RLX(&s->tx_doorbell_armed) &&
-        __atomic_exchange_n(&s->tx_doorbell_armed, 0, __ATOMIC_SEQ_CST))
-        *ring_doorbell = 1;
+    *ring_doorbell = toe_tx_commit(s, n);
     return n;
 }
 

@@ -6,7 +6,8 @@
  *   real.c      the libc functions we interpose, resolved with dlsym(RTLD_NEXT)
  *   fdtable.c   fd -> struct toe_sock, lifetime of struct toe_sock
  *   ctl.c       the per-process control channel to the adapter daemon
- *   sock.c      the offloaded socket operations
+ *   sock.c      the offloaded socket operations (incl. sendfile/splice,
+ *               *mmsg, adoption of inherited sockets after exec)
  *   interpose.c the exported entry points (dispatch only)
  *
  * Reference counting: a struct toe_sock holds one reference per fd of this
@@ -25,13 +26,13 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <netinet/in.h>
 
 #include "toe_abi.h"
 
 #define TOE_EXPORT __attribute__((visibility("default")))
 
-/* TOE_OP_HANDOVER arg0: why a socket was given to the kernel. */
 /* handover reasons (TOE_HO_*) are part of the ABI: toe_abi.h */
 
 /* struct toe_sock.lstate: process-local state bits */
@@ -42,6 +43,7 @@
 #define TOE_LS_SHUT_WR 16       /* shutdown(SHUT_WR|SHUT_RDWR) called */
 #define TOE_LS_SHUT_RD 32       /* shutdown(SHUT_RD|SHUT_RDWR) called */
 #define TOE_LS_GONE 64          /* the daemon vanished under the socket: reset reported */
+#define TOE_LS_CONNFAIL 128     /* connect() reported a failure: unconnected again (ENOTCONN) */
 
 #define TOE_MAX_OPTS 32         /* recorded setsockopt() calls replayed on handover */
 #define TOE_OPT_VAL_MAX 32      /* longer option values are not recorded */
@@ -65,6 +67,7 @@ struct toe_sock {
     struct sockaddr_in bound;   /* address the application bound (replayed on handover) */
     unsigned nopts;
     struct toe_opt opts[TOE_MAX_OPTS];
+    uint64_t cookie;            /* SO_COOKIE of A (0: unknown); finds adopted duplicates */
     struct toe_sock *free_next; /* free list link */
 };
 
@@ -114,6 +117,15 @@ ssize_t toe_real_read_chk(int fd, void *buf, size_t n, size_t buflen);
 ssize_t toe_real_recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags);
 ssize_t toe_real_recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
                               struct sockaddr *addr, socklen_t *len);
+ssize_t toe_real_sendfile(int out_fd, int in_fd, off_t *offset, size_t count);
+ssize_t toe_real_sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count);
+ssize_t toe_real_splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len,
+                        unsigned int flags);
+int toe_real_close_range(unsigned int first, unsigned int last, int flags);
+void toe_real_closefrom(int lowfd);
+int toe_real_recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags,
+                      struct timespec *timeout);
+int toe_real_sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags);
 
 /* ---------------- fdtable.c ---------------- */
 
@@ -136,7 +148,22 @@ int toe_fd_dup2(int oldfd, int newfd, int flags, int is_dup3);
  * instead (dup3 over it, keeping each fd's FD_CLOEXEC) and drop the
  * entries.  Returns 0, or -1 with errno if fd itself could not be replaced. */
 int toe_fd_replace_all(struct toe_sock *s, int fd, int k);
-/* Reinitialise process-local locks after fork (child side). */
+/* close_range()/closefrom(): drop the entries in [first, last] (unless
+ * CLOSE_RANGE_CLOEXEC), then the real call, sparing the control channel. */
+int toe_fd_close_range(unsigned int first, unsigned int last, int flags);
+void toe_fd_closefrom(int lowfd);
+/* close() of an fd that is not offloaded (the control channel is not the
+ * application's to close: EBADF, as if it were not open). */
+int toe_fd_close_other(int fd);
+/* The socket with this SO_COOKIE already in the table (a reference taken), or NULL. */
+struct toe_sock *toe_fd_find_cookie(uint64_t cookie);
+/* Adopt inherited offloaded sockets once per process image (exec): run by the
+ * constructor, or by the first fd lookup that misses before it ran. */
+void toe_fd_adopt_once(void);
+/* fork(): hold the table locks across it (prepare/parent); reinitialise
+ * process-local locks in the child. */
+void toe_fd_atfork_prepare(void);
+void toe_fd_atfork_parent(void);
 void toe_fd_atfork_child(void);
 
 /* A zeroed struct toe_sock holding one reference (the caller's), locks
@@ -148,16 +175,31 @@ void toe_sock_put(struct toe_sock *s);
 /* ---------------- ctl.c ---------------- */
 
 extern int toe_debug;
+extern int toe_strict;      /* TOE_STRICT: a would-be kernel socket is an error */
+extern int toe_adopting;    /* TOE_SOCK is set: look for inherited offloaded sockets */
 void toe_ctl_init(void);
 /* 1 when the adapter is reachable (connects and says HELLO on first use);
  * 0 when sockets must go to the kernel (the warning has been printed). */
 int toe_ctl_up(void);
+/* Like toe_ctl_up(), but a failure to connect is silent and not remembered
+ * (adoption asks on behalf of sockets the program may never use). */
+int toe_ctl_up_quiet(void);
 const struct toe_adapter *toe_ctl_adapter(void);
 /* One command, one response.  fds (0..2) travel with SCM_RIGHTS.
  * Returns 0 when rsp is valid, or -errno when the channel failed. */
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp);
+/* The same, also receiving up to *nrfds descriptors (close-on-exec) from the
+ * response; *nrfds is set to the number received.  Extra ones are closed. */
+int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
+                      int *rfds, int *nrfds);
+/* Non-zero when fd is this process's control channel. */
+int toe_ctl_is_channel(int fd);
+/* The current channel fd, or -1. */
+int toe_ctl_channel_fd(void);
 /* Trace on stderr when TOE_DEBUG is set.  Keeps errno. */
 void toe_dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One line on stderr, always.  Keeps errno. */
+void toe_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define TOE_DBG(...) do { if (toe_debug) toe_dbg(__VA_ARGS__); } while (0)
 
 /* ---------------- sock.c: offloaded operations ---------------- */
@@ -195,5 +237,28 @@ int toe_sock_fcntl(struct toe_sock *s, int fd, int cmd, void *arg, int is64);
 int toe_sock_ioctl(struct toe_sock *s, int fd, unsigned long req, void *arg);
 int toe_sock_dup(struct toe_sock *s, int fd);
 int toe_sock_close(int fd);
+ssize_t toe_sock_sendfile(struct toe_sock *s, int out_fd, int in_fd, off64_t *offset,
+                          size_t count);
+/* sendfile() whose in_fd is offloaded (and out_fd is not): EINVAL. */
+ssize_t toe_sock_sendfile_in(struct toe_sock *s, int out_fd, int in_fd, off64_t *offset,
+                             size_t count);
+/* splice() into an offloaded fd_out (from a pipe or a file) / out of an
+ * offloaded fd_in (into a pipe). */
+ssize_t toe_sock_splice_out(struct toe_sock *s, int fd_in, loff_t *off_in, int fd_out,
+                            loff_t *off_out, size_t len, unsigned int flags);
+ssize_t toe_sock_splice_in(struct toe_sock *s, int fd_in, loff_t *off_in, int fd_out,
+                           loff_t *off_out, size_t len, unsigned int flags);
+int toe_sock_recvmmsg(struct toe_sock *s, int fd, struct mmsghdr *vec, unsigned int vlen,
+                      int flags, struct timespec *timeout);
+int toe_sock_sendmmsg(struct toe_sock *s, int fd, struct mmsghdr *vec, unsigned int vlen,
+                      int flags);
+/* recvmsg() on a socket that is not offloaded: the real call, then offloaded
+ * sockets received with SCM_RIGHTS are adopted. */
+ssize_t toe_pass_recvmsg(int fd, struct msghdr *msg, int flags);
+/* Ask the daemon for the socket behind inherited/received AF_UNIX fd (by its
+ * SO_COOKIE) and enter it in the table.  1 adopted, 0 not ours. */
+int toe_sock_adopt_fd(int fd);
+/* Every fd of /proc/self/fd through toe_sock_adopt_fd(). */
+void toe_sock_adopt_inherited(void);
 
 #endif /* TOE_SHIM_H */

@@ -11,8 +11,26 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* EARLY_FD: an inherited offloaded socket, used before the shim's constructor
+ * ran (the shim must adopt it on this first use) */
+static void early_inherited(int fd)
+{
+    char buf[8] = {0};
+    if (write(fd, "inherit", 7) != 7 || recv(fd, buf, 7, MSG_WAITALL) != 7 ||
+        memcmp(buf, "inherit", 7) != 0) {
+        perror("early inherited");
+        _exit(3);
+    }
+    fputs("early_fd=ok\n", stdout);
+    fflush(stdout);
+}
+
 __attribute__((constructor)) static void early(void)
 {
+    if (getenv("EARLY_FD")) {
+        early_inherited(atoi(getenv("EARLY_FD")));
+        return;
+    }
     const char *port = getenv("EARLY_PORT");
     if (!port || !getenv("EARLY_ADDR"))
         return;

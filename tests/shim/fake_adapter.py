@@ -12,7 +12,14 @@ the far end of every offloaded socket without any network:
   ring is only consumed when the test calls :meth:`FakeAdapter.release`),
   ``HANDOVER_PORT`` (the daemon answers HANDOVER).
 * LISTEN + ACCEPT: :meth:`FakeAdapter.inject_connection` queues a child on a
-  listening port; the child is connected to an echo peer.
+  listening port; the child is connected to an echo peer, or (``mode="sink"``)
+  to a peer that only collects what the application sends (:meth:`sunk`) and
+  sends what the test :meth:`push`-es (an HTTP client, say).
+* ADOPT: SOCKET and ACCEPT carry A's SO_COOKIE; ADOPT with a known cookie
+  answers the socket's memfd (kept open for that), else -ENOENT.
+* SHUTDOWN with SHUT_RD/SHUT_RDWR sets RX_SHUT and shuts B for writing (A
+  reads end-of-file), as the daemon does.  HANDOVER with arg1 = 1 (strict
+  mode refused it) is only counted: the socket stays offloaded.
 
 The ring, token and doorbell hand-offs are the compiled cffi module's (the same
 toe_ring.h code the shim runs), never re-implemented here.  The fake follows
@@ -92,12 +99,14 @@ class FakeSock:
     mm: mmap.mmap
     buf: Any
     shm: Any
-    mode: str = "new"  # new | listen | echo | hold
+    mode: str = "new"  # new | listen | echo | hold | sink
+    mfd: int = -1      # the memfd, kept for ADOPT
+    cookie: int = 0    # SO_COOKIE of A
     fin_pending: bool = False
     wnd_waiting: bool = False
     gone: bool = False
-    pending: list = field(default_factory=list)  # listen: queued (addr, port)
-    received: bytearray = field(default_factory=bytearray)  # hold mode: TX bytes consumed
+    pending: list = field(default_factory=list)  # listen: queued (addr, port, mode)
+    received: bytearray = field(default_factory=bytearray)  # hold/sink mode: TX bytes consumed
 
     # ---- B ----
     def drain_b(self) -> bool:
@@ -165,6 +174,10 @@ class FakeSock:
         s = self.shm
         for _ in range(10000):
             head, avail = self.tx_avail()
+            if avail and self.mode == "sink":
+                self.received += self.tx_bytes(head, avail)
+                self.release_tx(head + avail)
+                continue
             if avail and self.mode == "echo":
                 space = lib.toe_rx_space(s)
                 n = min(avail, space)
@@ -223,7 +236,7 @@ class FakeSock:
         if s.state == lib.TOE_SS_CONNECTED:
             if not s.tx_full_wait and not self.drain_b():
                 return
-            if self.mode in ("echo", "hold"):
+            if self.mode in ("echo", "hold", "sink"):
                 self.pump()
         if self.readable():
             self.token_if_needed()
@@ -241,7 +254,10 @@ class FakeAdapter:
         self.ops: dict[int, int] = {}
         self.hello_pids: list[int] = []
         self.setsockopts: list[tuple[int, int, int, bytes]] = []
-        self.handovers: list[tuple[int, int]] = []
+        self.handovers: list[tuple[int, int, int]] = []  # (sock_id, reason, refused)
+        self.cookies: list[int] = []          # SO_COOKIEs seen in SOCKET/ACCEPT
+        self.adopts: list[tuple[int, int]] = []  # (cookie, result)
+        self.sunk_by_port: dict[int, bytearray] = {}  # sink peers' bytes, by remote port
         self.errors: list[str] = []
         self._ids = itertools.count(1)
         self._ports = itertools.count(EPHEMERAL_BASE)
@@ -315,11 +331,13 @@ class FakeAdapter:
             return s
         raise KeyError(f"no socket local={local_port} remote={remote_port} mode={mode}")
 
-    def inject_connection(self, listen_port: int, peer: tuple[str, int]) -> None:
-        """A connection from `peer` arrives on the listener at listen_port."""
+    def inject_connection(self, listen_port: int, peer: tuple[str, int], mode: str = "echo",
+                          data: bytes = b"") -> None:
+        """A connection from `peer` arrives on the listener at listen_port; the peer
+        sends `data` once it is accepted."""
         def run() -> None:
             s = self.find(local_port=listen_port, mode="listen")
-            s.pending.append((be32(peer[0]), be16(peer[1])))
+            s.pending.append((be32(peer[0]), be16(peer[1]), mode, data))
             s.shm.accept_pending += 1
             s.token_if_needed()
         self.call(run)
@@ -337,6 +355,10 @@ class FakeAdapter:
     def push(self, remote_port: int, data: bytes) -> int:
         return int(self.call(lambda: self.find(remote_port=remote_port).push_rx(data)))
 
+    def sunk(self, remote_port: int) -> bytes:
+        """What the application sent to the sink peer at remote_port (also after close)."""
+        return bytes(self.call(lambda: bytes(self.sunk_by_port.get(remote_port, b""))))
+
     def peer_fin(self, remote_port: int) -> None:
         self.call(lambda: self.find(remote_port=remote_port).fin())
 
@@ -347,7 +369,8 @@ class FakeAdapter:
         return self.call(lambda: {
             "ops": dict(self.ops), "hellos": list(self.hello_pids),
             "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
-            "live": len(self.socks), "errors": list(self.errors),
+            "live": len(self.socks), "errors": list(self.errors), "cookies": list(self.cookies),
+            "adopts": list(self.adopts),
         })
 
     # ---- loop ----
@@ -401,6 +424,8 @@ class FakeAdapter:
         elif fd in self.by_bfd:
             s = self.by_bfd[fd]
             if ev & (select.EPOLLRDHUP | select.EPOLLHUP):
+                if s.mode == "sink":
+                    s.pump()  # what was queued before the close still reaches the peer
                 self._forget(s)  # the last reference to A is gone
                 return
             s.process()
@@ -416,6 +441,9 @@ class FakeAdapter:
         except (OSError, ValueError):
             pass
         s.b.close()
+        if s.mfd >= 0:
+            os.close(s.mfd)
+            s.mfd = -1
         s.shm = None
         ffi.release(s.buf)
         s.mm.close()
@@ -444,13 +472,17 @@ class FakeAdapter:
             lib.TOE_OP_BIND: self._bind, lib.TOE_OP_LISTEN: self._listen,
             lib.TOE_OP_CONNECT: self._connect, lib.TOE_OP_ACCEPT: self._accept,
             lib.TOE_OP_SHUTDOWN: self._shutdown, lib.TOE_OP_SETSOCKOPT: self._setsockopt,
-            lib.TOE_OP_HANDOVER: self._handover,
+            lib.TOE_OP_HANDOVER: self._handover, lib.TOE_OP_ADOPT: self._adopt_op,
         }.get(cmd.op)
+        out_fds: list[int] = []
         if handler is None:
             rsp.result = -errno.EINVAL
         else:
-            handler(cmd, fds, rsp)
-        conn.send(bytes(ffi.buffer(rsp)))
+            out_fds = handler(cmd, fds, rsp) or []
+        if out_fds:
+            socket.send_fds(conn, [bytes(ffi.buffer(rsp))], out_fds)
+        else:
+            conn.send(bytes(ffi.buffer(rsp)))
 
     def _hello(self, cmd, fds, rsp) -> None:
         self.hello_pids.append(cmd.pid)
@@ -462,7 +494,7 @@ class FakeAdapter:
         rsp.daemon_pid = os.getpid()
         rsp.abi_version = lib.TOE_ABI_VERSION
 
-    def _adopt(self, cmd, fds) -> FakeSock | None:
+    def _take(self, cmd, fds) -> FakeSock | None:
         """[B, memfd] of a SOCKET/ACCEPT command -> a FakeSock (not registered)."""
         if len(fds) != 2:
             for f in fds:
@@ -470,7 +502,6 @@ class FakeAdapter:
             return None
         bfd, mfd = fds
         mm = mmap.mmap(mfd, cmd.shm_bytes)
-        os.close(mfd)
         buf = ffi.from_buffer(mm)
         shm = ffi.cast("struct toe_sock_shm *", buf)
         sid = next(self._ids)
@@ -478,7 +509,9 @@ class FakeAdapter:
             self.errors.append(f"bad shm header for socket {sid}")
         b = socket.socket(fileno=bfd)
         b.setblocking(False)
-        return FakeSock(sid=sid, b=b, mm=mm, buf=buf, shm=shm)
+        if cmd.cookie:
+            self.cookies.append(cmd.cookie)
+        return FakeSock(sid=sid, b=b, mm=mm, buf=buf, shm=shm, mfd=mfd, cookie=cmd.cookie)
 
     def _register(self, s: FakeSock) -> None:
         self.socks[s.sid] = s
@@ -486,7 +519,7 @@ class FakeAdapter:
         self.ep.register(s.b.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
 
     def _socket(self, cmd, fds, rsp) -> None:
-        s = self._adopt(cmd, fds)
+        s = self._take(cmd, fds)
         if s is None:
             rsp.result = -errno.EINVAL
             return
@@ -551,18 +584,22 @@ class FakeAdapter:
                 os.close(f)
             rsp.result = -errno.EAGAIN
             return
-        c = self._adopt(cmd, fds)
+        c = self._take(cmd, fds)
         if c is None:
             rsp.result = -errno.EINVAL
             return
-        addr, port = lst.pending.pop(0)
+        addr, port, mode, data = lst.pending.pop(0)
         lst.shm.accept_pending -= 1
         self._register(c)
         c.shm.local_addr_be32 = lst.shm.local_addr_be32
         c.shm.local_port_be16 = lst.shm.local_port_be16
         c.shm.remote_addr_be32 = addr
         c.shm.remote_port_be16 = port
-        c.connected("echo")
+        if mode == "sink":
+            c.received = self.sunk_by_port.setdefault(from_be16(port), bytearray())
+        c.connected(mode)
+        if data:
+            c.push_rx(data)
         if lst.pending:
             lst.token_if_needed()
         rsp.sock_id = c.sid
@@ -576,13 +613,32 @@ class FakeAdapter:
             s.fin_pending = s.mode == "echo"  # the echo peer closes in turn
         if cmd.arg0 in (socket.SHUT_RD, socket.SHUT_RDWR):
             s.shm.flags |= lib.TOE_SF_RX_SHUT
+            try:
+                s.b.shutdown(socket.SHUT_WR)  # A reads end-of-file: a blocked recv returns 0
+            except OSError:
+                pass
         s.process()
 
     def _setsockopt(self, cmd, fds, rsp) -> None:
         self.setsockopts.append((cmd.sock_id, cmd.arg0, cmd.arg1, bytes(cmd.opt)[: cmd.optlen]))
 
     def _handover(self, cmd, fds, rsp) -> None:
-        self.handovers.append((cmd.sock_id, cmd.arg0))
+        self.handovers.append((cmd.sock_id, cmd.arg0, cmd.arg1))
         s = self.socks.get(cmd.sock_id)
-        if s is not None:
+        if s is not None and not cmd.arg1:  # refused (strict): the socket stays ours
             self._forget(s)
+
+    def _adopt_op(self, cmd, fds, rsp) -> list[int]:
+        """An exec'd program asks for the socket whose A has this SO_COOKIE."""
+        for f in fds:
+            os.close(f)
+        for s in self.socks.values():
+            if cmd.cookie and s.cookie == cmd.cookie and s.mfd >= 0:
+                rsp.sock_id = s.sid
+                rsp.tx_ring_bytes = s.shm.tx_size
+                rsp.rx_ring_bytes = s.shm.rx_size
+                self.adopts.append((cmd.cookie, 0))
+                return [s.mfd]
+        rsp.result = -errno.ENOENT
+        self.adopts.append((cmd.cookie, -errno.ENOENT))
+        return []

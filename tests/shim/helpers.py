@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,8 +35,26 @@ def isolated(argv: list[str], env: dict) -> tuple[list[str], dict]:
 
 
 def run(argv: list[str], env: dict, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run to completion; on timeout the whole process group it started is killed
+    (children it forked included), then TimeoutExpired is raised."""
     argv, env = isolated(argv, env)
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL the process group led by p (started with start_new_session) and reap p."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.communicate()
 
 
 def run_py(code: str, env: dict, *args: object, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ EXPORTS = {
     "writev", "send", "recv", "sendto", "recvfrom", "sendmsg", "recvmsg", "close", "shutdown",
     "getsockname", "getpeername", "getsockopt", "setsockopt", "fcntl", "fcntl64", "ioctl",
     "dup", "dup2", "dup3", "__read_chk", "__recv_chk", "__recvfrom_chk",
+    "sendfile", "sendfile64", "splice", "recvmmsg", "sendmmsg", "close_range", "closefrom",
 }
 # weak references every gcc-built shared object carries (crtbeginS.o)
 CRT_WEAK = {"_ITM_deregisterTMCloneTable", "_ITM_registerTMCloneTable", "__gmon_start__",
@@ -94,3 +95,24 @@ def test_works_before_the_shim_constructor(shim_so, env, fake, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["early=ok", "main"]
     assert fake.stats()["ops"] == {1: 1, 2: 1, 5: 1}
+
+
+EARLY_EXEC = r"""
+import os, socket, sys
+s = socket.socket(); s.connect((sys.argv[1], int(sys.argv[2])))
+s.set_inheritable(True)
+os.environ["EARLY_FD"] = str(s.fileno())
+os.environ["LD_PRELOAD"] = sys.argv[3]
+os.execv("/bin/echo", ["echo", "main"])
+"""
+
+
+def test_adopts_inherited_sockets_before_the_shim_constructor(shim_so, env, fake, tmp_path):
+    """A constructor that runs before the shim's uses an offloaded socket inherited
+    across exec: the first lookup that misses runs the adoption itself."""
+    early = tmp_path / "libearly.so"
+    subprocess.run(["gcc", "-O2", "-fPIC", "-shared", "-o", str(early),
+                    str(Path(__file__).with_name("early.c"))], check=True)
+    r = run_py(EARLY_EXEC, env, PEER_ADDR, 7, f"{shim_so} {early}")
+    assert r.stdout.split() == ["early_fd=ok", "main"]
+    assert [res for _, res in fake.stats()["adopts"]] == [0]
