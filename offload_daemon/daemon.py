@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import time
+from collections import deque
 
 from nic_model import rx as rxmod
 from nic_model.counters import AckGenCounters
@@ -39,7 +40,7 @@ from .timers import Timers
 
 RX_BATCH = 128
 HANDOVER_REASONS = {1: "loopback", 2: "outside the adapter's subnet", 3: "bind to another address",
-                    4: "adapter said so", 5: "adapter unreachable"}
+                    4: "adapter said so", 5: "adapter unreachable", 6: "accepted through the kernel"}
 POOL_BUFFERS = 256
 POOL_BUF_BYTES = 65536 + 256
 EP_B = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP
@@ -65,6 +66,7 @@ class Adapter:
         self.socks: dict[int, HostSocket] = {}
         self.by_b: dict[int, HostSocket] = {}
         self.by_kl: dict[int, HostSocket] = {}      # kernel listening sockets of INADDR_ANY listeners
+        self.exited: deque[ProcessCtx] = deque(maxlen=32)
         self._next_sid = 0
         self.running = True
         self.tap: TapPort | None = None
@@ -219,6 +221,7 @@ class Adapter:
         del self.ctl.procs[fd]  # type: ignore[union-attr]
         ctx.conn.close()
         ctx.alive = False
+        self.exited.append(ctx)      # `toe stat` after a short `toe run` still shows what it did
 
     # ------------------------------------------------------------------ commands
 
@@ -419,8 +422,8 @@ class Adapter:
         bytes_out = sum(c["bytes_out"] for c in conns) + self.tcp.closed_bytes_out
         procs = [{"pid": p.pid, "comm": p.comm, "sockets": p.sockets, "offloaded": p.offloaded,
                   "handovers": p.handovers, "refused": p.refused,
-                  "handover_reasons": dict(p.handover_reasons)}
-                 for p in self.ctl.procs.values()]  # type: ignore[union-attr]
+                  "handover_reasons": dict(p.handover_reasons), "alive": p.alive}
+                 for p in [*self.ctl.procs.values(), *self.exited]]  # type: ignore[union-attr]
         return {
             "ok": True,
             "adapter": {"tap": self.cfg.tap, "addr": self.cfg.addr, "host_addr": self.cfg.host_addr,

@@ -32,7 +32,7 @@
 #include "toe_shim.h"
 
 #define TOE_DEFAULT_SOCK "/run/toe/toe0.sock"
-#define TOE_CTL_MIN_FD 500
+#define TOE_CTL_MIN_FD TOE_HIGH_FD
 
 enum { CTL_UNKNOWN, CTL_UP, CTL_DOWN };
 

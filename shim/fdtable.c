@@ -431,6 +431,7 @@ struct toe_sock *toe_sock_alloc(void)
     }
     /* refs stays 0 while we clear the rest: racing lookups cannot take it */
     memset((char *)s + sizeof(s->refs), 0, sizeof(*s) - sizeof(s->refs));
+    s->kfd = -1;
     pthread_mutex_init(&s->rx_lock, NULL);
     pthread_mutex_init(&s->tx_lock, NULL);
     pthread_mutex_init(&s->opt_lock, NULL);
@@ -446,6 +447,9 @@ void toe_sock_put(struct toe_sock *s)
     if (s->shm)
         munmap(s->shm, s->map_len);
     s->shm = NULL;
+    if (s->kfd >= 0)
+        toe_real_close(s->kfd);
+    s->kfd = -1;
     errno = saved;
     struct toe_sock *h = __atomic_load_n(&free_head, __ATOMIC_RELAXED);
     do {

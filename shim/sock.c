@@ -386,6 +386,8 @@ static const char *handover_words(int reason)
         return "the daemon does not serve it";
     case TOE_HO_NO_DAEMON:
         return "no adapter daemon";
+    case TOE_HO_KERNEL_PATH:
+        return "arrived through the kernel";
     default:
         return "unknown reason";
     }
@@ -472,13 +474,59 @@ handover:
     return toe_real_bind(fd, addr, len);
 }
 
+/*
+ * An INADDR_ANY listener accepts on both paths (as Onload does): beside the
+ * offloaded socket, a kernel listening socket on the same port, kept above
+ * the application's descriptors.  The daemon watches a copy of it and makes
+ * A readable when a connection waits there.  -1 when it cannot be had (the
+ * port is taken in this namespace, say): the adapter path alone then.
+ */
+static int open_kernel_listener(struct toe_sock *s, int backlog)
+{
+    int saved = errno, one = 1;
+    int k = toe_real_socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (k < 0)
+        return -1;
+    pthread_mutex_lock(&s->opt_lock);
+    for (unsigned i = 0; i < s->nopts; i++) {
+        struct toe_opt *o = &s->opts[i];
+        toe_real_setsockopt(k, o->level, o->name, o->val, o->len);
+    }
+    pthread_mutex_unlock(&s->opt_lock);
+    toe_real_setsockopt(k, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof(sin));
+    sin.sin_family = AF_INET;
+    sin.sin_port = LOAD(&s->shm->local_port_be16);
+    if (toe_real_bind(k, (struct sockaddr *)&sin, sizeof(sin)) < 0 || toe_real_listen(k, backlog) < 0) {
+        TOE_DBG("listen: no kernel path for port %u: %s", ntohs(sin.sin_port), strerror(errno));
+        toe_real_close(k);
+        errno = saved;
+        return -1;
+    }
+    int hi = toe_real_fcntl(k, F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
+    if (hi >= 0) {
+        toe_real_close(k);
+        k = hi;
+    }
+    errno = saved;
+    return k;
+}
+
+/* A connection waits in the kernel listener's queue. */
+static int kernel_pending(struct toe_sock *s)
+{
+    struct pollfd p = {.fd = s->kfd, .events = POLLIN};
+    return s->kfd >= 0 && poll(&p, 1, 0) > 0;
+}
+
 int toe_sock_listen(struct toe_sock *s, int fd, int backlog)
 {
     struct toe_cmd cmd;
     struct toe_rsp rsp;
     unsigned ls = lstate_of(s);
     uint32_t st = state_of(s);
-    int reason;
+    int reason, kfd = -1;
 
     if ((ls & (TOE_LS_CONNECT | TOE_LS_CONNECTED)) ||
         (st != TOE_SS_NEW && st != TOE_SS_BOUND && st != TOE_SS_LISTEN))
@@ -487,7 +535,16 @@ int toe_sock_listen(struct toe_sock *s, int fd, int backlog)
     cmd.op = TOE_OP_LISTEN;
     cmd.sock_id = s->sock_id;
     cmd.arg0 = backlog;
-    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
+    if (!(ls & TOE_LS_LISTEN) && s->kfd < 0 && !toe_strict && LOAD(&s->shm->local_addr_be32) == 0 &&
+        LOAD(&s->shm->local_port_be16) != 0)
+        kfd = open_kernel_listener(s, backlog);
+    int r = toe_ctl_call(&cmd, kfd >= 0 ? &kfd : NULL, kfd >= 0, &rsp);
+    if (r < 0 || (rsp.flags & TOE_RF_HANDOVER) || rsp.result < 0) {
+        if (kfd >= 0)
+            toe_real_close(kfd);
+        kfd = -1;
+    }
+    if (r < 0) {
         if (ls & TOE_LS_LISTEN)
             return 0; /* a backlog change; the listener keeps running */
         reason = TOE_HO_NO_DAEMON;
@@ -499,6 +556,8 @@ int toe_sock_listen(struct toe_sock *s, int fd, int backlog)
     }
     if (rsp.result < 0)
         return fail(-rsp.result);
+    if (kfd >= 0)
+        s->kfd = kfd;
     lstate_set(s, TOE_LS_LISTEN);
     stuff(fd, NULL); /* a listening socket is never writable */
     return 0;
@@ -649,6 +708,26 @@ static int put_sockaddr(struct sockaddr *addr, socklen_t *len, uint32_t a_be32, 
     return 0;
 }
 
+/* The connection just accepted came through the kernel: count it (statistics only), and
+ * leave A's readiness exact when neither queue holds another. */
+static void note_kernel_accept(struct toe_sock *s, int fd)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    int saved = errno;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_HANDOVER;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = TOE_HO_KERNEL_PATH;
+    toe_ctl_call(&cmd, NULL, 0, &rsp);
+    if (LOAD(&s->shm->accept_pending) == 0 && !kernel_pending(s) && toe_tokens_outstanding(s->shm)) {
+        pthread_mutex_lock(&s->rx_lock);
+        take_tokens(s, fd);
+        pthread_mutex_unlock(&s->rx_lock);
+    }
+    errno = saved;
+}
+
 int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
     struct toe_sock_shm *m = s->shm;
@@ -666,11 +745,26 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
         return fail(EINVAL);
     for (;;) {
         if (LOAD(&m->accept_pending) == 0) {
+            if (s->kfd >= 0) {
+                /* INADDR_ANY: a connection that came through the kernel is a kernel socket */
+                int k = toe_real_accept4(s->kfd, addr, len, flags);
+                if (k >= 0) {
+                    note_kernel_accept(s, fd);
+                    errno = saved;
+                    return k;
+                }
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNABORTED)
+                    return -1;
+            }
             pthread_mutex_lock(&s->rx_lock);
             take_tokens(s, fd);
             pthread_mutex_unlock(&s->rx_lock);
             if (LOAD(&m->accept_pending))
                 continue;
+            if (kernel_pending(s)) {
+                bell(fd); /* the token may have been taken: have the daemon send another */
+                continue;
+            }
             if (nb < 0)
                 nb = nonblocking(fd);
             if (nb)
@@ -726,7 +820,7 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
         }
         toe_sock_put(c);
         /* leave the listener's readiness exact for the next select()/poll() */
-        if (LOAD(&m->accept_pending) == 0 && toe_tokens_outstanding(m)) {
+        if (LOAD(&m->accept_pending) == 0 && toe_tokens_outstanding(m) && !kernel_pending(s)) {
             pthread_mutex_lock(&s->rx_lock);
             take_tokens(s, fd);
             pthread_mutex_unlock(&s->rx_lock);

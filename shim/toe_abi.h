@@ -47,6 +47,7 @@
 #define TOE_HO_BIND_ADDR 3   /* bind() to an address that is not the adapter's */
 #define TOE_HO_DAEMON 4      /* the daemon answered BIND/CONNECT/LISTEN with HANDOVER */
 #define TOE_HO_NO_DAEMON 5   /* the control channel failed during BIND/CONNECT/LISTEN */
+#define TOE_HO_KERNEL_PATH 6 /* accept() on an INADDR_ANY listener: the connection came through the kernel */
 
 /* struct toe_rsp.flags */
 #define TOE_RF_HANDOVER 1

@@ -35,6 +35,9 @@
 
 /* handover reasons (TOE_HO_*) are part of the ABI: toe_abi.h */
 
+/* the shim's own descriptors (control channel, kernel listeners) live at or above this */
+#define TOE_HIGH_FD 500
+
 /* struct toe_sock.lstate: process-local state bits */
 #define TOE_LS_BOUND 1          /* bind() succeeded on the adapter; s->bound is valid */
 #define TOE_LS_LISTEN 2         /* listen() succeeded */
@@ -68,6 +71,7 @@ struct toe_sock {
     unsigned nopts;
     struct toe_opt opts[TOE_MAX_OPTS];
     uint64_t cookie;            /* SO_COOKIE of A (0: unknown); finds adopted duplicates */
+    int kfd;                    /* INADDR_ANY listener: kernel listening socket on the same port, or -1 */
     struct toe_sock *free_next; /* free list link */
 };
 
