@@ -280,6 +280,21 @@ class Adapter:
                     os.close(fd)
                 self._adopt(ctx, cmd.cookie, rsp)
                 return
+            if op == lib.TOE_OP_HANDOVER:
+                # statistics only; the socket itself may already be gone (handing over replaced
+                # A, and B's end-of-file can be seen before this command)
+                for fd in fds:
+                    os.close(fd)
+                reason = HANDOVER_REASONS.get(cmd.arg0, f"reason {cmd.arg0}")
+                ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
+                if cmd.arg1:                       # strict mode: the shim refused it
+                    ctx.refused += 1
+                    self.counters_host["handovers_refused"] += 1
+                else:
+                    ctx.handovers += 1
+                    self.counters_host["handovers"] += 1
+                rsp.result = 0
+                return
             for fd in fds if op not in (lib.TOE_OP_ACCEPT, lib.TOE_OP_LISTEN) else ():
                 os.close(fd)
             target = self.socks.get(cmd.sock_id)
@@ -314,16 +329,6 @@ class Adapter:
                 rsp.result = self.tcp.shutdown(s, cmd.arg0, now)
             elif op == lib.TOE_OP_SETSOCKOPT:
                 self.tcp.setsockopt(s, cmd.arg0, cmd.arg1, now)
-                rsp.result = 0
-            elif op == lib.TOE_OP_HANDOVER:
-                reason = HANDOVER_REASONS.get(cmd.arg0, f"reason {cmd.arg0}")
-                ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
-                if cmd.arg1:                       # strict mode: the shim refused it
-                    ctx.refused += 1
-                    self.counters_host["handovers_refused"] += 1
-                else:
-                    ctx.handovers += 1
-                    self.counters_host["handovers"] += 1
                 rsp.result = 0
             else:
                 rsp.result = -errno.EOPNOTSUPP
