@@ -515,7 +515,12 @@ class TcpStack:
             # before accept(): a holding buffer no larger than the ring the child will get,
             # so that the window never has to shrink when the ring takes over
             return max(min(PRE_ACCEPT_WINDOW, self.cfg.rx_ring_bytes) - len(c.pre_buf), 0)
-        return lib.toe_rx_space(s.shm)
+        space = lib.toe_rx_space(s.shm)
+        rcvbuf = s.shm.rcvbuf
+        if rcvbuf and rcvbuf < s.rx_size:
+            # SO_RCVBUF set below the ring: like the kernel, half of it holds data
+            space = max(0, min(space, rcvbuf // 2 - (s.rx_size - space)))
+        return space
 
     def _window(self, c: Ccb, syn: bool = False) -> int:
         """Window field for an outgoing segment; records the advertised right edge."""

@@ -446,3 +446,20 @@ def test_shutdown_read_makes_a_reader_see_eof(h):
     assert hs.shm.flags & lib.TOE_SF_RX_SHUT
     assert app.readable_tokens() == 1
     assert c.state == State.ESTABLISHED                        # nothing on the wire
+
+
+def test_so_rcvbuf_caps_the_advertised_window(h):
+    """SO_RCVBUF set before connect (as Linux wants it): half of it holds data."""
+    hs, app = h.socket()
+    hs.shm.rcvbuf = 16384                       # what the shim stores for SO_RCVBUF 8192 (doubled)
+    h.tcp.connect(hs, PEER, 8080, h.now)
+    syn = h.take()[-1]
+    assert syn.window <= 8192
+    h.deliver(h.seg(T.SYN | T.ACK, 5000, syn.seq + 1, sport=8080, dport=syn.sport,
+                    options=T.TcpOptions(mss=1460, wscale=7)))
+    h.take()
+    c = hs.ccb
+    h.deliver(h.seg(T.ACK, c.rcv_nxt, c.snd_nxt, payload=b"r" * 1000, sport=8080, dport=syn.sport))
+    (ack,) = h.take()
+    assert ack.window << RCV_WSCALE <= 8192 - 1000
+    assert app.read() == b"r" * 1000
