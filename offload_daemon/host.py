@@ -125,8 +125,9 @@ class HostSocket:
         self.drain()
 
     def set_eof(self) -> None:
+        # no token: shutdown(B) alone makes A readable, with POLLIN and POLLRDHUP raised in one
+        # wake-up as the kernel does on FIN (a token first would give an edge without RDHUP)
         self.shm.flags |= lib.TOE_SF_RX_EOF
-        self.wake()
         self.shut_b()
 
     def set_error(self, err: int) -> None:
@@ -135,7 +136,6 @@ class HostSocket:
         s.so_error = err
         s.flags |= lib.TOE_SF_RESET
         s.state = SS_CLOSED
-        self.wake()
         self.drain()
         self.shut_b()
 

@@ -412,9 +412,7 @@ class TcpStack:
         if c is None or c.state in (State.SYN_SENT, State.SYN_RCVD, State.CLOSED):
             return -errno.ENOTCONN
         if how in (0, 2):       # SHUT_RD / SHUT_RDWR: a blocked reader wakes up at EOF
-            s = sock.shm
-            s.flags |= lib.TOE_SF_RX_SHUT
-            sock.wake()
+            sock.shm.flags |= lib.TOE_SF_RX_SHUT
             sock.shut_b()
         if how in (1, 2):       # SHUT_WR / SHUT_RDWR
             self._close_tx(c, now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import socket
 from dataclasses import dataclass
 
@@ -101,6 +102,13 @@ class AppSide:
         out = bytes(base[(s.rx_head + i) & (s.rx_size - 1)] for i in range(n))
         s.rx_head = (s.rx_head + n) & 0xFFFFFFFF
         return out
+
+    def readable(self) -> int:
+        """poll() on A: what an application's event loop would see (POLLIN, POLLRDHUP...)."""
+        p = select.poll()
+        p.register(self.a.fileno(), select.POLLIN | select.POLLRDHUP)
+        ev = p.poll(0)
+        return ev[0][1] if ev else 0
 
     def readable_tokens(self) -> int:
         self.a.setblocking(False)
