@@ -78,18 +78,24 @@ void toe_dbg(const char *fmt, ...)
     errno = saved;
 }
 
-void toe_say(const char *fmt, ...)
+/* One formatted line on stderr (no stdio: one write()). */
+static void vsay(const char *fmt, va_list ap)
 {
-    int saved = errno;
     char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
     int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
-    va_end(ap);
     if (n > (int)sizeof(buf) - 2)
         n = (int)sizeof(buf) - 2;
     buf[n++] = '\n';
     say(buf, (size_t)n);
+}
+
+void toe_say(const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsay(fmt, ap);
+    va_end(ap);
     errno = saved;
 }
 
@@ -113,15 +119,10 @@ static void warn_once(const char *fmt, ...)
 {
     if (__atomic_exchange_n(&warned, 1, __ATOMIC_SEQ_CST))
         return;
-    char buf[512];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+    vsay(fmt, ap);
     va_end(ap);
-    if (n > (int)sizeof(buf) - 2)
-        n = (int)sizeof(buf) - 2;
-    buf[n++] = '\n';
-    say(buf, (size_t)n);
 }
 
 static void mutex_init_ec(pthread_mutex_t *m)

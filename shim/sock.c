@@ -126,13 +126,12 @@ static void bell(int fd)
     errno = saved;
 }
 
-/* The token dance: called (under rx_lock) when the socket is not readable. */
-static void take_tokens(struct toe_sock *s, int fd)
+/* Read the outstanding token bytes out of A (those that arrived: a counted
+ * token may still be on its way).  Returns how many were read. */
+static uint32_t read_tokens(struct toe_sock_shm *m, int fd)
 {
-    struct toe_sock_shm *m = s->shm;
     uint32_t n = toe_tokens_outstanding(m), got = 0;
     char buf[64];
-    int saved = errno;
     while (got < n) {
         size_t want = n - got < sizeof(buf) ? n - got : sizeof(buf);
         ssize_t r = toe_real_recv(fd, buf, want, MSG_DONTWAIT);
@@ -141,6 +140,15 @@ static void take_tokens(struct toe_sock *s, int fd)
         else if (!(r < 0 && errno == EINTR))
             break;
     }
+    return got;
+}
+
+/* The token dance: called (under rx_lock) when the socket is not readable. */
+static void take_tokens(struct toe_sock *s, int fd)
+{
+    struct toe_sock_shm *m = s->shm;
+    int saved = errno;
+    uint32_t got = read_tokens(m, fd);
     if (toe_tokens_taken(m, got))
         bell(fd);
     errno = saved;
@@ -905,17 +913,8 @@ static void rx_consume(struct toe_sock *s, int fd, uint32_t n)
 static int peek_wait_prepare(struct toe_sock *s, int fd, uint32_t seen)
 {
     struct toe_sock_shm *m = s->shm;
-    uint32_t n = toe_tokens_outstanding(m), got = 0;
-    char buf[64];
     int saved = errno;
-    while (got < n) {
-        size_t want = n - got < sizeof(buf) ? n - got : sizeof(buf);
-        ssize_t r = toe_real_recv(fd, buf, want, MSG_DONTWAIT);
-        if (r > 0)
-            got += (uint32_t)r;
-        else if (!(r < 0 && errno == EINTR))
-            break;
-    }
+    uint32_t got = read_tokens(m, fd);
     toe_tokens_taken(m, got); /* its "kick" answer is for the data we chose to ignore */
     errno = saved;
     return toe_rx_avail(m) != seen || rx_ended(s);
