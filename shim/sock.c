@@ -609,6 +609,18 @@ static int connect_wait_failed(void)
     return errno == EAGAIN ? fail(EINPROGRESS) : -1;
 }
 
+/* A blocking connect: wait for the handshake to end (it may have already), then report
+ * its outcome once.  0 with errno as the caller found it, or -1 with errno. */
+static int connect_finish(struct toe_sock *s, int fd, int saved)
+{
+    if (wait_connect_done(s, fd) < 0)
+        return connect_wait_failed();
+    if (connect_result(s) < 0)
+        return -1;
+    errno = saved;
+    return 0;
+}
+
 int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len)
 {
     struct sockaddr_in sin;
@@ -635,16 +647,9 @@ int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, so
         return fail(EISCONN);
     if (ls & TOE_LS_CONNECT) {
         /* a connect() is under way or its outcome was not reported yet */
-        if (st == TOE_SS_CONNECTING) {
-            if (nonblocking(fd))
-                return fail(EALREADY);
-            if (wait_connect_done(s, fd) < 0)
-                return connect_wait_failed();
-        }
-        if (connect_result(s) < 0)
-            return -1;
-        errno = saved;
-        return 0;
+        if (st == TOE_SS_CONNECTING && nonblocking(fd))
+            return fail(EALREADY);
+        return connect_finish(s, fd, saved);
     }
     if (st == TOE_SS_CONNECTED)
         return fail(EISCONN);
@@ -681,12 +686,7 @@ int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, so
     lstate_set(s, TOE_LS_CONNECT);
     if (nonblocking(fd))
         return fail(EINPROGRESS);
-    if (wait_connect_done(s, fd) < 0)
-        return connect_wait_failed();
-    if (connect_result(s) < 0)
-        return -1;
-    errno = saved;
-    return 0;
+    return connect_finish(s, fd, saved);
 
 handover:
     if (handover_or_refuse(s, fd, reason, "connect to", sin.sin_addr.s_addr, sin.sin_port,
