@@ -224,6 +224,21 @@ def last_log_line(tap: str) -> str:
 # ---------------------------------------------------------------- up / down
 
 
+def prepare_netns(config: AdapterConfig) -> tuple[AdapterConfig, bool]:
+    """Create config.netns if it does not exist (then `toe down` deletes it); make /run/toe.
+    Returns the config (marked netns_created when made here) and whether it was made."""
+    created = False
+    if config.netns and not netns.exists(config.netns):
+        try:
+            netns.create(config.netns)
+        except netns.NetnsError as e:
+            raise CLIError(str(e)) from None
+        created = True
+        config = dataclasses.replace(config, netns_created=True)
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    return config, created
+
+
 def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     kw: dict[str, Any] = dict(
         tap=args.tap, addr=args.addr, host_addr=args.host_addr, netns=args.netns,
@@ -287,15 +302,7 @@ def adapter_up(config: AdapterConfig, quiet: bool = False) -> dict[str, Any]:
     Creates config.netns if missing (and deletes it again if the start fails).
     """
     config = check_not_up(config)
-    created = False
-    if config.netns and not netns.exists(config.netns):
-        try:
-            netns.create(config.netns)
-        except netns.NetnsError as e:
-            raise CLIError(str(e)) from None
-        created = True
-        config = dataclasses.replace(config, netns_created=True)
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    config, created = prepare_netns(config)
     proc = None
     try:
         with open(log_path(config.tap), "w") as log:
@@ -346,15 +353,7 @@ def run_foreground(config: AdapterConfig) -> int:
         from offload_daemon.daemon import run  # type: ignore[import-not-found, unused-ignore]
     except ImportError as e:
         raise CLIError(f"the offload daemon is not available: {e}") from None
-    created = False
-    if config.netns and not netns.exists(config.netns):
-        try:
-            netns.create(config.netns)
-        except netns.NetnsError as e:
-            raise CLIError(str(e)) from None
-        created = True
-        config = dataclasses.replace(config, netns_created=True)
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    config, created = prepare_netns(config)
     try:
         rc = run(config)
     finally:
