@@ -355,7 +355,10 @@ static void go_down_locked(int err, int was_up)
               was_up ? "lost the" : "no", ctl_path, strerror(err), then);
 }
 
-int toe_ctl_up(void)
+/* Connect the control channel if nobody tried yet.  Loud: a failure marks the adapter
+ * down and says so once.  Quiet (adoption at start-up): a failure leaves the state
+ * unknown, without a word, to be asked again later. */
+static int ctl_up(int quiet)
 {
     int st = __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE);
     if (st != CTL_UNKNOWN)
@@ -363,9 +366,9 @@ int toe_ctl_up(void)
     toe_ctl_init();
     int saved = errno;
     pthread_mutex_lock(&ctl_mu);
-    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UNKNOWN) {
+    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UNKNOWN && (!quiet || ctl_fd < 0)) {
         int r = connect_locked();
-        if (r < 0)
+        if (r < 0 && !quiet)
             go_down_locked(-r, 0);
     }
     pthread_mutex_unlock(&ctl_mu);
@@ -373,19 +376,14 @@ int toe_ctl_up(void)
     return __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP;
 }
 
+int toe_ctl_up(void)
+{
+    return ctl_up(0);
+}
+
 int toe_ctl_up_quiet(void)
 {
-    int st = __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE);
-    if (st != CTL_UNKNOWN)
-        return st == CTL_UP;
-    toe_ctl_init();
-    int saved = errno;
-    pthread_mutex_lock(&ctl_mu);
-    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UNKNOWN && ctl_fd < 0)
-        connect_locked(); /* a failure leaves the state unknown: no warning, asked again later */
-    pthread_mutex_unlock(&ctl_mu);
-    errno = saved;
-    return __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP;
+    return ctl_up(1);
 }
 
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp)
