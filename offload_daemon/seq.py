@@ -3,6 +3,10 @@
 A bare `<` on sequence numbers breaks at the wrap; use these.
 """
 
+import hashlib
+import os
+import struct
+
 M32 = 0xFFFFFFFF
 HALF = 0x80000000
 
@@ -36,3 +40,20 @@ def seq_add(a: int, n: int) -> int:
 
 def seq_max(a: int, b: int) -> int:
     return b if seq_lt(a, b) else a
+
+
+_ISN_SECRET = os.urandom(16)
+ISN_TICKS_PER_S = 250_000  # RFC 6528: the ISN clock M ticks every 4 µs
+
+
+def initial_seq(local_ip: int, local_port: int, remote_ip: int, remote_port: int, now: float) -> int:
+    """RFC 6528 initial sequence number: M + F(4-tuple, secret).
+
+    M is a 4 µs clock, so a new incarnation of a 4-tuple starts above the old
+    one's sequence space; a peer still holding the old one in TIME-WAIT then
+    accepts the new SYN (RFC 9293 3.4.1) instead of answering it with an ACK.
+    F is a keyed hash, so the ISN cannot be guessed from outside.
+    """
+    f = hashlib.blake2s(struct.pack("!IHIH", local_ip, local_port, remote_ip, remote_port),
+                        key=_ISN_SECRET, digest_size=4).digest()
+    return (int(now * ISN_TICKS_PER_S) + int.from_bytes(f, "big")) & M32

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from nic_model.wire import tcp as T
 
 from .abi import ffi, lib
-from .seq import M32, seq_ge, seq_gt, seq_le, seq_lt
+from .seq import M32, initial_seq, seq_ge, seq_gt, seq_le, seq_lt
 from .timers import Timer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,7 +112,7 @@ class Ccb:
         self.listener: Listener | None = None
         self.pre_buf = bytearray()
         self.orphan = False
-        self.iss = random.getrandbits(32)
+        self.iss = initial_seq(local_ip, local_port, remote_ip, remote_port, now)
         self.snd_una = self.iss
         self.snd_nxt = self.iss
         self.snd_max = self.iss          # highest sequence ever sent (snd_nxt rewinds on RTO)
@@ -180,6 +180,8 @@ class TcpStack:
         self.conns: dict[tuple[int, int, int], Ccb] = {}
         self.listeners: dict[int, list[Listener]] = {}
         self.bound: dict[int, list["HostSocket"]] = {}
+        self._eph_secret = random.getrandbits(64)
+        self._eph_next = 0
         self.our_mss = self.cfg.mtu - 40
         self._next_id = 0
         self.dirty: set[Ccb] = set()
@@ -264,14 +266,20 @@ class TcpStack:
         return bool(mine) and all(s.mapped and s.shm.opt_flags & lib.TOE_OF_REUSEPORT for s in users)
 
     def _ephemeral(self, sock: "HostSocket", rip: int = 0, rport: int = 0) -> int:
+        """A free local port: RFC 6056 algorithm 3, as Linux does it. The search starts at a
+        per-destination offset plus a counter that moves past every port handed out, so a
+        port comes back to the same destination only after the whole range was used (its
+        old incarnation's TIME-WAIT at the peer has then most likely ended)."""
         lo, hi = EPHEMERAL
-        start = random.randint(lo, hi)
-        for i in range(hi - lo + 1):
-            p = lo + (start - lo + i) % (hi - lo + 1)
+        n = hi - lo + 1
+        start = hash((rip, rport, self._eph_secret)) + self._eph_next
+        for i in range(n):
+            p = lo + (start + i) % n
             if p in self.bound or p in self.listeners:
                 continue
             if rip and (rip, rport, p) in self.conns:
                 continue
+            self._eph_next += i + 1
             return p
         raise OSError(errno.EADDRNOTAVAIL, "no free ephemeral port")
 
