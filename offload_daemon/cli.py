@@ -440,30 +440,37 @@ def cmd_down(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run
 
 
+def preload_env(tap: str, env: dict[str, str], strict: bool = False) -> dict[str, str]:
+    """`env` changed the way `toe run` runs a program on adapter `tap`: the shim first in
+    LD_PRELOAD (other preloads kept after it), TOE_SOCK naming the adapter, TOE_STRICT."""
+    shim = shim_path()
+    env = dict(env)
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != shim]
+    env["LD_PRELOAD"] = " ".join([shim, *preload])
+    env["TOE_SOCK"] = ctl_path(tap)
+    if strict:
+        env["TOE_STRICT"] = "1"
+    else:
+        env.pop("TOE_STRICT", None)
+    return env
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise CLIError("run needs a command: toe run [--tap NAME] -- CMD [ARGS...]")
-    shim = shim_path()
     ctl = ctl_path(args.tap)
     if not os.path.exists(ctl):
         raise CLIError(f"adapter {args.tap} is not up (no {ctl}); start it with 'toe up --tap {args.tap}'")
-    env = dict(os.environ)
+    env = preload_env(args.tap, dict(os.environ), strict=args.strict)
     if "/" in cmd[0]:
         exe: str | None = cmd[0] if os.path.isfile(cmd[0]) else None
     else:
         exe = shutil.which(cmd[0], path=env.get("PATH", os.defpath))
     if exe is None:
         raise CLIError(f"command not found: {cmd[0]}")
-    preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != shim]
-    env["LD_PRELOAD"] = " ".join([shim, *preload])
-    env["TOE_SOCK"] = ctl
-    if args.strict:
-        env["TOE_STRICT"] = "1"
-    else:
-        env.pop("TOE_STRICT", None)
     # Python ignores SIGPIPE and SIGXFSZ; the program must get the defaults, as from a shell.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
@@ -893,6 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the adapter, namespaces and server running")
     demo.add_argument("--port", type=_int(1, 65535), default=8080, help="web server port (default 8080)")
     demo.set_defaults(func=cmd_demo)
+
+    from bench import cli as bench_cli  # here, not at the top: bench imports this module
+
+    bench_cli.add_parser(sub)
     return p
 
 
@@ -901,7 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "func", None):
-            raise CLIError("missing command: up, down, run, stat or demo (see 'toe --help')")
+            raise CLIError("missing command: up, down, run, stat, demo or bench (see 'toe --help')")
         return int(args.func(args) or 0)
     except CLIError as e:
         if debug:
