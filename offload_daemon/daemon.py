@@ -211,7 +211,12 @@ class Adapter:
             return
         self.counters_host["doorbells"] += 1
         c = s.ccb
-        if c is not None and c.state in SEND_STATES and s.mapped and lib.toe_tx_space(s.shm) > 0:
+        # Drain B (A writable again) unless the shim is blocked on a full TX ring: then
+        # A must stay stuffed until space frees (toe_tx_release). A shim that stuffed A
+        # and found space after all is not waiting: its A is drained here, or a later
+        # doorbell would find A stuffed and be lost.
+        if c is not None and c.state in SEND_STATES and s.mapped and (
+                lib.toe_tx_space(s.shm) > 0 or not s.shm.tx_full_wait):
             s.drain()
         self.tcp.doorbell(s, now)
 
