@@ -165,7 +165,18 @@ class Ccb:
             "srtt_us": int(self.srtt * 1e6), "rto_ms": int(self.rto * 1000),
             "retransmits": self.retransmits, "pid": self.sock.pid if self.sock else None,
             "orphan": self.orphan, "timer": self.timer_kind if self.timer.armed else "",
+            **self._ring_info(),
         }
+
+    def _ring_info(self) -> dict:
+        """How full the socket's rings are (the host-interface view of the connection)."""
+        s = self.sock
+        if s is None or not s.mapped:
+            return {}
+        m = s.shm
+        return {"tx_queued": (m.tx_tail - m.tx_head) & M32, "tx_ring": s.tx_size,
+                "rx_queued": (m.rx_tail - m.rx_head) & M32, "rx_ring": m.rx_size,
+                "tx_doorbell_armed": bool(m.tx_doorbell_armed)}
 
 
 def _no_timer(now: float) -> None:
