@@ -159,7 +159,7 @@ def environment(tb: Testbed | None) -> dict[str, Any]:
     env: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
            "python": platform.python_version(), "host": platform.node(), "git_commit": commit}
     if tb is not None:
-        env.update({"pin": tb.pin, "placement": tb.cpus, "offloads": tb.offloads})
+        env.update({"pin": tb.pin, "placement": tb.cpus, "offloads": tb.offloads, "testbed": tb.describe()})
     return env
 
 

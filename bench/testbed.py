@@ -229,9 +229,9 @@ class Testbed:
         return float(cpu["user_s"] + cpu["system_s"])
 
     def describe(self) -> dict[str, Any]:
-        return {"pin": self.pin, "placement": self.cpus, "offloads": self.offloads,
-                "peer_ns": self.peer_ns, "kernel_ns": self.kernel_ns, "adapter_ns": self.adapter_ns,
-                "tap": self.tap, "daemon_pid": self.daemon_pid}
+        """Names of what this testbed made (every name starts with `tag`) and the daemon's pid."""
+        return {"tag": self.tag, "peer_ns": self.peer_ns, "kernel_ns": self.kernel_ns,
+                "adapter_ns": self.adapter_ns, "tap": self.tap, "daemon_pid": self.daemon_pid}
 
 
 def _communicate_raw(p: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from offload_daemon import netns
@@ -25,14 +26,17 @@ integration = pytest.mark.integration
 
 
 def bench(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[dict[str, Any], subprocess.CompletedProcess]:
-    before = set(netns.names())
     out = tmp_path / "out"
     res = run_toe("bench", *args, "--out", str(out), timeout=timeout)
     assert res.returncode == 0, f"toe bench {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
     assert "Traceback" not in res.stderr
-    assert set(netns.names()) <= before, f"namespaces left behind: {set(netns.names()) - before}"
     doc = json.loads((out / "results.json").read_text())
     assert doc["toe_bench"] == 1
+    tb = doc["env"]["testbed"]
+    assert tb["peer_ns"].startswith(tb["tag"]) and tb["tap"].startswith(tb["tag"])
+    left = [n for n in netns.names() if n.startswith(tb["tag"])]
+    assert not left, f"namespaces left behind: {left}"
+    assert not psutil.pid_exists(tb["daemon_pid"]), "the adapter's daemon still runs"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(doc["samples"])
@@ -71,9 +75,9 @@ def test_stream_both_directions(tmp_path):
 
 @integration
 def test_rr_sizes_and_pinning(tmp_path):
-    doc, _ = bench(tmp_path, "rr", "--sizes", "1,4k", "--pin", *TINY)
+    doc, _ = bench(tmp_path, "rr", "--sizes", "1,1m", "--pin", *TINY)
     assert doc["env"]["placement"] == {"app": [0], "peer": [1], "adapter": [1]}
-    assert sorted({s["size"] for s in doc["samples"]}) == [1, 4096]
+    assert sorted({s["size"] for s in doc["samples"]}) == [1, 1 << 20]  # 1 MiB: a full ring per message
     for s in doc["samples"]:
         lat = s["lat_us"]
         assert s["transactions"] > 0 and s["bytes"] == s["transactions"] * 2 * s["size"]
