@@ -214,10 +214,12 @@ class Adapter:
         # Drain B (A writable again) unless the shim is blocked on a full TX ring: then
         # A must stay stuffed until space frees (toe_tx_release). A shim that stuffed A
         # and found space after all is not waiting: its A is drained here, or a later
-        # doorbell would find A stuffed and be lost.
-        if c is not None and c.state in SEND_STATES and s.mapped and (
-                lib.toe_tx_space(s.shm) > 0 or not s.shm.tx_full_wait):
-            s.drain()
+        # doorbell would find A stuffed and be lost. Only the bytes counted before the
+        # header is read are drained: filler written after that stays (see drain()).
+        if c is not None and c.state in SEND_STATES and s.mapped:
+            queued = s.queued()
+            if lib.toe_tx_space(s.shm) > 0 or not s.shm.tx_full_wait:
+                s.drain(queued)
         self.tcp.doorbell(s, now)
 
     def _proc_gone(self, ctx: ProcessCtx) -> None:

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import select
 import socket
 import struct
+import termios
 from typing import TYPE_CHECKING
 
 from .abi import ffi, lib
@@ -95,19 +97,38 @@ class HostSocket:
         if self.b_fd >= 0 and not self.b_shut and lib.toe_rx_push(self.shm, ffi.NULL, 0):
             self._token()
 
-    def drain(self) -> bool:
-        """Read everything out of B (A becomes writable). True if A is gone."""
+    def queued(self) -> int:
+        """Bytes waiting in B (doorbells, and filler that stuffs A)."""
+        if self.b_fd < 0:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.b_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+
+    def drain(self, limit: int | None = None) -> bool:
+        """Read out of B (A becomes writable): everything, or the first `limit` bytes.
+        True if A is gone.
+
+        A caller that decides to drain from what it reads in the shared header
+        counts B's bytes (`queued`) first and drains only those: filler the shim
+        writes after that decision (it declares tx_full_wait before stuffing)
+        stays, and A stays unwritable."""
         if self.b_fd < 0:
             return True
-        while True:
+        left = limit
+        while left is None or left > 0:
             try:
-                data = os.read(self.b_fd, 65536)
+                data = os.read(self.b_fd, 65536 if left is None else min(left, 65536))
             except BlockingIOError:
                 return False
             except OSError:
                 return True
             if not data:
                 return True
+            if left is not None:
+                left -= len(data)
+        return False
 
     def shut_b(self) -> None:
         """shutdown(B, SHUT_WR): A reads EOF after its tokens and shows POLLRDHUP."""

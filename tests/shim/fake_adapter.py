@@ -45,6 +45,7 @@ shim's report as proposed protocol changes):
 from __future__ import annotations
 
 import errno
+import fcntl
 import heapq
 import itertools
 import mmap
@@ -52,6 +53,7 @@ import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -109,17 +111,31 @@ class FakeSock:
     received: bytearray = field(default_factory=bytearray)  # hold/sink mode: TX bytes consumed
 
     # ---- B ----
-    def drain_b(self) -> bool:
-        """Read everything in B.  False when A is gone (EOF)."""
-        while True:
+    def queued_b(self) -> int:
+        return struct.unpack("i", fcntl.ioctl(self.b.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    def drain_b(self, limit: int | None = None) -> bool:
+        """Read everything in B, or its first `limit` bytes.  False when A is gone (EOF)."""
+        if limit == 0:  # nothing to read: only look for A's end
             try:
-                d = self.b.recv(65536)
+                return self.b.recv(1, socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+        left = limit
+        while left is None or left > 0:
+            try:
+                d = self.b.recv(65536 if left is None else min(left, 65536))
             except BlockingIOError:
                 return True
             except OSError:
                 return False
             if not d:
                 return False
+            if left is not None:
+                left -= len(d)
+        return True
 
     def send_token(self) -> None:
         """Count the token, then write it (see the module docstring for the order)."""
@@ -234,7 +250,8 @@ class FakeSock:
             return
         s = self.shm
         if s.state == lib.TOE_SS_CONNECTED:
-            if not s.tx_full_wait and not self.drain_b():
+            queued = self.queued_b()  # before the flag: filler the shim writes later stays
+            if not s.tx_full_wait and not self.drain_b(queued):
                 return
             if self.mode in ("echo", "hold", "sink"):
                 self.pump()
