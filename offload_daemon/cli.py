@@ -561,8 +561,10 @@ def render_stat(data: dict[str, Any], console: Any = None) -> None:
         t.add_row(*[fmt_bytes(c.get(k)) if k in ("bytes_in", "bytes_out") else fmt(c.get(k)) for _, k in cols])
     console.print(t)
     if conns:
-        t = Table(title="sequence space and windows", title_justify="left")
-        keys = ("id", "snd_una", "snd_nxt", "rcv_nxt", "snd_wnd", "rcv_wnd", "cwnd", "ssthresh")
+        t = Table(title="sequence space, windows and rings (bytes queued in the TX / RX ring)",
+                  title_justify="left")
+        keys = ("id", "snd_una", "snd_nxt", "rcv_nxt", "snd_wnd", "rcv_wnd", "cwnd", "ssthresh",
+                "tx_queued", "rx_queued")
         for k in keys:
             t.add_column(k, justify="right")
         for c in conns:
