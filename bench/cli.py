@@ -20,8 +20,9 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
 from typing import Any
+
+from offload_daemon.cli import ranged
 
 from . import report, runner
 from .errors import BenchError
@@ -71,18 +72,6 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(set(sizes))
 
 
-def _positive(kind: Callable[[str], Any], lo: float, hi: float) -> Callable[[str], Any]:
-    def conv(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{text} is out of range {lo:g}..{hi:g}")
-        return v
-    return conv
-
-
 def add_parser(sub: Any) -> None:
     """Register `toe bench` and its subcommands on the toe CLI's subparsers."""
     b = sub.add_parser("bench", help="benchmark the adapter against the kernel (stream, rr, crr, seeds)",
@@ -123,9 +112,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser, duration: float = 2.0, repeat: int = 3) -> None:
-    p.add_argument("--duration", type=_positive(float, 0.05, 3600), default=duration, metavar="S",
+    p.add_argument("--duration", type=ranged(0.05, 3600, float), default=duration, metavar="S",
                    help=f"seconds per run (default {duration:g})")
-    p.add_argument("--repeat", type=_positive(int, 1, 1000), default=repeat, metavar="K",
+    p.add_argument("--repeat", type=ranged(1, 1000), default=repeat, metavar="K",
                    help=f"repetitions; medians are reported (default {repeat})")
     p.add_argument("--pin", nargs="?", const="split", default="none", choices=PLACEMENTS,
                    help="CPU placement: none (default), split (app on CPU 0; peer and adapter on CPU 1; "

@@ -834,14 +834,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser / main
 
 
-def _int(lo: int, hi: int) -> Any:
-    def conv(text: str) -> int:
+def ranged(lo: float, hi: float, kind: type = int) -> Any:
+    """argparse type: a number of `kind` (int, also as 0x..; or float) within lo..hi."""
+    def conv(text: str) -> Any:
         try:
-            v = int(text, 0)
+            v = int(text, 0) if kind is int else kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is out of range {lo}..{hi}")
+            show = str if kind is int else "{:g}".format
+            raise argparse.ArgumentTypeError(f"{show(v)} is out of range {show(lo)}..{show(hi)}")
         return v
     return conv
 
@@ -863,10 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the kernel side of the TAP (default {AdapterConfig.host_addr})")
     up.add_argument("--foreground", action="store_true", help="run the daemon in this process")
     up.add_argument("--no-offloads", action="store_true", help="no TSO/checksum offloads with the kernel")
-    up.add_argument("--syn-retries", type=_int(1, 127), metavar="N",
+    up.add_argument("--syn-retries", type=ranged(1, 127), metavar="N",
                     help=f"SYN retransmissions before ETIMEDOUT (default {AdapterConfig.syn_retries})")
-    up.add_argument("--mtu", type=_int(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")
-    up.add_argument("--ring-kb", type=_int(1, 1 << 20), metavar="N",
+    up.add_argument("--mtu", type=ranged(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")
+    up.add_argument("--ring-kb", type=ranged(1, 1 << 20), metavar="N",
                     help=f"TX and RX ring size per socket in KiB (default {AdapterConfig.tx_ring_bytes // 1024})")
     up.add_argument("--pcap", metavar="FILE",
                     help="write every frame the adapter sends and receives to FILE (pcap, for Wireshark)")
@@ -900,7 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a 20 MB file from a kernel web server through the adapter with curl, check its "
                           "sha256, show 'toe stat', clean up.")
     demo.add_argument("--keep", action="store_true", help="leave the adapter, namespaces and server running")
-    demo.add_argument("--port", type=_int(1, 65535), default=8080, help="web server port (default 8080)")
+    demo.add_argument("--port", type=ranged(1, 65535), default=8080, help="web server port (default 8080)")
     demo.set_defaults(func=cmd_demo)
 
     from bench import cli as bench_cli  # here, not at the top: bench imports this module
