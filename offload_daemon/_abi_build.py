@@ -41,8 +41,12 @@ def abi_cdef() -> str:
 
 HELPERS_CDEF = """
 uint32_t toe_tx_space(struct toe_sock_shm *s);
+uint32_t toe_tx_room(struct toe_sock_shm *s);
+int toe_tx_writable(struct toe_sock_shm *s);
 uint32_t toe_tx_arm_doorbell(struct toe_sock_shm *s);
 int toe_tx_release(struct toe_sock_shm *s, uint32_t new_head);
+int toe_tx_sent(struct toe_sock_shm *s, uint32_t new_sent);
+int toe_tx_wake(struct toe_sock_shm *s);
 uint32_t toe_rx_space(struct toe_sock_shm *s);
 int toe_rx_push(struct toe_sock_shm *s, const uint8_t *src, uint32_t len);
 void toe_rx_token_sent(struct toe_sock_shm *s);

@@ -211,14 +211,15 @@ class Adapter:
             return
         self.counters_host["doorbells"] += 1
         c = s.ccb
-        # Drain B (A writable again) unless the shim is blocked on a full TX ring: then
-        # A must stay stuffed until space frees (toe_tx_release). A shim that stuffed A
-        # and found space after all is not waiting: its A is drained here, or a later
-        # doorbell would find A stuffed and be lost. Only the bytes counted before the
-        # header is read are drained: filler written after that stays (see drain()).
+        # Drain B (A writable again) unless the shim waits with A stuffed for its socket
+        # to become writable: then A stays stuffed until it is (toe_tx_wake). A shim
+        # that stuffed A and found it writable after all is not waiting: its A is drained
+        # here, or a later doorbell would find A stuffed and be lost. Only the bytes
+        # counted before the header is read are drained: filler written after that
+        # stays (see drain()).
         if c is not None and c.state in SEND_STATES and s.mapped:
             queued = s.queued()
-            if lib.toe_tx_space(s.shm) > 0 or not s.shm.tx_full_wait:
+            if not s.shm.tx_full_wait or lib.toe_tx_writable(s.shm):
                 s.drain(queued)
         self.tcp.doorbell(s, now)
 

@@ -42,6 +42,8 @@ INIT_CWND_SEGS = 10
 EPHEMERAL = (32768, 60999)
 KEEPIDLE_S, KEEPINTVL_S, KEEPCNT = 7200, 75, 9      # Linux defaults
 CORK_MAX_S = 0.2                                      # Linux: corked data waits 200 ms at most
+WSCALE_MAX = 14                                       # RFC 7323 2.3
+PSH_ENDS_MAX = 64                                     # write ends remembered for resending PSH
 WND_POLL_S = 0.005
 
 
@@ -92,6 +94,7 @@ class Ccb:
         "id", "state", "key", "local_ip", "local_port", "remote_ip", "remote_port", "peer_mac",
         "sock", "listener", "pre_buf", "orphan",
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "snd_wscale", "tx_head",
+        "snd_sml", "adv_mss", "psh_ends",
         "irs", "rcv_nxt", "rcv_wscale", "rcv_adv", "wnd_wait", "ooo", "ooo_bytes",
         "mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery",
         "srtt", "rttvar", "rto", "rtt_seq", "rtt_time", "retries",
@@ -120,6 +123,9 @@ class Ccb:
         self.snd_wl1 = self.snd_wl2 = 0
         self.snd_wscale = 0
         self.tx_head = 0
+        self.snd_sml = self.iss          # end of the last sub-MSS segment sent (Minshall's Nagle)
+        self.adv_mss = 536               # the MSS we announce: ours, or TCP_MAXSEG's if smaller
+        self.psh_ends: list[int] = []    # ends of PSH segments not yet acked (a resend keeps PSH)
         self.irs = self.rcv_nxt = 0
         self.rcv_wscale = 0
         self.rcv_adv = 0
@@ -373,7 +379,8 @@ class TcpStack:
         c.sock = sock
         sock.ccb = c
         c.state = State.SYN_SENT
-        c.mss = self._send_mss(None)
+        c.adv_mss = self._adv_mss(sock)
+        c.mss = c.adv_mss
         c.snd_nxt = c.snd_max = (c.iss + 1) & M32
         self.conns[c.key] = c
         sock.set_addresses(self.my_ip, lport, rip, rport)
@@ -415,9 +422,15 @@ class TcpStack:
                 child_sock.push(ffi.from_buffer(data), len(data))
             if c.rx_fin:
                 child_sock.set_eof()
-            if c.state in SEND_STATES or c.state == State.FIN_WAIT_2:
+            # No window update: the ring's larger window rides on the next segment, as
+            # Linux's does after the SYN|ACK's unscaled 64 KB; only a peer that filled
+            # the pre-accept window (and now waits for it) is told at once.
+            if c.state in SEND_STATES + (State.FIN_WAIT_2,) and ((c.rcv_adv - c.rcv_nxt) & M32) < c.mss:
                 self._maybe_window_update(c, now, force=True)
             self._keepalive_arm(c, now)
+            # Data the server writes right after accept() (a banner) must go out without
+            # waiting for the peer: arm the doorbell (try_send does, once idle).
+            self.try_send(c, now)
             return c
         return None
 
@@ -504,7 +517,10 @@ class TcpStack:
             self._detach(c)
 
     def setsockopt(self, sock: "HostSocket", level: int, name: int, now: float) -> None:
-        """The shim recorded an option in the header; act on it (keepalive, NODELAY, CORK)."""
+        """The shim recorded an option in the header; act on it (keepalive, NODELAY, CORK;
+        SO_SNDBUF / TCP_NOTSENT_LOWAT may have made a waiting writer's socket writable)."""
+        if sock.mapped and lib.toe_tx_wake(sock.shm):
+            sock.drain()
         c = sock.ccb
         if c is None:
             return
@@ -522,9 +538,17 @@ class TcpStack:
     # output
     # ==================================================================
 
-    def _send_mss(self, peer_mss: int | None) -> int:
-        m = self.our_mss if peer_mss is None else min(peer_mss, self.our_mss)
-        return max(m, 64)
+    def _adv_mss(self, sock: "HostSocket | None") -> int:
+        """The MSS option we send: the interface's, clamped by TCP_MAXSEG when set
+        (Linux: tcp_connect_init / tcp_openreq_init_rwin clamp advmss to user_mss)."""
+        user = sock.shm.user_mss if sock is not None and sock.mapped else 0
+        return min(self.our_mss, user) if user else self.our_mss
+
+    @staticmethod
+    def _send_mss(c: Ccb, peer_mss: int | None) -> int:
+        """Effective send MSS: the peer's option (536 when absent, RFC 9293 3.7.1),
+        never above what we announced (Linux's mss_clamp holds TCP_MAXSEG)."""
+        return max(min(536 if peer_mss is None else peer_mss, c.adv_mss), 64)
 
     def _rcv_space(self, c: Ccb) -> int:
         s = c.sock
@@ -575,7 +599,7 @@ class TcpStack:
         ws = None
         if not synack or (peer is not None and peer.wscale is not None):
             ws = RCV_WSCALE
-        return T.TcpOptions(mss=self.our_mss, wscale=ws).emit()
+        return T.TcpOptions(mss=c.adv_mss, wscale=ws).emit()
 
     def _send_syn(self, c: Ccb, now: float) -> None:
         c.rcv_wscale = RCV_WSCALE
@@ -615,7 +639,15 @@ class TcpStack:
         self.ad.ackgen.resets += 1
 
     def try_send(self, c: Ccb, now: float) -> None:
-        """Send what the TX ring, the peer's window and cwnd allow; then FIN if asked."""
+        """Send what the TX ring, the peer's window and cwnd allow; then FIN if asked.
+
+        Linux's rules (tcp_write_xmit): full segments go whenever the windows allow;
+        a partial one (less than an MSS) waits while TCP_CORK is on or its bytes were
+        written with MSG_MORE (at most CORK_MAX_S, the ceiling tcp(7) gives), and
+        under Nagle while an earlier partial segment is unacknowledged (Minshall's
+        variant, tcp_nagle_check). PSH marks the segment that ends a write
+        (tcp_mark_push): the one holding the shim's push mark. With TSO a frame's
+        partial tail is trimmed when it would have to wait (tcp_mss_split_point)."""
         s = c.sock
         if s is None or not s.mapped or c.state not in SEND_STATES:
             return
@@ -626,8 +658,10 @@ class TcpStack:
         max_seg = (self.ad.tx_max_payload // mss) * mss if self.ad.offloads else mss
         nodelay = shm.opt_flags & lib.TOE_OF_NODELAY
         corked = shm.opt_flags & lib.TOE_OF_CORK
+        snd_max0 = c.snd_max
         while True:
-            tail = shm.tx_tail
+            tail = lib.toe_ring_load(ffi.addressof(shm, "tx_tail"))
+            push = shm.tx_push                      # published before the tail
             in_ring = (tail - c.tx_head) & M32
             sent = (c.snd_nxt - c.snd_una) & M32
             if c.fin_sent:
@@ -641,34 +675,44 @@ class TcpStack:
                 if c.snd_wnd == 0 and flight == 0 and not (c.timer.armed):
                     self._arm(c, "persist", max(c.rto, RTO_MIN), now)
                 break
+            start = (c.tx_head + sent) & M32
+            pushable = (push - start) & M32         # bytes up to the end of the last full write
+            if pushable > unsent:
+                pushable = 0                        # the mark lies behind: all of it is MSG_MORE
             n = min(unsent, room, max_seg)
-            if n < mss and n < unsent and flight > 0:
-                break                                   # sender SWS avoidance (RFC 9293 3.8.6.2.1)
-            if n < mss and flight > 0 and not nodelay and not c.fin_wanted:
-                break                                   # Nagle
-            if corked and n < mss and not c.fin_wanted:
-                # TCP_CORK: only full segments, unless the partial one waited 200 ms
-                if c.cork_since is None:
-                    c.cork_since = now
-                if now - c.cork_since < CORK_MAX_S:
-                    if not c.timer.armed:
-                        self._arm(c, "cork", CORK_MAX_S - (now - c.cork_since), now)
-                    break
+            partial = n % mss
+            if partial:
+                if n < mss and n < unsent and flight > 0:
+                    break                           # sender SWS avoidance (RFC 9293 3.8.6.2.1)
+                if self._hold_partial(c, n == unsent, n > pushable, flight, nodelay, corked, now):
+                    if n < mss:
+                        break
+                    n -= partial
             c.cork_since = None
-            off = (c.tx_head + sent) & size_mask
+            off = start & size_mask
             first = min(n, s.tx_size - off)
             parts = (ring[off:off + first],) if first == n else (ring[off:off + first], ring[:n - first])
-            flags = T.ACK | T.PSH if n == unsent else T.ACK
+            if 0 < pushable <= n:
+                flags = T.ACK | T.PSH
+                self._note_push(c, (c.snd_nxt + n) & M32)
+            elif c.psh_ends and seq_lt(c.snd_nxt, c.snd_max) and self._pushed_within(c, c.snd_nxt, n):
+                flags = T.ACK | T.PSH                  # resending the end of a write
+            else:
+                flags = T.ACK
             self._emit(c, c.snd_nxt, flags, b"", parts, n)
             if c.rtt_seq is None:
                 c.rtt_seq = (c.snd_nxt + n) & M32
                 c.rtt_time = now
             c.snd_nxt = (c.snd_nxt + n) & M32
+            if n % mss:
+                c.snd_sml = c.snd_nxt
             if seq_gt(c.snd_nxt, c.snd_max):
                 c.bytes_out += (c.snd_nxt - c.snd_max) & M32
                 c.snd_max = c.snd_nxt
             if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
+        if c.snd_max != snd_max0 and lib.toe_tx_sent(shm, (c.tx_head + ((c.snd_max - c.snd_una) & M32)) & M32):
+            s.drain()                               # TCP_NOTSENT_LOWAT: writable again
         if unsent > 0:
             return
         if c.fin_wanted and not c.fin_sent:
@@ -691,6 +735,36 @@ class TcpStack:
             if tail2 != tail:
                 self.try_send(c, now)
 
+    @staticmethod
+    def _note_push(c: Ccb, end: int) -> None:
+        ends = c.psh_ends
+        if not ends or seq_gt(end, ends[-1]):
+            ends.append(end)
+            if len(ends) > PSH_ENDS_MAX:
+                del ends[0]
+
+    @staticmethod
+    def _pushed_within(c: Ccb, seq: int, n: int) -> bool:
+        """Does [seq, seq+n) end a write that went out with PSH?"""
+        end = (seq + n) & M32
+        return any(seq_lt(seq, p) and seq_le(p, end) for p in c.psh_ends)
+
+    def _hold_partial(self, c: Ccb, last: bool, more: bool, flight: int, nodelay: int, corked: int,
+                      now: float) -> bool:
+        """Must a partial segment wait? (the rules in try_send's docstring)"""
+        if c.fin_wanted and last:
+            return False                            # the final FIN is never held (tcp_nagle_test)
+        if corked or more:
+            if c.cork_since is None:
+                c.cork_since = now
+            if now - c.cork_since < CORK_MAX_S:
+                if not c.timer.armed:
+                    self._arm(c, "cork", CORK_MAX_S - (now - c.cork_since), now)
+                return True
+            return False
+        # Nagle, Minshall's variant: hold only while a partial segment is in flight
+        return not nodelay and flight > 0 and seq_gt(c.snd_sml, c.snd_una) and seq_le(c.snd_sml, c.snd_nxt)
+
     def _retransmit_one(self, c: Ccb, now: float) -> None:
         """Resend one MSS at snd_una (fast retransmit / NewReno partial ACK)."""
         s = c.sock
@@ -711,7 +785,8 @@ class TcpStack:
         first = min(n, s.tx_size - off)
         ring = s.tx_ring
         parts = (ring[off:off + first],) if first == n else (ring[off:off + first], ring[:n - first])
-        self._emit(c, c.snd_una, T.ACK, b"", parts, n)
+        flags = T.ACK | T.PSH if self._pushed_within(c, c.snd_una, n) else T.ACK
+        self._emit(c, c.snd_una, flags, b"", parts, n)
 
     # ==================================================================
     # timers
@@ -825,9 +900,10 @@ class TcpStack:
         c.rcv_adv = c.rcv_nxt
         c.snd_nxt = c.snd_max = (c.iss + 1) & M32
         opts = seg.options
-        c.mss = self._send_mss(opts.mss if opts.mss else 536)
+        c.adv_mss = self._adv_mss(lst.sock)
+        c.mss = self._send_mss(c, opts.mss or None)
         if opts.wscale is not None:
-            c.snd_wscale = opts.wscale
+            c.snd_wscale = min(opts.wscale, WSCALE_MAX)   # RFC 7323 2.3: > 14 is used as 14
             c.rcv_wscale = RCV_WSCALE
         c.snd_wnd = seg.window
         c.snd_wl1, c.snd_wl2 = seg.seq, c.iss
@@ -865,9 +941,9 @@ class TcpStack:
         c.rcv_nxt = (seg.seq + 1) & M32
         c.rcv_adv = c.rcv_nxt
         opts = seg.options
-        c.mss = self._send_mss(opts.mss if opts.mss else 536)
+        c.mss = self._send_mss(c, opts.mss or None)
         if opts.wscale is not None:
-            c.snd_wscale = opts.wscale
+            c.snd_wscale = min(opts.wscale, WSCALE_MAX)   # RFC 7323 2.3: > 14 is used as 14
         else:
             c.rcv_wscale = 0
         if not f & T.ACK:
@@ -884,26 +960,35 @@ class TcpStack:
             self.try_send(c, now)
 
     def _established(self, c: Ccb, seg: "Segment", now: float) -> None:
-        """The handshake's ACK of our SYN arrived: take the peer's window, time the RTT."""
+        """The handshake's ACK of our SYN arrived: take the peer's window, time the RTT.
+        A SYN|ACK's window is never scaled (RFC 7323 2.2); the final ACK's is."""
         c.snd_una = seg.ack
-        c.snd_wnd = seg.window << c.snd_wscale
+        c.snd_wnd = seg.window if seg.flags & T.SYN else seg.window << c.snd_wscale
         c.snd_wl1, c.snd_wl2 = seg.seq, seg.ack
         self._rtt_sample(c, now - c.created if c.retries == 0 else None)   # Karn: not if resent
         c.state = State.ESTABLISHED
         c.retries = 0
+        c.snd_sml = c.snd_una
         self._keepalive_arm(c, now)
         c.cwnd = INIT_CWND_SEGS * c.mss
         self._disarm(c)
         if c.sock is not None and c.sock.mapped:
             c.tx_head = c.sock.shm.tx_head
 
-    # SYN-RECEIVED: the handshake's last ACK (RFC 9293 3.10.7.4, fifth check)
+    # SYN-RECEIVED: the handshake's last ACK (RFC 9293 3.10.7.4, fifth check). An RST in
+    # the window we offered ends the embryonic connection, as Linux's tcp_check_req does
+    # (RFC 5961 would want an exact match); after a simultaneous open it is refused
+    # (RFC 9293 3.10.7.4 second check). Out of the window it is dropped.
     def _in_syn_rcvd(self, c: Ccb, seg: "Segment", now: float) -> None:
         f = seg.flags
         if f & T.RST:
-            if seg.seq == c.rcv_nxt:
+            wnd = max((c.rcv_adv - c.rcv_nxt) & M32, 1)
+            if seq_le(c.rcv_nxt, seg.seq) and seq_lt(seg.seq, (c.rcv_nxt + wnd) & M32):
                 self.stats["resets_received"] += 1
-                self._free(c)
+                if c.listener is None:
+                    self._fail(c, errno.ECONNREFUSED, now)
+                else:
+                    self._free(c)
             return
         if f & T.SYN:
             if seg.seq == c.irs:             # retransmitted SYN: answer again
@@ -926,10 +1011,11 @@ class TcpStack:
         if seg.payload_len or f & T.FIN:
             self._in_synchronized(c, seg, now)
 
-    # TIME-WAIT: re-ACK a retransmitted FIN, restart 2MSL (RFC 9293 3.10.7.4)
+    # TIME-WAIT: re-ACK a retransmitted FIN, restart 2MSL (RFC 9293 3.10.7.4). An RST
+    # never ends TIME-WAIT early: RFC 1337's remedy for TIME-WAIT assassination (Linux with
+    # net.ipv4.tcp_rfc1337=1; its default, 0, lets an in-window RST kill it).
     def _in_time_wait(self, c: Ccb, seg: "Segment", now: float) -> None:
         if seg.flags & T.RST:
-            self._free(c)
             return
         if seg.flags & T.SYN and seq_gt(seg.seq, c.rcv_nxt):
             # a new incarnation: let it in (what Linux does with a higher ISN)
@@ -939,6 +1025,8 @@ class TcpStack:
         if seg.flags & T.FIN:
             self.send_ack(c)
             self._arm(c, "time_wait", self.cfg.time_wait_s, now)
+        elif seg.payload_len or seg.seq != c.rcv_nxt:
+            self.send_ack(c)                            # an old duplicate: re-ACK (Linux TCP_TW_ACK)
 
     # ESTABLISHED, FIN-WAIT-1/2, CLOSE-WAIT, CLOSING, LAST-ACK (RFC 9293 3.10.7.4)
     def _in_synchronized(self, c: Ccb, seg: "Segment", now: float) -> None:
@@ -967,12 +1055,13 @@ class TcpStack:
                 return
             n = 0                                      # zero window: still take the ACK
             f &= ~T.FIN
-        # second: RST (RFC 5961 3.2)
+        # second: RST (RFC 5961 3.2): exactly at rcv_nxt it resets, elsewhere in the
+        # window it draws a challenge ACK. The error the application sees is Linux's
+        # (tcp_reset): EPIPE in CLOSE-WAIT, ECONNRESET in every other state.
         if f & T.RST:
             if seq == c.rcv_nxt:
                 self.stats["resets_received"] += 1
-                self._fail(c, errno.EPIPE if c.state in (State.CLOSING, State.LAST_ACK)
-                           else errno.ECONNRESET, now)
+                self._fail(c, errno.EPIPE if c.state == State.CLOSE_WAIT else errno.ECONNRESET, now)
             else:
                 self._challenge_ack(c)
             return
@@ -1027,6 +1116,9 @@ class TcpStack:
                 c.tx_head = (c.tx_head + data_acked) & M32
                 if lib.toe_tx_release(s.shm, c.tx_head):
                     s.drain()
+            ends = c.psh_ends
+            while ends and seq_le(ends[0], ack):
+                del ends[0]
             if c.rtt_seq is not None and seq_ge(ack, c.rtt_seq):
                 self._rtt_sample(c, now - c.rtt_time)
                 c.rtt_seq = None

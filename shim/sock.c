@@ -101,9 +101,9 @@ static int nonblocking(int fd)
 
 /*
  * Write filler into A until the kernel refuses: A is then not writable.
- * With tx (the TX-ring-full case) stop as soon as ring space shows up: the
- * daemon released it and drained B meanwhile, so stuffing on would only make
- * it drain again.
+ * With tx (the send-buffer case) stop as soon as the socket is writable
+ * again: the daemon freed space and drained B meanwhile, so stuffing on would
+ * only make it drain again.
  */
 static void stuff(int fd, struct toe_sock_shm *tx)
 {
@@ -112,7 +112,7 @@ static void stuff(int fd, struct toe_sock_shm *tx)
         if (toe_real_send(fd, filler, sizeof(filler), MSG_DONTWAIT | MSG_NOSIGNAL) < 0 &&
             errno != EINTR)
             break;
-        if (tx && toe_tx_space(tx))
+        if (tx && toe_tx_writable(tx))
             break;
     }
     errno = saved;
@@ -799,6 +799,7 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
         cm->user_mss = m->user_mss;
         cm->sndbuf = m->sndbuf;
         cm->rcvbuf = m->rcvbuf;
+        cm->notsent_lowat = m->notsent_lowat;
         pthread_mutex_lock(&s->opt_lock);
         c->nopts = s->nopts;
         memcpy(c->opts, s->opts, sizeof(c->opts[0]) * s->nopts);
@@ -1160,18 +1161,24 @@ static int send_ready(struct toe_sock *s, int fd, int flags, int *nb)
 enum { TXW_SPACE, TXW_STOP, TXW_FAIL };
 
 /*
- * The TX ring is full (tx_lock held): make A unwritable, then wait for the
- * daemon to free space.  TXW_SPACE: there is space now (tx_lock held);
- * TXW_STOP: nonblocking, give up (tx_lock held); TXW_FAIL: the wait failed
- * or the socket died (tx_lock released, *err = the wait's errno, *dead set).
+ * The send buffer is full (tx_lock held): make A unwritable, then wait for
+ * the daemon to free space, until the socket is writable again (tcp_poll's
+ * rule, toe_tx_writable()), as a blocked writer in the kernel sleeps.
+ * TXW_SPACE: there is room now (tx_lock held); TXW_STOP: nonblocking, give
+ * up (tx_lock held); TXW_FAIL: the wait failed or the socket died (tx_lock
+ * released, *err = the wait's errno, *dead set).
  */
 static int tx_wait_space(struct toe_sock *s, int fd, int *nb, int *err, int *dead)
 {
     struct toe_sock_shm *m = s->shm;
-    if (toe_tx_declare_full(m))
+    uint32_t declared = LOAD(&m->tx_full_wait); /* A may be stuffed already */
+    if (toe_tx_declare_full(m)) {
+        if (!declared) /* A was not stuffed and will not be: no drain is owed */
+            __atomic_store_n(&m->tx_full_wait, 0, __ATOMIC_SEQ_CST);
         return TXW_SPACE;
+    }
     stuff(fd, m);
-    if (toe_tx_space(m))
+    if (toe_tx_writable(m))
         return TXW_SPACE;
     if (*nb < 0)
         *nb = nonblocking(fd);
@@ -1204,10 +1211,28 @@ static ssize_t tx_failed(struct toe_sock *s, size_t sent, int saved, int dead, i
 
 /* n bytes were written straight into the TX ring at tx_tail: publish them
  * (toe_tx_put() without its copy) and ring the doorbell if it is armed. */
-static void tx_commit(struct toe_sock *s, int fd, uint32_t n)
+static void tx_commit(struct toe_sock *s, int fd, uint32_t n, int push)
 {
-    if (toe_tx_commit(s->shm, n))
+    if (toe_tx_commit(s->shm, n, push))
         bell(fd);
+}
+
+/*
+ * A write queued its bytes (tx_lock held).  If the socket is no longer
+ * writable by tcp_poll's rule (SO_SNDBUF, TCP_NOTSENT_LOWAT, or simply a
+ * full-enough ring), A must not be either: declare and stuff it, and the
+ * daemon drains B once the rule holds again.  Once per stuffing, not per
+ * write: a declared wait stays until the daemon clears it.
+ */
+static void tx_settle(struct toe_sock *s, int fd)
+{
+    struct toe_sock_shm *m = s->shm;
+    if (toe_tx_writable(m) || LOAD(&m->tx_full_wait))
+        return;
+    if (toe_tx_declare_full(m))
+        __atomic_store_n(&m->tx_full_wait, 0, __ATOMIC_SEQ_CST);
+    else
+        stuff(fd, m);
 }
 
 static ssize_t do_send(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt, size_t total,
@@ -1233,7 +1258,9 @@ static ssize_t do_send(struct toe_sock *s, int fd, const struct iovec *iov, int 
             if (chunk > (1u << 30))
                 chunk = 1u << 30;
             int ring;
-            uint32_t n = toe_tx_put(m, (const uint8_t *)iov[i].iov_base + off, (uint32_t)chunk, &ring);
+            /* MSG_MORE: the bytes wait for the next write, as TCP_CORK makes them wait */
+            uint32_t n = toe_tx_put(m, (const uint8_t *)iov[i].iov_base + off, (uint32_t)chunk,
+                                    !(flags & MSG_MORE), &ring);
             if (ring)
                 bell(fd);
             sent += n;
@@ -1250,6 +1277,7 @@ static ssize_t do_send(struct toe_sock *s, int fd, const struct iovec *iov, int 
         if (w == TXW_FAIL)
             return tx_failed(s, sent, saved, dead, e, flags);
     }
+    tx_settle(s, fd);
     pthread_mutex_unlock(&s->tx_lock);
     if (sent == 0)
         return fail(EAGAIN);
@@ -1313,6 +1341,7 @@ struct tx_source {
     off64_t *pos;    /* pread at *pos (advanced by the caller), or NULL: read() */
     int is_pipe;     /* splice from a pipe: once something moved, stop when it is empty */
     int pipe_nowait; /* SPLICE_F_NONBLOCK: never wait for the pipe */
+    int more;        /* SPLICE_F_MORE: like send(MSG_MORE) */
 };
 
 /* A read that never waits, for pipes: RWF_NOWAIT, else poll first. */
@@ -1372,7 +1401,7 @@ static ssize_t tx_from_source(struct toe_sock *s, int fd, struct tx_source *src,
     pthread_mutex_lock(&s->tx_lock);
     for (;;) {
         while (sent < count) {
-            uint32_t space = toe_tx_space(m);
+            uint32_t space = toe_tx_room(m);
             if (!space)
                 break;
             uint32_t off = m->tx_tail & (m->tx_size - 1);
@@ -1387,7 +1416,7 @@ static ssize_t tx_from_source(struct toe_sock *s, int fd, struct tx_source *src,
                 src_err = r < 0 ? errno : 0;
                 break;
             }
-            tx_commit(s, fd, (uint32_t)r);
+            tx_commit(s, fd, (uint32_t)r, !src->more);
             sent += (size_t)r;
             if (src->pos)
                 *src->pos += r;
@@ -1400,6 +1429,7 @@ static ssize_t tx_from_source(struct toe_sock *s, int fd, struct tx_source *src,
         if (w == TXW_FAIL)
             return tx_failed(s, sent, saved, dead, e, 0);
     }
+    tx_settle(s, fd);
     pthread_mutex_unlock(&s->tx_lock);
     if (sent) {
         errno = saved;
@@ -1472,7 +1502,7 @@ ssize_t toe_sock_sendfile_in(struct toe_sock *s, int out_fd, int in_fd, off64_t 
 ssize_t toe_sock_splice_out(struct toe_sock *s, int fd_in, loff_t *off_in, int fd_out,
                             loff_t *off_out, size_t len, unsigned int flags)
 {
-    struct tx_source src = {.fd = fd_in};
+    struct tx_source src = {.fd = fd_in, .more = (flags & SPLICE_F_MORE) != 0};
     struct stat st;
     off64_t pos = 0;
 
@@ -1813,6 +1843,19 @@ static void notify_opt(struct toe_sock *s, int level, int name, const void *val,
     cmd.optlen = (uint16_t)(len < TOE_OPT_BYTES ? len : TOE_OPT_BYTES);
     memcpy(cmd.opt, val, cmd.optlen);
     toe_ctl_call(&cmd, NULL, 0, &rsp); /* the option is recorded either way */
+}
+
+/* SO_SNDBUF or TCP_NOTSENT_LOWAT changed: A's writability follows at once.
+ * Unwritable now: stuff A; writable: the daemon drains a stuffed A (told). */
+static void tx_limits_changed(struct toe_sock *s, int fd, int level, int name, const void *val,
+                              socklen_t len)
+{
+    if (state_of(s) != TOE_SS_CONNECTED)
+        return; /* not writable before connect; the connect's completion drains A */
+    pthread_mutex_lock(&s->tx_lock);
+    tx_settle(s, fd);
+    pthread_mutex_unlock(&s->tx_lock);
+    notify_opt(s, level, name, val, len);
 }
 
 static void set_flag(struct toe_sock *s, uint32_t bit, int on)
@@ -2289,6 +2332,12 @@ int toe_sock_setsockopt(struct toe_sock *s, int fd, int level, int name, const v
         if (opt_parse_int(level, val, len, &v) < 0 || known_opt_check(s, level, name, v, len) < 0)
             return -1;
         record_opt(s, level, name, val, len < sizeof(int) ? len : sizeof(int));
+        if (level == IPPROTO_TCP && name == TCP_NOTSENT_LOWAT) {
+            /* tcp(7): unsent bytes above it make the socket unwritable; 0 is the
+             * sysctl's default, which is "no limit" */
+            __atomic_store_n(&m->notsent_lowat, (uint32_t)v, __ATOMIC_RELEASE);
+            tx_limits_changed(s, fd, level, name, val, len);
+        }
         errno = saved;
         return 0;
     }
@@ -2316,12 +2365,16 @@ int toe_sock_setsockopt(struct toe_sock *s, int fd, int level, int name, const v
         switch (name) {
         case SO_SNDBUF:
         case SO_SNDBUFFORCE:
-            /* reported, not applied to A (A's buffer must stay minimal) */
+            /* the doubled value getsockopt reports bounds the bytes queued (toe_tx_room);
+             * A's own buffer stays minimal */
             __atomic_store_n(&m->sndbuf,
                              buf_size(v, name == SO_SNDBUFFORCE, "/proc/sys/net/core/wmem_max",
                                       &wmem_max, TOE_MIN_SNDBUF),
                              __ATOMIC_RELEASE);
-            break;
+            record_opt(s, level, name, val, len);
+            tx_limits_changed(s, fd, level, name, val, len);
+            errno = saved;
+            return 0;
         case SO_RCVBUF:
         case SO_RCVBUFFORCE:
             __atomic_store_n(&m->rcvbuf,

@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define TOE_ABI_VERSION 1
+#define TOE_ABI_VERSION 2
 #define TOE_SHM_MAGIC 1414481200
 
 /* Sizes checked on both sides (_Static_assert below, ffi.sizeof in Python). */
@@ -144,13 +144,17 @@ struct toe_sock_shm {
 
     /* line 1: TX producer (shim) */
     uint32_t tx_tail;
-    uint32_t tx_full_wait;       /* shim: "A is stuffed with filler, drain B when space frees" */
-    uint32_t pad1[14];
+    uint32_t tx_full_wait;       /* shim: "A is stuffed with filler, drain B once writable" */
+    uint32_t tx_push;            /* tail at the end of the last write without MSG_MORE: bytes
+                                    past it wait for more (published before tx_tail) */
+    uint32_t pad1[13];
 
     /* line 2: TX consumer (daemon) */
     uint32_t tx_head;            /* bytes acknowledged by the peer, freed for reuse */
     uint32_t tx_doorbell_armed;  /* daemon sets when idle; shim rings once and clears */
-    uint32_t pad2[14];
+    uint32_t tx_sent;            /* bytes sent at least once (never moves back); tail - tx_sent
+                                    is what TCP_NOTSENT_LOWAT counts */
+    uint32_t pad2[13];
 
     /* line 3: RX producer (daemon) */
     uint32_t rx_tail;
@@ -170,9 +174,11 @@ struct toe_sock_shm {
     uint32_t keepintvl_s;
     uint32_t keepcnt;
     uint32_t user_mss;
-    uint32_t sndbuf;             /* value reported by getsockopt(SO_SNDBUF) */
+    uint32_t sndbuf;             /* getsockopt(SO_SNDBUF); also the most bytes queued (unacked
+                                    + unsent) when below the TX ring's size */
     uint32_t rcvbuf;             /* value reported by getsockopt(SO_RCVBUF) */
-    uint32_t pad5[8];
+    uint32_t notsent_lowat;      /* TCP_NOTSENT_LOWAT; 0: none */
+    uint32_t pad5[7];
 
     /* line 6: counters (daemon-written) */
     uint64_t bytes_in;

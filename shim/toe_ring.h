@@ -61,41 +61,89 @@ static inline void toe_ring_copy_out(const uint8_t *ring, uint32_t size, uint32_
 
 /* ---------------- TX ring: shim produces, daemon consumes ---------------- */
 
-/* Free bytes the shim may write now. */
+/* Free bytes in the TX ring (the ring's own limit, before the socket's). */
 static inline uint32_t toe_tx_space(struct toe_sock_shm *s)
 {
     return s->tx_size - (s->tx_tail - TOE_LOAD_ACQ(&s->tx_head));
 }
 
+/* The send buffer: the ring, or SO_SNDBUF's value when that is smaller. */
+static inline uint32_t toe_tx_limit(struct toe_sock_shm *s)
+{
+    uint32_t sndbuf = TOE_LOAD_RLX(&s->sndbuf);
+    return sndbuf && sndbuf < s->tx_size ? sndbuf : s->tx_size;
+}
+
 /*
- * Shim: copy up to len bytes into the TX ring and publish them.
- * Returns the number of bytes queued; *ring_doorbell is set to 1 when the
- * daemon asked for a doorbell (the caller then writes one byte into A).
+ * Bytes a write may queue now (Linux's sk_stream_memory_free, per byte
+ * instead of per skb): queued = unacknowledged + unsent stays within the
+ * send buffer, and with TCP_NOTSENT_LOWAT the unsent bytes within the low
+ * water mark.  Either side may call it; the tail is the shim's.
  */
+static inline uint32_t toe_tx_room(struct toe_sock_shm *s)
+{
+    uint32_t tail = TOE_LOAD_ACQ(&s->tx_tail);
+    uint32_t queued = tail - TOE_LOAD_ACQ(&s->tx_head), limit = toe_tx_limit(s);
+    uint32_t room = queued < limit ? limit - queued : 0;
+    uint32_t lowat = TOE_LOAD_RLX(&s->notsent_lowat);
+    if (lowat) {
+        uint32_t notsent = tail - TOE_LOAD_ACQ(&s->tx_sent);
+        uint32_t r = notsent < lowat ? lowat - notsent : 0;
+        if (r < room)
+            room = r;
+    }
+    return room;
+}
+
+/*
+ * Writable, as tcp_poll() says it (__sk_stream_is_writeable(sk, 1)): the
+ * free part of the send buffer is at least half the queued part, and with
+ * TCP_NOTSENT_LOWAT fewer than lowat/2 bytes are unsent.  A writer that had
+ * to wait is woken only then, not by every freed byte.
+ */
+static inline int toe_tx_writable(struct toe_sock_shm *s)
+{
+    uint32_t tail = TOE_LOAD_ACQ(&s->tx_tail);
+    uint32_t queued = tail - TOE_LOAD_ACQ(&s->tx_head), limit = toe_tx_limit(s);
+    if (queued >= limit || limit - queued < queued / 2)
+        return 0;
+    uint32_t lowat = TOE_LOAD_RLX(&s->notsent_lowat);
+    return !lowat || 2 * (uint64_t)(tail - TOE_LOAD_ACQ(&s->tx_sent)) < lowat;
+}
+
 /*
  * Shim: publish n bytes already written into the ring at tx_tail (by a copy,
  * or by a read()/pread() straight into the free span: sendfile, splice).
- * Returns 1 when the daemon asked for a doorbell (the caller writes one byte
- * into A).
+ * `push`: the write ends here without MSG_MORE, so tx_push follows the tail
+ * (stored first: a daemon that sees the tail sees the mark).  Returns 1 when
+ * the daemon asked for a doorbell (the caller writes one byte into A).
  */
-static inline int toe_tx_commit(struct toe_sock_shm *s, uint32_t n)
+static inline int toe_tx_commit(struct toe_sock_shm *s, uint32_t n, int push)
 {
-    TOE_STORE_REL(&s->tx_tail, s->tx_tail + n);
+    uint32_t tail = s->tx_tail + n;
+    if (push)
+        TOE_STORE_REL(&s->tx_push, tail);
+    TOE_STORE_REL(&s->tx_tail, tail);
     TOE_FENCE();
     return TOE_LOAD_RLX(&s->tx_doorbell_armed) &&
            __atomic_exchange_n(&s->tx_doorbell_armed, 0, __ATOMIC_SEQ_CST);
 }
 
+/*
+ * Shim: copy up to len bytes into the TX ring (as much as toe_tx_room()
+ * allows) and publish them.  Returns the number of bytes queued;
+ * *ring_doorbell is set to 1 when the daemon asked for a doorbell.
+ */
 static inline uint32_t toe_tx_put(struct toe_sock_shm *s, const uint8_t *src, uint32_t len,
-                                  int *ring_doorbell)
+                                  int push, int *ring_doorbell)
 {
-    uint32_t space = toe_tx_space(s);
+    uint32_t space = toe_tx_room(s);
     uint32_t n = len < space ? len : space;
     *ring_doorbell = 0;
     if (n == 0)
         return 0;
     toe_ring_copy_in(toe_tx_base(s), s->tx_size, s->tx_tail, src, n);
-    *ring_doorbell = toe_tx_commit(s, n);
+    *ring_doorbell = toe_tx_commit(s, n, push);
     return n;
 }
 
@@ -111,29 +159,43 @@ static inline uint32_t toe_tx_arm_doorbell(struct toe_sock_shm *s)
     return TOE_LOAD_ACQ(&s->tx_tail);
 }
 
-/* Daemon: bytes acknowledged; frees ring space.  Returns 1 when the shim is
- * waiting for space with A stuffed (the daemon must then drain B). */
-static inline int toe_tx_release(struct toe_sock_shm *s, uint32_t new_head)
+/* Daemon, after tx_head or tx_sent moved: 1 when the shim waits with A
+ * stuffed and the socket is writable now (the daemon must then drain B). */
+static inline int toe_tx_wake(struct toe_sock_shm *s)
 {
-    TOE_STORE_REL(&s->tx_head, new_head);
     TOE_FENCE();
-    if (TOE_LOAD_RLX(&s->tx_full_wait)) {
+    if (TOE_LOAD_RLX(&s->tx_full_wait) && toe_tx_writable(s)) {
         __atomic_store_n(&s->tx_full_wait, 0, __ATOMIC_SEQ_CST);
         return 1;
     }
     return 0;
 }
 
+/* Daemon: bytes acknowledged; frees ring space.  Returns toe_tx_wake(). */
+static inline int toe_tx_release(struct toe_sock_shm *s, uint32_t new_head)
+{
+    TOE_STORE_REL(&s->tx_head, new_head);
+    return toe_tx_wake(s);
+}
+
+/* Daemon: bytes up to new_sent went out (TCP_NOTSENT_LOWAT counts the rest).
+ * Returns toe_tx_wake(). */
+static inline int toe_tx_sent(struct toe_sock_shm *s, uint32_t new_sent)
+{
+    TOE_STORE_REL(&s->tx_sent, new_sent);
+    return TOE_LOAD_RLX(&s->notsent_lowat) ? toe_tx_wake(s) : 0;
+}
+
 /*
- * Shim: declare "A is (about to be) stuffed: tell me when space frees", then
- * re-check.  Returns the free space seen after the declaration; if it is
- * non-zero the caller must not wait.
+ * Shim: declare "A is (about to be) stuffed: drain B once writable", then
+ * re-check.  Returns 1 when the socket is writable after the declaration:
+ * the caller must then not wait.
  */
-static inline uint32_t toe_tx_declare_full(struct toe_sock_shm *s)
+static inline int toe_tx_declare_full(struct toe_sock_shm *s)
 {
     __atomic_store_n(&s->tx_full_wait, 1, __ATOMIC_SEQ_CST);
     TOE_FENCE();
-    return toe_tx_space(s);
+    return toe_tx_writable(s);
 }
 
 /* ---------------- RX ring: daemon produces, shim consumes ---------------- */

@@ -84,15 +84,18 @@ class AppSide:
         self.mm = mm
         self.shm = ffi.cast("struct toe_sock_shm *", ffi.from_buffer(mm))
 
-    def write(self, data: bytes) -> int:
-        """Copy into the TX ring like the shim's send (no doorbell bookkeeping)."""
+    def write(self, data: bytes, more: bool = False) -> int:
+        """Copy into the TX ring like the shim's send (no doorbell bookkeeping): what the
+        send buffer takes (toe_tx_room); `more` is send(..., MSG_MORE)."""
         s = self.shm
         base = ffi.cast("uint8_t *", s) + lib.TOE_SHM_HDR_SIZE
-        space = lib.toe_tx_space(s)
-        n = min(space, len(data))
+        n = min(lib.toe_tx_room(s), len(data))
         for i in range(n):
             base[(s.tx_tail + i) & (s.tx_size - 1)] = data[i]
-        s.tx_tail = (s.tx_tail + n) & 0xFFFFFFFF
+        tail = (s.tx_tail + n) & 0xFFFFFFFF
+        if not more:
+            s.tx_push = tail
+        s.tx_tail = tail
         return n
 
     def read(self) -> bytes:

@@ -151,14 +151,24 @@ def test_segments_respect_mss_without_offloads():
     assert b"".join(s.payload for s in segs) == bytes(range(256)) * 20
 
 
-def test_nagle_holds_a_small_tail_until_acked():
+def test_nagle_holds_a_small_segment_while_another_small_one_is_unacked():
+    """Linux's Nagle (Minshall's variant): a write's partial tail goes at once unless
+    an earlier partial segment is still unacknowledged; full segments always go."""
     h = Harness(offloads=False)
     c, hs, app, _ = h.established_active()
     app.write(b"n" * 2000)
     h.tcp.doorbell(hs, h.now)
+    first = h.take()
+    assert [len(s.payload) for s in first] == [1460, 540]
+    assert [s.flags & T.PSH for s in first] == [0, T.PSH]
+    app.write(b"m" * 100)
+    h.tcp.doorbell(hs, h.now)
+    assert h.take() == []
+    app.write(b"o" * 1500)
+    h.tcp.doorbell(hs, h.now)
     assert [len(s.payload) for s in h.take()] == [1460]
     h.deliver(h.seg(T.ACK, 5001, c.snd_nxt, sport=8080, dport=c.local_port))
-    assert [len(s.payload) for s in h.take() if s.payload] == [540]
+    assert [len(s.payload) for s in h.take() if s.payload] == [140]
 
 
 def test_receive_window_is_ring_space(h):
@@ -205,6 +215,9 @@ def test_ack_for_data_sent_before_an_rto_is_accepted(h):
 
 def test_fast_retransmit_after_three_dupacks(h):
     c, hs, app, _ = h.established_active()
+    # the SYN|ACK's window was unscaled (RFC 7323 2.2): a first ACK sets the scaled one,
+    # or the first duplicate would count as a window update (RFC 5681 2)
+    h.deliver(h.seg(T.ACK, 5001, c.snd_una, sport=8080, dport=c.local_port))
     c.cwnd = 100000
     app.write(b"d" * 20000)
     h.tcp.doorbell(hs, h.now)
