@@ -106,10 +106,6 @@ def op_poll(fd: int, events: int, timeout_ms: int) -> int:
     return got[0][1] if got else 0
 
 
-def op_getsockname(fd: int) -> list:
-    return list(_sock(fd).getsockname())
-
-
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
 
 

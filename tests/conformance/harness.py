@@ -63,8 +63,8 @@ VNET_GSO_TCPV4 = 1
 SO_TIMESTAMPNS = 35
 CLONE_NEWNET = 0x40000000
 
-# TCP option kinds in the `options` dict of a Seg
-MSS, WSCALE, SACK_OK, TIMESTAMP = "MSS", "WScale", "SAckOK", "Timestamp"
+# TCP option names in the `options` dict of a Seg (scapy's)
+MSS, WSCALE = "MSS", "WScale"
 
 
 class ConformanceError(AssertionError):
@@ -94,15 +94,6 @@ def socket_in_netns(netns: str, *args: Any) -> socket.socket:
     finally:
         os.close(here)
         os.close(there)
-
-
-def ifindex_in_netns(netns: str, name: str) -> int:
-    path = Path(f"/run/netns/{netns}")
-    res = subprocess.run(["ip", "-n", netns, "-o", "link", "show", name], capture_output=True, text=True,
-                         timeout=30, check=False)
-    if res.returncode or not path.exists():
-        raise RuntimeError(f"no link {name} in {netns}: {res.stderr.strip()}")
-    return int(res.stdout.split(":", 1)[0])
 
 
 # ---------------------------------------------------------------- segments
@@ -156,11 +147,13 @@ def _options(tcp: TCP) -> dict:
 
 
 def _checksum_ok(ip_bytes: bytes) -> bool:
+    """IPv4 and TCP checksums as scapy computes them."""
     pkt = IP(ip_bytes)
-    want = pkt[TCP].chksum
-    del pkt[TCP].chksum
+    want_ip, want_tcp = pkt.chksum, pkt[TCP].chksum
     del pkt.chksum
-    return IP(bytes(pkt))[TCP].chksum == want and IP(ip_bytes).chksum == IP(bytes(pkt)).chksum
+    del pkt[TCP].chksum
+    again = IP(bytes(pkt))
+    return again.chksum == want_ip and again[TCP].chksum == want_tcp
 
 
 def segments_of(frame: bytes, ts: float, frame_no: int) -> list[Seg]:
@@ -200,7 +193,6 @@ class Wire:
     def __init__(self, netns: str, tap: str, adapter_mac: str):
         self.netns = netns
         self.tap = tap
-        self.ifindex = ifindex_in_netns(netns, tap)
         self.sock = socket_in_netns(netns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -306,7 +298,6 @@ class Conn:
         self.wscale = wscale
         self.mss = mss
         self.dut_wscale = 0
-        self.sent: list[tuple[float, str]] = []
         self.log: list[Seg] = []
         self.q = wire.by_port[local_port]
         self.dut_ip = ""
@@ -323,7 +314,6 @@ class Conn:
             TCP(sport=self.port, dport=self.dut_port, seq=s, ack=a if "A" in flags else 0, flags=flags,
                 window=w, options=options or []) / payload
         self.wire.inject(pkt)
-        self.sent.append((time.monotonic(), f"[{flags}] seq={s} len={len(payload)}"))
         if advance and seq is None:
             self.seq = _seq_add(self.seq, len(payload) + ("S" in flags) + ("F" in flags))
 
@@ -651,9 +641,6 @@ class Dut:
 
     def poll(self, fd: int, events: int, timeout_ms: int = 0) -> int:
         return self.call("poll", fd, events, timeout_ms, timeout=timeout_ms / 1000 + 10)
-
-    def getsockname(self, fd: int) -> tuple[str, int]:
-        return tuple(self.call("getsockname", fd))  # type: ignore[return-value]
 
 
 def expect_errno(e: int, pending: Pending, timeout: float = 10.0) -> None:
