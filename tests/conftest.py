@@ -237,7 +237,7 @@ class Adapter:
         return wait_until(listener, f"an adapter listener on port {port}")
 
 
-def _teardown_adapter(ad: Adapter) -> list[str]:
+def teardown_adapter(ad: Adapter) -> list[str]:
     """Stop everything of `ad`; return what went wrong (empty when clean)."""
     problems: list[str] = []
     ad.procs.stop_all()
@@ -291,7 +291,7 @@ def adapter_factory() -> Iterator[Callable[..., Adapter]]:
         yield make
     finally:
         for ad in reversed(made):
-            problems += _teardown_adapter(ad)
+            problems += teardown_adapter(ad)
     if problems:
         pytest.fail("adapter teardown: " + "; ".join(problems))
 

@@ -21,7 +21,7 @@ import pytest
 from offload_daemon import netns
 from offload_daemon.cli import api_request
 from offload_daemon.config import AdapterConfig
-from tests.conftest import Adapter, ClientNs, _teardown_adapter, require_tools, run_toe, stop, unique, unique_port
+from tests.conftest import Adapter, ClientNs, require_tools, run_toe, stop, teardown_adapter, unique, unique_port
 
 from .harness import REMOTE_IP, Dut, Peer, Wire, agent_argv
 
@@ -97,7 +97,7 @@ def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
         if netns.exists(client.name):
             netns.stop_pids(netns.pids(client.name))
             netns.delete(client.name)
-        problems += _teardown_adapter(ad)
+        problems += teardown_adapter(ad)
     if problems:
         pytest.fail("testbed teardown: " + "; ".join(problems))
 

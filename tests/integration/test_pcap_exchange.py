@@ -9,7 +9,6 @@ before the data, not hidden behind it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,9 +16,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
-from offload_daemon import netns
-from offload_daemon.config import AdapterConfig, log_path
-from tests.conftest import Adapter, ClientNs, run_toe, stop, unique, unique_port, wait_for_line
+from offload_daemon.config import AdapterConfig
+from tests.conftest import Adapter, run_toe, stop, teardown_adapter, unique, unique_port, wait_for_line
 
 pytestmark = pytest.mark.integration
 
@@ -65,16 +63,15 @@ def _between_handshake_and_data(flow: list[tuple[str, str, int]]) -> list[tuple[
     return flow[3:first_data]
 
 
-def test_no_pure_ack_between_handshake_and_first_data(tmp_path):
+def test_no_pure_ack_between_handshake_and_first_data(tmp_path, client_ns):
     ns, tap = unique("toe-t"), unique("tt")
     pcap = tmp_path / "adapter.pcap"
     res = run_toe("up", "--netns", ns, "--tap", tap, "--pcap", str(pcap))
     assert res.returncode == 0, res.stderr
     ad = Adapter(netns=ns, tap=tap, addr=AdapterConfig.addr, host_addr=AdapterConfig.host_addr)
-    client = ClientNs(unique("toe-c"))
+    client = client_ns
     active, passive = unique_port(), unique_port()
     try:
-        netns.create_loopback_only(client.name)
         # the adapter connects: its client under toe run, the kernel serves
         srv = ad.popen([sys.executable, "-c", ONE_BYTE_SERVER, ad.host_ip, str(active)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -94,16 +91,8 @@ def test_no_pure_ack_between_handshake_and_first_data(tmp_path):
         assert srv.wait(30) == 0
     finally:
         client.procs.stop_all()
-        ad.procs.stop_all()
-        if netns.exists(client.name):
-            netns.stop_pids(netns.pids(client.name))
-            netns.delete(client.name)
-        run_toe("down", "--tap", tap)
-        if netns.exists(ns):
-            netns.stop_pids(netns.pids(ns))
-            netns.delete(ns)
-        if os.path.exists(log_path(tap)):
-            os.unlink(log_path(tap))
+        problems = teardown_adapter(ad)                 # toe down: the capture is complete
+    assert not problems, problems
     frames = rdpcap(str(pcap))
     for port, first in ((active, "adapter"), (passive, "kernel")):
         flow = _exchange_frames(frames, port)
