@@ -557,11 +557,15 @@ class TcpStack:
             # so that the window never has to shrink when the ring takes over
             return max(min(PRE_ACCEPT_WINDOW, self.cfg.rx_ring_bytes) - len(c.pre_buf), 0)
         space = lib.toe_rx_space(s.shm)
+        buf = self._rcv_buf(s)
+        return space if buf == s.rx_size else max(0, buf - (s.rx_size - space))
+
+    @staticmethod
+    def _rcv_buf(s: "HostSocket") -> int:
+        """What the receive window is cut from: the RX ring, or, with SO_RCVBUF set below
+        it, half of that (like the kernel, half of the buffer holds data)."""
         rcvbuf = s.shm.rcvbuf
-        if rcvbuf and rcvbuf < s.rx_size:
-            # SO_RCVBUF set below the ring: like the kernel, half of it holds data
-            space = max(0, min(space, rcvbuf // 2 - (s.rx_size - space)))
-        return space
+        return rcvbuf // 2 if rcvbuf and rcvbuf < s.rx_size else s.rx_size
 
     def _window(self, c: Ccb, syn: bool = False) -> int:
         """Window field for an outgoing segment; records the advertised right edge."""
@@ -577,7 +581,7 @@ class TcpStack:
             edge = c.rcv_adv
         c.rcv_adv = edge
         s = c.sock
-        if s is not None and s.mapped and space < s.rx_size // 2 and not c.wnd_wait:
+        if s is not None and s.mapped and space < self._rcv_buf(s) // 2 and not c.wnd_wait:
             c.wnd_wait = True
             self.wnd_watch.add(c)
             lib.toe_rx_arm_window(s.shm)
@@ -1278,13 +1282,14 @@ class TcpStack:
         s = c.sock
         if s is None or not s.mapped:
             return
-        space = lib.toe_rx_space(s.shm)
+        space = self._rcv_space(c)
+        buf = self._rcv_buf(s)
         adv = (c.rcv_adv - c.rcv_nxt) & M32
         c.wnd_wait = False
-        if force or space - adv >= min(s.rx_size // 4, 8 * c.mss) or (adv < c.mss <= space):
+        if force or space - adv >= min(buf // 4, 8 * c.mss) or (adv < c.mss <= space):
             self.ad.ackgen.window_updates += 1
             self.send_ack(c)
-        elif space < s.rx_size // 2:
+        elif space < buf // 2:
             c.wnd_wait = True
             self.wnd_watch.add(c)
             lib.toe_rx_arm_window(s.shm)
