@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import grp
 import hashlib
 import importlib
 import importlib.resources
 import json
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -28,7 +31,18 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
-from offload_daemon.config import RUN_DIR, AdapterConfig, api_path, ctl_path, log_path, state_path
+from offload_daemon.config import (
+    ID_MAX,
+    MIB,
+    RUN_DIR,
+    SOCKETS_MAX,
+    AdapterConfig,
+    api_path,
+    ctl_path,
+    default_ring_mb,
+    log_path,
+    state_path,
+)
 
 
 class _LazyModule:
@@ -52,6 +66,7 @@ UP_TIMEOUT_S = 30.0        # how long `toe up` waits for the daemon to answer pi
 DOWN_GRACE_S = 10.0        # SIGTERM -> SIGKILL escalation in `toe down`
 API_TIMEOUT_S = 10.0
 DEMO_BYTES = 20 * 1024 * 1024
+TOE_GROUP = "toe"          # members of this group may use adapters by default, if it exists
 
 
 class CLIError(Exception):
@@ -152,10 +167,28 @@ def daemon_alive(pid: Any) -> bool:
     return not zombie and (b"offload_daemon" in cmdline or b"toe" in cmdline)
 
 
-def remove_files(tap: str) -> None:
-    for path in (state_path(tap), ctl_path(tap), api_path(tap)):
+def remove_files(tap: str) -> list[str]:
+    """Remove the adapter's state file and sockets (not its log); return the names removed."""
+    removed = []
+    for path in (state_path(tap), state_path(tap) + ".tmp", ctl_path(tap), api_path(tap)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+            removed.append(os.path.basename(path))
+    return removed
+
+
+def lingering(pid: int, ns: str | None) -> bool:
+    """True if `pid` still runs in the adapter's network namespace (`ns`, None: ours) although
+    daemon_alive() says no: a killed daemon that has not finished exiting (its cmdline is
+    empty once its memory is gone, but it still holds the TAP and the namespace)."""
+    if pid <= 0 or process_gone(pid):
+        return False
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat(os.path.join(netns.NETNS_DIR, ns) if ns else "/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def api_request(tap: str, request: dict[str, Any], timeout: float = API_TIMEOUT_S) -> str:
@@ -171,7 +204,8 @@ def api_request(tap: str, request: dict[str, Any], timeout: float = API_TIMEOUT_
         except ConnectionRefusedError:
             raise CLIError(f"adapter {tap} does not answer on {path} (daemon gone? 'toe down --tap {tap}')") from None
         except PermissionError:
-            raise CLIError(f"no permission to talk to adapter {tap} ({path})") from None
+            raise CLIError(f"you (uid {os.getuid()}) are not allowed to use adapter {tap} ({path}); "
+                           "ask its admin for 'toe up --allow-users'") from None
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = bytearray()
         while b"\n" not in buf:
@@ -235,8 +269,99 @@ def prepare_netns(config: AdapterConfig) -> tuple[AdapterConfig, bool]:
             raise CLIError(str(e)) from None
         created = True
         config = dataclasses.replace(config, netns_created=True)
-    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    prepare_run_dir()
     return config, created
+
+
+def prepare_run_dir() -> None:
+    """/run/toe as root's 0755 directory (access.ensure_run_dir); say what was repaired."""
+    from offload_daemon.access import ensure_run_dir
+
+    try:
+        repaired = ensure_run_dir()
+    except OSError as e:
+        raise CLIError(str(e) if e.filename is None else f"{RUN_DIR}: {e.strerror}") from None
+    if repaired:
+        print(f"toe: repaired {RUN_DIR}: {', '.join(repaired)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- who may use it
+
+
+def parse_uid(text: str, flag: str = "--allow-users") -> int:
+    """A user name or numeric uid -> uid (numeric ones need no passwd entry)."""
+    if text.isdigit():
+        uid = int(text)
+        if uid > ID_MAX:
+            raise CLIError(f"{flag}: uid {uid} out of range 0..{ID_MAX}")
+        return uid
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise CLIError(f"{flag}: no user named {text!r}") from None
+
+
+def parse_gid(text: str, flag: str = "--allow-group") -> int:
+    if text.isdigit():
+        gid = int(text)
+        if gid > ID_MAX:
+            raise CLIError(f"{flag}: gid {gid} out of range 0..{ID_MAX}")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise CLIError(f"{flag}: no group named {text!r}") from None
+
+
+def default_allow_users() -> tuple[int, ...]:
+    """The user who ran `sudo toe up` (SUDO_UID); nobody besides root when root ran it."""
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if os.getuid() == 0 and sudo_uid.isdigit() and 0 < int(sudo_uid) <= ID_MAX:
+        return (int(sudo_uid),)
+    return ()
+
+
+def default_allow_group() -> int | None:
+    """Group `toe`, if the system has one."""
+    try:
+        return grp.getgrnam(TOE_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def allow_from_args(args: argparse.Namespace) -> tuple[tuple[int, ...], int | None]:
+    """(allow_users, allow_group): each flag given replaces its own default; root is implicit."""
+    if args.allow_users is None:
+        users = default_allow_users()
+    else:
+        uids = [parse_uid(u.strip()) for u in args.allow_users.split(",") if u.strip()]
+        users = tuple(sorted({u for u in uids if u != 0}))
+    if args.allow_group is None:
+        group = default_allow_group()
+    else:
+        group = parse_gid(args.allow_group.strip()) if args.allow_group.strip() else None
+    return users, group
+
+
+def user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def access_summary(config: AdapterConfig) -> str:
+    who = ["root", *(user_name(u) for u in config.allow_users)]
+    if config.allow_group is not None:
+        who.append(f"group {group_name(config.allow_group)}")
+    return ", ".join(who)
 
 
 def config_from_args(args: argparse.Namespace) -> AdapterConfig:
@@ -252,7 +377,11 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
         kw["tx_ring_bytes"] = kw["rx_ring_bytes"] = args.ring_kb * 1024
     if args.pcap is not None:
         kw["pcap"] = os.path.abspath(args.pcap)
-    config = AdapterConfig(**kw)
+    kw["allow_users"], kw["allow_group"] = allow_from_args(args)
+    for flag in ("max_sockets", "max_process_sockets", "max_ring_mb"):
+        if getattr(args, flag) is not None:
+            kw[flag] = getattr(args, flag)
+    config = AdapterConfig(**kw).resolved()
     try:
         if config.netns is not None:
             netns.check_name(config.netns)
@@ -264,14 +393,16 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     return config
 
 
-def check_not_up(config: AdapterConfig) -> AdapterConfig:
+def check_not_up(config: AdapterConfig) -> tuple[AdapterConfig, list[str]]:
     """Refuse a second adapter on the same TAP name; clear what a dead one left behind.
 
     Returns the config to use (netns_created carried over when a dead adapter
-    of ours left its namespace behind and we are asked for the same one).
+    of ours left its namespace behind and we are asked for the same one: it is
+    reused, and deleted by `toe down` as if made now) and notes on what was cleared.
     """
     tap = config.tap
     state = read_state(tap)
+    notes: list[str] = []
     if state is not None and daemon_alive(state.get("pid")):
         where = f" in netns {state['netns']}" if state.get("netns") else ""
         raise CLIError(f"adapter {tap} is already up (daemon pid {state.get('pid')}{where}); "
@@ -279,13 +410,23 @@ def check_not_up(config: AdapterConfig) -> AdapterConfig:
     if state is None and os.path.exists(api_path(tap)) and api_pings(tap):
         raise CLIError(f"adapter {tap} is already up (it answers on {api_path(tap)})")
     if state is not None or os.path.exists(ctl_path(tap)) or os.path.exists(api_path(tap)):
-        remove_files(tap)  # a daemon that died without cleaning up
-        old_ns = (state or {}).get("netns")
-        if (state or {}).get("netns_created") and isinstance(old_ns, str) and netns.exists(old_ns):
+        old = state or {}
+        old_ns = old.get("netns") if isinstance(old.get("netns"), str) else None
+        old_pid = old.get("pid")
+        if isinstance(old_pid, int) and lingering(old_pid, old_ns):
+            wait_gone(old_pid, DOWN_GRACE_S)
+        removed = remove_files(tap)  # a daemon that died without cleaning up
+        dead = f"daemon pid {old_pid}" if isinstance(old_pid, int) else "a daemon"
+        notes.append(f"{dead} of adapter {tap} was gone; removed its stale {', '.join(removed)}")
+        if old.get("netns_created") and old_ns and netns.exists(old_ns):
             if old_ns == config.netns:
-                return dataclasses.replace(config, netns_created=True)
-            if not netns.pids(old_ns):
+                config = dataclasses.replace(config, netns_created=True)
+                notes.append(f"reusing its netns {old_ns}")
+            elif not (inside := netns.pids(old_ns)):
                 netns.delete(old_ns)
+                notes.append(f"deleted its netns {old_ns}")
+            else:
+                notes.append(f"left its netns {old_ns} (pids {', '.join(map(str, inside))} in it)")
     present = False
     if config.netns is None or netns.exists(config.netns):
         with contextlib.suppress(netns.NetnsError, OSError):
@@ -293,16 +434,20 @@ def check_not_up(config: AdapterConfig) -> AdapterConfig:
     if present:
         where = f"netns {config.netns}" if config.netns else "this network namespace"
         raise CLIError(f"an interface named {config.tap} already exists in {where}")
-    return config
+    return config, notes
 
 
 def adapter_up(config: AdapterConfig, quiet: bool = False) -> dict[str, Any]:
     """Start the daemon for `config` in the background; return its state once it answers ping.
 
-    Creates config.netns if missing (and deletes it again if the start fails).
+    Creates config.netns if missing (and deletes it again if the start fails, also
+    when it is the namespace of a dead adapter of ours that we reuse).
     """
-    config = check_not_up(config)
+    config, notes = check_not_up(config.resolved())
+    if notes and not quiet:
+        print(f"toe: {'; '.join(notes)}", file=sys.stderr)
     config, created = prepare_netns(config)
+    created = created or config.netns_created
     proc = None
     try:
         with open(log_path(config.tap), "w") as log:
@@ -343,17 +488,20 @@ def adapter_up(config: AdapterConfig, quiet: bool = False) -> dict[str, Any]:
 def summary_line(config: AdapterConfig, state: dict[str, Any]) -> str:
     where = f"netns {config.netns}" if config.netns else "the current network namespace"
     return (f"adapter {config.tap} up in {where}: {config.addr} (kernel side {config.host_addr}), "
-            f"daemon pid {state.get('pid')}, log {log_path(config.tap)}; "
+            f"daemon pid {state.get('pid')}, log {log_path(config.tap)}; for {access_summary(config)}; "
             f"run programs with 'toe run --tap {config.tap} -- CMD'")
 
 
 def run_foreground(config: AdapterConfig) -> int:
-    config = check_not_up(config)
+    config, notes = check_not_up(config.resolved())
+    if notes:
+        print(f"toe: {'; '.join(notes)}", file=sys.stderr)
     try:
         from offload_daemon.daemon import run  # type: ignore[import-not-found, unused-ignore]
     except ImportError as e:
         raise CLIError(f"the offload daemon is not available: {e}") from None
     config, created = prepare_netns(config)
+    created = created or config.netns_created
     try:
         rc = run(config)
     finally:
@@ -367,13 +515,16 @@ def adapter_down(tap: str, quiet: bool = False) -> None:
     """Stop the adapter's daemon (SIGTERM, then SIGKILL), delete the namespace `toe up` made."""
     state = read_state(tap)
     if state is None:
-        leftovers = [p for p in (ctl_path(tap), api_path(tap)) if os.path.exists(p)]
-        remove_files(tap)
-        extra = f" (removed stale {', '.join(leftovers)})" if leftovers else ""
+        leftovers = remove_files(tap)
+        extra = f" (removed stale {', '.join(leftovers)} from {RUN_DIR})" if leftovers else ""
         raise CLIError(f"adapter {tap} is not up (no {state_path(tap)}){extra}")
     pid = state.get("pid")
+    ns = state.get("netns") if isinstance(state.get("netns"), str) and state.get("netns") else None
     killed = False
-    if daemon_alive(pid):
+    alive = daemon_alive(pid)
+    if not alive and isinstance(pid, int) and lingering(pid, ns):  # killed a moment ago: let it exit
+        wait_gone(pid, DOWN_GRACE_S)
+    if alive:
         assert isinstance(pid, int)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -383,18 +534,24 @@ def adapter_down(tap: str, quiet: bool = False) -> None:
                 os.kill(pid, signal.SIGKILL)
             if not wait_gone(pid, DOWN_GRACE_S):
                 raise CLIError(f"daemon pid {pid} of adapter {tap} does not exit, even after SIGKILL")
-    remove_files(tap)
+    removed = remove_files(tap)
     notes = []
     if killed:
         notes.append(f"daemon did not stop on SIGTERM within {DOWN_GRACE_S:.0f} s and was killed")
-    ns = state.get("netns")
-    if state.get("netns_created") and isinstance(ns, str) and ns:
-        with contextlib.suppress(netns.NetnsError):
-            left = netns.pids(ns)
-            if netns.delete(ns):
-                notes.append(f"netns {ns} deleted")
-            if left:
-                notes.append(f"processes still in that namespace keep it alive: pids {', '.join(map(str, left))}")
+    if not alive:
+        who = f"daemon pid {pid}" if isinstance(pid, int) else "its daemon (state file unreadable)"
+        notes.append(f"{who} was already gone; removed its stale {', '.join(removed)} "
+                     f"(log kept: {log_path(tap)})")
+    if state.get("netns_created") and ns:
+        left = netns.pids(ns)
+        try:
+            deleted = netns.delete(ns)
+        except netns.NetnsError as e:
+            raise CLIError(f"adapter {tap} stopped, but {e}") from None
+        notes.append(f"netns {ns} deleted" if deleted else f"netns {ns} was already gone")
+        if left:
+            notes.append(f"pids {', '.join(map(str, left))} still in it keep the namespace alive "
+                         "until they exit")
     if not quiet:
         print(f"adapter {tap} down" + (f" ({'; '.join(notes)})" if notes else ""))
 
@@ -455,15 +612,74 @@ def preload_env(tap: str, env: dict[str, str], strict: bool = False) -> dict[str
     return env
 
 
+def probe_ctl(path: str) -> int:
+    """0 if a live socket is bound at `path`, else the errno a connect() to it gets.
+
+    Connects with the wrong socket type (SOCK_DGRAM to the SOCK_SEQPACKET control
+    socket): the kernel checks the path (ENOENT), write permission (EACCES) and that
+    a socket is bound there (ECONNREFUSED) before the type (EPROTOTYPE), so a live
+    daemon answers EPROTOTYPE and never sees a connection (a real one would appear
+    in `toe stat` as a process, with the pid the program gets after exec).
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError as e:
+        return 0 if e.errno == errno.EPROTOTYPE else (e.errno or errno.EIO)
+    finally:
+        s.close()
+    return 0
+
+
+def check_adapter_answers(tap: str) -> None:
+    """Before `toe run` execs: exit (CLIError) if adapter `tap` is not up or its daemon is
+    dead. A user it does not allow goes on: the shim says so in one line when the program
+    makes its first TCP socket, and gives it the kernel path (as with no daemon)."""
+    ctl = ctl_path(tap)
+    err = probe_ctl(ctl)
+    if err == 0:
+        return
+    state = read_state(tap)
+    pid = (state or {}).get("pid")
+    again = f"'toe down --tap {tap}' cleans up, 'toe up --tap {tap}' starts it again"
+    if err == errno.EACCES:
+        if isinstance(pid, int) and not pid_exists(pid):
+            raise CLIError(f"adapter {tap} is not answering (daemon pid {pid} is gone); {again}")
+        # the program runs; its first TCP socket() gets the shim's one line and the kernel
+        return
+    if err == errno.ENOENT and state is None:
+        raise CLIError(f"adapter {tap} is not up (no {ctl}); start it with 'toe up --tap {tap}'")
+    if err in (errno.ENOENT, errno.ECONNREFUSED):
+        if not isinstance(pid, int):
+            why = f"nothing accepts on {ctl}" if err == errno.ECONNREFUSED else f"no {ctl}"
+        elif not daemon_alive(pid):
+            why = f"daemon pid {pid} is gone"
+        elif err == errno.ENOENT:
+            why = f"daemon pid {pid} has no {ctl}"
+        else:
+            why = f"daemon pid {pid} does not accept connections on {ctl}"
+        raise CLIError(f"adapter {tap} is not answering ({why}); {again}")
+    raise CLIError(f"cannot reach adapter {tap} at {ctl}: {os.strerror(err)}")
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether any process has this pid (kill 0: works for other users' processes too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise CLIError("run needs a command: toe run [--tap NAME] -- CMD [ARGS...]")
-    ctl = ctl_path(args.tap)
-    if not os.path.exists(ctl):
-        raise CLIError(f"adapter {args.tap} is not up (no {ctl}); start it with 'toe up --tap {args.tap}'")
+    check_adapter_answers(args.tap)
     env = preload_env(args.tap, dict(os.environ), strict=args.strict)
     if "/" in cmd[0]:
         exe: str | None = cmd[0] if os.path.isfile(cmd[0]) else None
@@ -528,6 +744,26 @@ def fmt(v: Any, suffix: str = "") -> str:
     return f"{v}{suffix}"
 
 
+def fmt_mib(n: Any) -> str:
+    """Bytes in MiB, the unit of --max-ring-mb."""
+    return f"{n / MIB:.1f} MiB" if isinstance(n, (int, float)) and not isinstance(n, bool) else fmt(n)
+
+
+def limits_line(lim: dict[str, Any]) -> str:
+    """The `limits` block of a stat answer as one line: use / limit; any key may be missing."""
+    parts, rest = [], dict(lim)
+    used, cap, per = rest.pop("sockets", None), rest.pop("max_sockets", None), rest.pop("max_process_sockets", None)
+    if used is not None or cap is not None:
+        parts.append(f"sockets {fmt(used)} / {fmt(cap)}")
+    if per is not None:
+        parts.append(f"per process {fmt(per)}")
+    ring, ring_cap = rest.pop("ring_bytes", None), rest.pop("max_ring_bytes", None)
+    if ring is not None or ring_cap is not None:
+        parts.append(f"ring memory {fmt_mib(ring)} / {fmt_mib(ring_cap)}")
+    parts += [f"{k.replace('_', ' ')} {fmt(v)}" for k, v in rest.items()]
+    return "[bold]limits[/]  " + ("  ".join(parts) if parts else "-")
+
+
 def render_stat(data: dict[str, Any], console: Any = None) -> None:
     """Render a `stat` answer for people; every key is optional."""
     from rich.columns import Columns
@@ -549,6 +785,8 @@ def render_stat(data: dict[str, Any], console: Any = None) -> None:
         bits.append(f"cpu {key.removesuffix('_s')} {fmt(value, ' s' if key.endswith('_s') else '')}")
     if bits:
         console.print("  ".join(bits), highlight=False)
+    if isinstance(data.get("limits"), dict):
+        console.print(limits_line(data["limits"]), highlight=False)
 
     conns = _rows(data.get("connections"))
     t = Table(title=f"connections ({len(conns)})", title_justify="left")
@@ -873,6 +1111,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"TX and RX ring size per socket in KiB (default {AdapterConfig.tx_ring_bytes // 1024})")
     up.add_argument("--pcap", metavar="FILE",
                     help="write every frame the adapter sends and receives to FILE (pcap, for Wireshark)")
+    access = up.add_argument_group(
+        "who may use the adapter",
+        "Root always may. Each flag given replaces its own default; '' means none "
+        "(--allow-users '' --allow-group '': root only). See docs/security.md.")
+    access.add_argument("--allow-users", metavar="USER[,USER...]",
+                        help="users (names or uids) who may run programs on it (default: the user who "
+                        "ran 'sudo toe up' (SUDO_UID); nobody else when root ran it directly)")
+    access.add_argument("--allow-group", metavar="GROUP",
+                        help=f"a group (name or gid) whose members may use it (default: group "
+                        f"'{TOE_GROUP}' if it exists, none otherwise)")
+    limits = up.add_argument_group("limits", "What all local users together, and one process, may take.")
+    limits.add_argument("--max-sockets", type=ranged(1, SOCKETS_MAX), metavar="N",
+                        help=f"offloaded sockets open at once, in total (default {AdapterConfig.max_sockets})")
+    limits.add_argument("--max-process-sockets", type=ranged(1, SOCKETS_MAX), metavar="N",
+                        help=f"offloaded sockets open at once per process (default "
+                        f"{AdapterConfig.max_process_sockets})")
+    limits.add_argument("--max-ring-mb", type=ranged(0, 1 << 30), metavar="N",
+                        help=f"ring memory of all open sockets in MiB (default 0: half of the memory, "
+                        f"here {default_ring_mb()}; one socket takes "
+                        f"{AdapterConfig().socket_bytes / MIB:.1f} MiB with the default --ring-kb)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop an adapter", description="Stop the adapter's daemon; "
