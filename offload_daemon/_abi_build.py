@@ -54,9 +54,24 @@ uint32_t toe_rx_arm_window(struct toe_sock_shm *s);
 uint32_t toe_ring_load(uint32_t *p);
 uint16_t toe_csum_fold(const uint8_t *buf, size_t len, uint32_t initial);
 int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uint32_t rx_size);
+uint32_t toe_d_rx_space(struct toe_sock_shm *s, uint32_t rx_size);
+int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, const uint8_t *src,
+                  uint32_t len);
+int toe_fd_unix_stream(int fd);
+uint64_t toe_fd_cookie(int fd);
+int toe_fd_memfd(int fd, uint64_t size);
+int toe_fd_tcp_listener(int fd);
 """
 
 HELPERS_SRC = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include "toe_ring.h"
 
 uint32_t toe_ring_load(uint32_t *p) { return TOE_LOAD_ACQ(p); }
@@ -103,6 +118,96 @@ int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uin
     if (s->tx_size != tx_size || s->rx_size != rx_size)
         return -2;
     s->sock_id = sock_id;
+    return 0;
+}
+
+/*
+ * The daemon's side of the RX ring, safe against the shim: the shared header is
+ * writable by the application, so the sizes come from the daemon's own copy
+ * (checked when the socket was registered) and a consumer index that makes no
+ * sense (more used than the ring holds) leaves no space.  Whatever the shim
+ * writes into the header, the daemon never writes outside the ring.
+ */
+uint32_t toe_d_rx_space(struct toe_sock_shm *s, uint32_t rx_size)
+{
+    uint32_t used = s->rx_tail - TOE_LOAD_ACQ(&s->rx_head);
+    return used > rx_size ? 0 : rx_size - used;
+}
+
+/* toe_rx_push() with the daemon's sizes; -1 (nothing written) if len does not fit. */
+int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, const uint8_t *src,
+                  uint32_t len)
+{
+    if (len) {
+        if (len > toe_d_rx_space(s, rx_size))
+            return -1;
+        uint32_t tail = s->rx_tail;
+        toe_ring_copy_in((uint8_t *)s + TOE_SHM_HDR_SIZE + tx_size, rx_size, tail, src, len);
+        TOE_STORE_REL(&s->rx_tail, tail + len);
+    }
+    TOE_FENCE();
+    return TOE_LOAD_ACQ(&s->tok_taken) == s->tok_sent;
+}
+
+/* Descriptors a shim passes, checked for what they must be (0 / -errno). */
+int toe_fd_unix_stream(int fd)
+{
+    int v = 0;
+    socklen_t l = sizeof(v);
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_UNIX)
+        return -EINVAL;
+    l = sizeof(v);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) < 0 || v != SOCK_STREAM)
+        return -EINVAL;
+    return 0;
+}
+
+/* SO_COOKIE of a socket (0 if it has none): read by the daemon itself, never taken
+ * from a command. */
+uint64_t toe_fd_cookie(int fd)
+{
+    uint64_t c = 0;
+    socklen_t l = sizeof(c);
+    if (getsockopt(fd, SOL_SOCKET, SO_COOKIE, &c, &l) < 0 || l != sizeof(c))
+        return 0;
+    return c;
+}
+
+/* A memfd of exactly `size` bytes that can neither shrink nor grow (a mapping of a
+ * file its owner could truncate would fault the daemon with SIGBUS). */
+int toe_fd_memfd(int fd, uint64_t size)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != size)
+        return -EINVAL;
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        return -EINVAL;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != O_RDWR)
+        return -EINVAL;
+    return 0;
+}
+
+/* A listening TCP/IPv4 socket (LISTEN's kernel listener for INADDR_ANY). */
+int toe_fd_tcp_listener(int fd)
+{
+    int v = 0;
+    socklen_t l = sizeof(v);
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_INET)
+        return -EINVAL;
+    l = sizeof(v);
+    if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &l) < 0 || v != IPPROTO_TCP)
+        return -EINVAL;
+    l = sizeof(v);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &l) < 0 || v != 1)
+        return -EINVAL;
     return 0;
 }
 """

@@ -17,10 +17,13 @@ import ipaddress
 import json
 import os
 import resource
+import secrets
 import select
 import signal
+import socket
 import sys
 import time
+import traceback
 from collections import deque
 
 from nic_model import rx as rxmod
@@ -30,11 +33,12 @@ from nic_model.tap import TapError, TapPort
 from nic_model.tx import MAX_TSO_BYTES, TxEngine
 from nic_model.wire import ethernet
 
+from . import access
 from .abi import csum, ffi, lib
-from .api import ApiServer
+from .api import ApiServer, Peer, RequestError
 from .arp import ArpTable
 from .config import RUN_DIR, AdapterConfig, log_path
-from .host import ControlServer, HostSocket, ProcessCtx, from_be16, from_be32
+from .host import ControlServer, HostSocket, ProcessCtx, from_be16, from_be32, unix_listener
 from .tcp import SEND_STATES, TcpStack, ip_str
 from .timers import Timers
 
@@ -44,10 +48,26 @@ HANDOVER_REASONS = {1: "loopback", 2: "outside the adapter's subnet", 3: "bind t
 POOL_BUFFERS = 256
 POOL_BUF_BYTES = 65536 + 256
 EP_B = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP
+MAX_CHANNELS = 4096                 # control channels (processes) at once
 
 
 class SetupError(Exception):
     """A reason the adapter cannot start, as one readable line."""
+
+
+class BadCommand(Exception):
+    """A malformed command (counted in bad_commands), answered -errno."""
+
+    def __init__(self, err: int):
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+def _log_exception(what: str) -> None:
+    """One handler failed: the traceback goes to the log (stderr), the loop goes on."""
+    print(f"toe: error in {what} (the event loop goes on):", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    sys.stderr.flush()
 
 
 class Adapter:
@@ -59,15 +79,18 @@ class Adapter:
         self.offloads = cfg.offloads
         self.timers = Timers()
         self.started = time.monotonic()
-        self.counters_host = {"commands": 0, "bad_commands": 0, "sockets": 0, "accepts": 0,
+        self.counters_host = {"commands": 0, "sockets": 0, "accepts": 0,
                               "adoptions": 0, "handovers": 0, "handovers_refused": 0, "doorbells": 0,
-                              "app_closes": 0}
+                              "app_closes": 0, "bad_commands": 0, "foreign_ids": 0,
+                              "limit_refusals": 0, "refused_channels": 0, "handler_errors": 0,
+                              "fork_channels": 0, "accept_errors": 0, "channels_dropped": 0}
         self.ackgen = AckGenCounters()
         self.socks: dict[int, HostSocket] = {}
         self.by_b: dict[int, HostSocket] = {}
         self.by_kl: dict[int, HostSocket] = {}      # kernel listening sockets of INADDR_ANY listeners
+        self.by_cookie: dict[int, HostSocket] = {}  # SO_COOKIE of A -> socket (ADOPT)
+        self.ring_limit = cfg.ring_limit_bytes()
         self.exited: deque[ProcessCtx] = deque(maxlen=32)
-        self._next_sid = 0
         self.running = True
         self.tap: TapPort | None = None
         self.ctl: ControlServer | None = None
@@ -94,14 +117,24 @@ class Adapter:
         self.tx_max_payload = min(MAX_TSO_BYTES, 65535 - 40 - 40)
         self.arp = ArpTable(self.my_ip, self.my_mac, self.tx, self.timers)
         self.tcp = TcpStack(self)
-        os.makedirs(RUN_DIR, exist_ok=True)
-        self.ctl = ControlServer(cfg.ctl_path, self)
-        self.api = ApiServer(cfg.api_path, self.handle_api)
+        _raise_fd_limit(2 * cfg.max_sockets + MAX_CHANNELS + 1024)
+        try:
+            for note in access.ensure_run_dir(RUN_DIR):
+                print(f"toe: {RUN_DIR}: {note}", file=sys.stderr)
+        except OSError as e:
+            raise SetupError(str(e)) from None
         self.ep = select.epoll()
-        self.handlers: dict[int, object] = {}
+        ctl_sock = unix_listener(cfg.ctl_path, socket.SOCK_SEQPACKET, 128)
+        api_sock = unix_listener(cfg.api_path, socket.SOCK_STREAM, 16)
+        for path in (cfg.ctl_path, cfg.api_path):
+            try:
+                access.secure_socket(path, cfg)
+            except OSError as e:
+                raise SetupError(f"cannot restrict {path} to the allowed users: {e}") from None
+        self.ctl = ControlServer(ctl_sock, self, self._judge_channel)
+        self.api = ApiServer(api_sock, self.handle_api, self.ep)
         self.ep.register(self.tap.fd, select.EPOLLIN)
-        self.ep.register(self.ctl.sock.fileno(), select.EPOLLIN)
-        self.ep.register(self.api.sock.fileno(), select.EPOLLIN)
+        self.ep.register(ctl_sock.fileno(), select.EPOLLIN)
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._sig_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -125,9 +158,8 @@ class Adapter:
     def loop(self) -> None:
         tap_fd = self.tap.fd  # type: ignore[union-attr]
         ctl_fd = self.ctl.sock.fileno()  # type: ignore[union-attr]
-        api_fd = self.api.sock.fileno()  # type: ignore[union-attr]
         procs = self.ctl.procs  # type: ignore[union-attr]
-        api_clients = self.api.clients  # type: ignore[union-attr]
+        api = self.api
         by_b = self.by_b
         timers = self.timers
         while self.running:
@@ -140,36 +172,68 @@ class Adapter:
                 continue
             now = time.monotonic()
             for fd, ev in events:
-                if fd == tap_fd:
-                    self._tap_rx(now)
-                elif fd in by_b:
-                    self._b_event(by_b[fd], ev, now)
-                elif fd in self.by_kl:
-                    self.by_kl[fd].wake()          # a connection arrived through the kernel
-                elif fd in procs:
-                    if not self.ctl.serve(procs[fd], now):  # type: ignore[union-attr]
-                        self._proc_gone(procs[fd])
-                elif fd == ctl_fd:
-                    ctx = self.ctl.accept()  # type: ignore[union-attr]
-                    while ctx is not None:
-                        self.ep.register(ctx.conn.fileno(), select.EPOLLIN)
-                        ctx = self.ctl.accept()  # type: ignore[union-attr]
-                elif fd in api_clients:
-                    self.api.serve(fd)  # type: ignore[union-attr]
-                elif fd == api_fd:
-                    self.api.accept()  # type: ignore[union-attr]
-                    for cfd in list(api_clients):
+                try:
+                    if fd == tap_fd:
+                        self._tap_rx(now)
+                    elif fd in by_b:
+                        self._b_event(by_b[fd], ev, now)
+                    elif fd in self.by_kl:
+                        self.by_kl[fd].wake()          # a connection arrived through the kernel
+                    elif fd in procs:
+                        if not self.ctl.serve(procs[fd], now):  # type: ignore[union-attr]
+                            self._proc_gone(procs[fd])
+                    elif fd == ctl_fd:
+                        self._accept_channels()
+                    elif api is not None and api.owns(fd):
+                        api.event(fd, ev)
+                    elif fd == self._sig_r:
                         try:
-                            self.ep.register(cfd, select.EPOLLIN)
-                        except FileExistsError:
+                            os.read(self._sig_r, 64)
+                        except OSError:
                             pass
-                elif fd == self._sig_r:
-                    try:
-                        os.read(self._sig_r, 64)
-                    except OSError:
-                        pass
-            timers.poll(now)
-            self.tcp.flush(now)
+                except Exception:
+                    self._event_failed(fd)
+            try:
+                timers.poll(now)
+                self.tcp.flush(now)
+            except Exception:
+                self.counters_host["handler_errors"] += 1
+                _log_exception("timers")
+
+    def _event_failed(self, fd: int) -> None:
+        """A handler raised: log and count it, and drop what it was serving (a channel, a
+        socket: reset) so that the same input cannot fail again and again."""
+        self.counters_host["handler_errors"] += 1
+        _log_exception(f"the handler of fd {fd}")
+        try:
+            procs = self.ctl.procs  # type: ignore[union-attr]
+            if fd in procs:
+                self._proc_gone(procs[fd])
+            elif fd in self.by_b:
+                s = self.by_b[fd]
+                if s.ccb is not None:
+                    self.tcp.abort(s.ccb, time.monotonic())
+                s.set_error(errno.EIO)
+        except Exception:
+            _log_exception("dropping a failed client")
+
+    def _accept_channels(self) -> None:
+        ctl = self.ctl
+        assert ctl is not None
+        while True:
+            ctx = ctl.accept()
+            if ctx is None:
+                return
+            if len(ctl.procs) > MAX_CHANNELS:
+                self.counters_host["refused_channels"] += 1
+                del ctl.procs[ctx.conn.fileno()]
+                ctx.conn.close()
+                continue
+            self.ep.register(ctx.conn.fileno(), select.EPOLLIN)
+
+    def _judge_channel(self, conn: socket.socket) -> tuple[int, int, int, bool]:
+        pid, uid, gid, groups = access.peer_creds(conn)
+        return pid, uid, gid, access.peer_allowed(uid, gid, groups, self.cfg)
 
     def _tap_rx(self, now: float) -> None:
         pool = self.pool
@@ -204,8 +268,7 @@ class Adapter:
             s.drain()
             s.close_b()
             self.counters_host["app_closes"] += 1
-            s.proc.sockets -= 1
-            self.socks.pop(s.id, None)
+            self._unregister(s)
             self._drop_kernel_listener(s)
             self.tcp.app_closed(s, now)
             return
@@ -225,218 +288,302 @@ class Adapter:
 
     def _proc_gone(self, ctx: ProcessCtx) -> None:
         fd = ctx.conn.fileno()
-        self.ep.unregister(fd)
-        del self.ctl.procs[fd]  # type: ignore[union-attr]
+        if self.ctl.procs.pop(fd, None) is None:  # type: ignore[union-attr]
+            return
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
         ctx.conn.close()
         ctx.alive = False
-        self.exited.append(ctx)      # `toe stat` after a short `toe run` still shows what it did
+        ctx.drop_all()               # its sockets live on in whoever still holds their A ends
+        if ctx.commands and ctx.allowed:
+            self.exited.append(ctx)  # `toe stat` after a short `toe run` still shows what it did
 
     # ------------------------------------------------------------------ commands
 
-    def _new_sock(self, ctx: ProcessCtx, fds: list[int], shm_bytes: int, cookie: int = 0) -> HostSocket:
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(errno.EINVAL, "expected [B, memfd]")
-        b_fd, memfd = fds
-        try:
-            st = os.fstat(b_fd)
-            if (st.st_mode & 0o170000) != 0o140000:
-                raise OSError(errno.EINVAL, "B is not a socket")
-            os.set_blocking(b_fd, False)
-            self._next_sid += 1
-            s = HostSocket(self._next_sid, ctx, b_fd, memfd, shm_bytes, cookie)
-        except (OSError, ValueError) as e:
-            os.close(b_fd)
-            if isinstance(e, ValueError):
-                raise OSError(errno.EINVAL, str(e)) from None
-            raise
+    def _limit_error(self, ctx: ProcessCtx) -> int:
+        """0, or the errno the kernel would give for the limit a new socket hits."""
+        cfg = self.cfg
+        if ctx.sockets >= cfg.max_process_sockets:
+            return errno.EMFILE                 # per process, like RLIMIT_NOFILE
+        if len(self.socks) >= cfg.max_sockets:
+            return errno.ENFILE                 # adapter-wide, like the system file table
+        shm = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
+        if HostSocket.mapped_bytes + shm > self.ring_limit:
+            return errno.ENOBUFS                # ring memory
+        return 0
+
+    def _new_sock(self, ctx: ProcessCtx, fds: list[int], shm_bytes: int) -> HostSocket:
+        """A socket from [B, memfd, A] (SOCKET, ACCEPT). Takes B and memfd out of `fds`
+        (set to -1) once they are the socket's; A, and everything on failure, stays for
+        the caller to close."""
+        cfg = self.cfg
+        err = self._limit_error(ctx)
+        if err:
+            self.counters_host["limit_refusals"] += 1
+            raise OSError(err, "limit")
+        if len(fds) != 3 or shm_bytes != lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes:
+            raise OSError(errno.EINVAL, "expected [B, memfd, A] and the adapter's ring sizes")
+        b_fd, memfd, a_fd = fds
+        if lib.toe_fd_unix_stream(b_fd) < 0 or lib.toe_fd_unix_stream(a_fd) < 0:
+            raise OSError(errno.EINVAL, "A and B must be AF_UNIX stream sockets")
+        cookie = lib.toe_fd_cookie(a_fd)
+        if not cookie or cookie in self.by_cookie:
+            raise OSError(errno.EINVAL, "A is not a new socket")
+        os.set_blocking(b_fd, False)
+        sid = self._new_id()
+        fds[1] = -1                              # HostSocket owns memfd from here, even on failure
+        s = HostSocket(sid, ctx, b_fd, memfd, cfg.tx_ring_bytes, cfg.rx_ring_bytes, cookie)
+        fds[0] = -1
         return s
+
+    def _new_id(self) -> int:
+        """Socket ids are random: a process cannot guess another's (and may name only its own)."""
+        while True:
+            sid = secrets.randbits(32)
+            if sid and sid not in self.socks:
+                return sid
 
     def _register(self, s: HostSocket) -> None:
         self.socks[s.id] = s
         self.by_b[s.b_fd] = s
+        self.by_cookie[s.cookie] = s
+        s.proc.hold(s)
         s.proc.sockets += 1
         s.proc.offloaded += 1
         self.ep.register(s.b_fd, EP_B)
 
-    def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> None:
+    def _unregister(self, s: HostSocket) -> None:
+        """A's last reference is gone: nobody may name the socket any more."""
+        self.socks.pop(s.id, None)
+        if self.by_cookie.get(s.cookie) is s:
+            del self.by_cookie[s.cookie]
+        for h in s.holders:
+            h.socks.pop(s.id, None)
+        s.holders.clear()
+        s.proc.sockets -= 1
+
+    # descriptors each operation takes (SCM_RIGHTS); anything else is refused
+    _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (3,), lib.TOE_OP_LISTEN: (0, 1),
+            lib.TOE_OP_ADOPT: (1,)}
+
+    def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> bool:
+        """Answer one command into rsp. Every descriptor in `fds` is either taken by the
+        socket it belongs to or closed here, on every path. False: drop the channel."""
         self.counters_host["commands"] += 1
         op = cmd.op
+        keep = True
         try:
-            if op == lib.TOE_OP_HELLO:
-                for fd in fds:
-                    os.close(fd)
-                rsp.addr_be32 = _be32(self.my_ip)
-                rsp.prefix_len = self.network.prefixlen
-                rsp.netmask_be32 = _be32(int(self.network.netmask))
-                rsp.tx_ring_bytes = self.cfg.tx_ring_bytes
-                rsp.rx_ring_bytes = self.cfg.rx_ring_bytes
-                rsp.daemon_pid = os.getpid()
-                rsp.abi_version = lib.TOE_ABI_VERSION
-                rsp.result = 0
-                return
-            if op == lib.TOE_OP_SOCKET:
-                s = self._new_sock(ctx, fds, cmd.shm_bytes, cmd.cookie)
-                self._register(s)
-                self.counters_host["sockets"] += 1
-                rsp.sock_id = s.id
-                rsp.result = 0
-                return
-            if op == lib.TOE_OP_ADOPT:
-                for fd in fds:
-                    os.close(fd)
-                self._adopt(ctx, cmd.cookie, rsp)
-                return
-            if op == lib.TOE_OP_HANDOVER:
-                # statistics only; the socket itself may already be gone (handing over replaced
-                # A, and B's end-of-file can be seen before this command)
-                for fd in fds:
-                    os.close(fd)
-                reason = HANDOVER_REASONS.get(cmd.arg0, f"reason {cmd.arg0}")
-                ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
-                if cmd.arg1:                       # strict mode: the shim refused it
-                    ctx.refused += 1
-                    self.counters_host["handovers_refused"] += 1
-                else:
-                    ctx.handovers += 1
-                    self.counters_host["handovers"] += 1
-                rsp.result = 0
-                return
-            for fd in fds if op not in (lib.TOE_OP_ACCEPT, lib.TOE_OP_LISTEN) else ():
-                os.close(fd)
-            target = self.socks.get(cmd.sock_id)
-            if target is None:
-                for fd in fds:
-                    os.close(fd)
-                rsp.result = -errno.EBADF
-                return
-            s = target
-            if op == lib.TOE_OP_BIND:
-                ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
-                if ip not in (0, self.my_ip):
-                    rsp.flags = lib.TOE_RF_HANDOVER
-                    rsp.result = 0
-                    return
-                rsp.result = self.tcp.bind(s, ip, port)
-            elif op == lib.TOE_OP_LISTEN:
-                rsp.result = self.tcp.listen(s, cmd.arg0)
-                self._kernel_listener(s, fds if rsp.result == 0 else [], fds)
-            elif op == lib.TOE_OP_CONNECT:
-                ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
-                if ip == self.my_ip or ipaddress.IPv4Address(ip) not in self.network \
-                        or ip == int(self.network.broadcast_address) \
-                        or ip == int(self.network.network_address):
-                    rsp.flags = lib.TOE_RF_HANDOVER
-                    rsp.result = 0
-                    return
-                rsp.result = self.tcp.connect(s, ip, port, now)
-            elif op == lib.TOE_OP_ACCEPT:
-                self._accept(ctx, s, cmd, fds, rsp, now)
-            elif op == lib.TOE_OP_SHUTDOWN:
-                rsp.result = self.tcp.shutdown(s, cmd.arg0, now)
-            elif op == lib.TOE_OP_SETSOCKOPT:
-                self.tcp.setsockopt(s, cmd.arg0, cmd.arg1, now)
-                rsp.result = 0
-            else:
-                rsp.result = -errno.EOPNOTSUPP
-                self.counters_host["bad_commands"] += 1
+            if len(fds) not in self._FDS.get(op, (0,)):
+                raise BadCommand(errno.EINVAL)
+            rsp.result = self._command(ctx, op, cmd, fds, rsp, now)
+        except BadCommand as e:
+            rsp.result = -e.errno
+            self.counters_host["bad_commands"] += 1
         except OSError as e:
             rsp.result = -(e.errno or errno.EINVAL)
+        except Exception:                       # a bug met by someone's input: log, count, drop
+            self.counters_host["handler_errors"] += 1
+            _log_exception(f"command op {op} from pid {ctx.pid}")
+            rsp.result = -errno.EIO
+            keep = False
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+        if rsp.result < 0:
+            self.ctl.rsp_fds = []  # type: ignore[union-attr]
+        return keep
 
-    def _accept(self, ctx: ProcessCtx, ls: HostSocket, cmd, fds, rsp, now: float) -> None:
+    def _command(self, ctx: ProcessCtx, op: int, cmd, fds: list[int], rsp, now: float) -> int:
+        if op == lib.TOE_OP_HELLO:
+            rsp.addr_be32 = _be32(self.my_ip)
+            rsp.prefix_len = self.network.prefixlen
+            rsp.netmask_be32 = _be32(int(self.network.netmask))
+            rsp.tx_ring_bytes = self.cfg.tx_ring_bytes
+            rsp.rx_ring_bytes = self.cfg.rx_ring_bytes
+            rsp.daemon_pid = os.getpid()
+            rsp.abi_version = lib.TOE_ABI_VERSION
+            return 0
+        if op == lib.TOE_OP_SOCKET:
+            s = self._new_sock(ctx, fds, cmd.shm_bytes)
+            self._register(s)
+            self.counters_host["sockets"] += 1
+            rsp.sock_id = s.id
+            return 0
+        if op == lib.TOE_OP_ADOPT:
+            return self._adopt(ctx, fds, rsp)
+        if op == lib.TOE_OP_FORK:
+            return self._fork_channel(ctx)
+        if op == lib.TOE_OP_HANDOVER:
+            # statistics only; the socket itself may already be gone (handing over replaced
+            # A, and B's end-of-file can be seen before this command)
+            reason = HANDOVER_REASONS.get(cmd.arg0)
+            if reason is None:
+                raise BadCommand(errno.EINVAL)
+            ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
+            if cmd.arg1:                       # strict mode: the shim refused it
+                ctx.refused += 1
+                self.counters_host["handovers_refused"] += 1
+            else:
+                ctx.handovers += 1
+                self.counters_host["handovers"] += 1
+            return 0
+        if op not in (lib.TOE_OP_BIND, lib.TOE_OP_LISTEN, lib.TOE_OP_CONNECT, lib.TOE_OP_ACCEPT,
+                      lib.TOE_OP_SHUTDOWN, lib.TOE_OP_SETSOCKOPT):
+            raise BadCommand(errno.EOPNOTSUPP)
+        named = ctx.socks.get(cmd.sock_id)
+        if named is None or not named.mapped:
+            self.counters_host["foreign_ids"] += 1
+            return -errno.EBADF                 # not a socket of this channel
+        s = named
+        if op == lib.TOE_OP_BIND:
+            ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
+            if ip not in (0, self.my_ip):
+                rsp.flags = lib.TOE_RF_HANDOVER
+                return 0
+            return self.tcp.bind(s, ip, port)
+        if op == lib.TOE_OP_LISTEN:
+            if fds and (lib.toe_fd_tcp_listener(fds[0]) < 0 or s.kernel_listener >= 0):
+                raise BadCommand(errno.EINVAL)
+            r = self.tcp.listen(s, cmd.arg0)
+            if r == 0 and fds:
+                self._kernel_listener(s, fds[0])
+                fds[0] = -1
+            return r
+        if op == lib.TOE_OP_CONNECT:
+            ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
+            if ip == self.my_ip or ipaddress.IPv4Address(ip) not in self.network \
+                    or ip == int(self.network.broadcast_address) \
+                    or ip == int(self.network.network_address):
+                rsp.flags = lib.TOE_RF_HANDOVER
+                return 0
+            return self.tcp.connect(s, ip, port, now)
+        if op == lib.TOE_OP_ACCEPT:
+            return self._accept(ctx, s, cmd, fds, rsp, now)
+        if op == lib.TOE_OP_SHUTDOWN:
+            if cmd.arg0 not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+                return -errno.EINVAL
+            return self.tcp.shutdown(s, cmd.arg0, now)
+        self.tcp.setsockopt(s, cmd.arg0, cmd.arg1, now)
+        return 0
+
+    def _accept(self, ctx: ProcessCtx, ls: HostSocket, cmd, fds: list[int], rsp, now: float) -> int:
         if ls.listener is None:
-            for fd in fds:
-                os.close(fd)
-            rsp.result = -errno.EINVAL
-            return
+            return -errno.EINVAL
         if not ls.listener.queue:
-            for fd in fds:
-                os.close(fd)
-            rsp.result = -errno.EAGAIN
-            return
-        child = self._new_sock(ctx, fds, cmd.shm_bytes, cmd.cookie)
+            return -errno.EAGAIN
+        child = self._new_sock(ctx, fds, cmd.shm_bytes)
         c = self.tcp.accept(ls, child, now)
         if c is None:
             child.close_b()
             child.release()
-            rsp.result = -errno.EAGAIN
-            return
+            return -errno.EAGAIN
         self._register(child)
         self.counters_host["accepts"] += 1
         rsp.sock_id = child.id
         rsp.addr_be32 = _be32(c.remote_ip)
         rsp.port_be16 = _be16(c.remote_port)
-        rsp.result = 0
         if ls.listener.queue:
             ls.wake()
+        return 0
 
-    def _kernel_listener(self, s: HostSocket, take: list[int], fds: list[int]) -> None:
+    def _kernel_listener(self, s: HostSocket, fd: int) -> None:
         """LISTEN on INADDR_ANY may carry the app's kernel listening socket on the same port:
         watch it, so A is readable when a connection waits there too (both paths accepted)."""
-        for fd in fds:
-            if take and fd == take[0] and s.kernel_listener < 0:
-                os.set_blocking(fd, False)
-                s.kernel_listener = fd
-                self.by_kl[fd] = s
-                self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
-            else:
-                os.close(fd)
+        os.set_blocking(fd, False)
+        self.ep.register(fd, select.EPOLLIN | select.EPOLLET)
+        s.kernel_listener = fd
+        self.by_kl[fd] = s
 
     def _drop_kernel_listener(self, s: HostSocket) -> None:
         fd = s.kernel_listener
         if fd >= 0:
-            self.ep.unregister(fd)
-            del self.by_kl[fd]
-            os.close(fd)
             s.kernel_listener = -1
+            self.by_kl.pop(fd, None)
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+            os.close(fd)
 
-    def _adopt(self, ctx: ProcessCtx, cookie: int, rsp) -> None:
-        """A program exec'd with an inherited A end asks for its socket by A's SO_COOKIE."""
-        if cookie:
-            for s in self.socks.values():
-                if s.cookie == cookie and s.mapped and s.memfd >= 0:
-                    self.ctl.rsp_fds = [s.memfd]  # type: ignore[union-attr]
-                    rsp.sock_id = s.id
-                    rsp.tx_ring_bytes = s.tx_size
-                    rsp.rx_ring_bytes = s.rx_size
-                    rsp.result = 0
-                    s.proc.sockets -= 1            # the socket now counts for the adopter
-                    s.proc = ctx
-                    s.pid = ctx.pid
-                    ctx.sockets += 1
-                    ctx.offloaded += 1
-                    self.counters_host["adoptions"] += 1
-                    return
-        rsp.result = -errno.ENOENT
+    def _adopt(self, ctx: ProcessCtx, fds: list[int], rsp) -> int:
+        """A process proves it holds a socket by passing its A end (inherited across exec,
+        or received over a Unix socket); it gets the memfd and may name the socket."""
+        a_fd = fds[0]
+        if lib.toe_fd_unix_stream(a_fd) < 0:
+            raise BadCommand(errno.EINVAL)
+        s = self.by_cookie.get(lib.toe_fd_cookie(a_fd))
+        if s is None or not s.mapped or s.memfd < 0:
+            return -errno.ENOENT
+        self.ctl.rsp_fds = [s.memfd]  # type: ignore[union-attr]
+        rsp.sock_id = s.id
+        rsp.tx_ring_bytes = s.tx_size
+        rsp.rx_ring_bytes = s.rx_size
+        ctx.hold(s)
+        if s.proc is not ctx:
+            s.proc.sockets -= 1            # the socket now counts for the adopter
+            s.proc = ctx
+            s.pid = ctx.pid
+            s.uid = ctx.uid
+            ctx.sockets += 1
+            ctx.offloaded += 1
+        self.counters_host["adoptions"] += 1
+        return 0
+
+    def _fork_channel(self, ctx: ProcessCtx) -> int:
+        """FORK: a new channel for a child about to be forked, holding the same sockets.
+        Made now, while the parent can still reach the daemon: a child that chroots,
+        changes user or enters a seccomp sandbox before its first call keeps working."""
+        if len(self.ctl.procs) >= self.cfg.max_sockets:  # type: ignore[union-attr]
+            return -errno.ENFILE
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        child = self.ctl.add_channel(mine, ctx)  # type: ignore[union-attr]
+        self.ep.register(mine.fileno(), select.EPOLLIN)
+        fd = theirs.detach()
+        self.ctl.rsp_fds = [fd]  # type: ignore[union-attr]
+        self.ctl.rsp_close = [fd]  # type: ignore[union-attr]
+        self.counters_host["fork_channels"] += 1
+        del child
+        return 0
 
     # ------------------------------------------------------------------ inspection
 
-    def handle_api(self, req: dict) -> dict:
+    def handle_api(self, req: dict, peer: Peer) -> dict:
+        """The inspection API is read-only. Root sees everything; another user sees the
+        adapter's totals and counters, and only its own connections and processes."""
         cmd = req.get("cmd")
         if cmd == "ping":
             return {"ok": True, "pid": os.getpid(), "tap": self.cfg.tap}
         if cmd == "stat":
-            return self.stat()
-        raise ValueError(f"unknown command {cmd!r}")
+            return self.stat(None if peer.uid == 0 else peer.uid)
+        raise RequestError(f"unknown command {cmd!r}")
 
-    def stat(self) -> dict:
+    def stat(self, uid: int | None = None) -> dict:
+        """`toe stat`'s data; with `uid`, only what belongs to that user."""
         now = time.monotonic()
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        conns = [c.info() for c in self.tcp.conns.values()]
+        every = [c.info() for c in self.tcp.conns.values()]
+        conns = every if uid is None else [c for c in every if c.get("uid") == uid]
+        closed = [c for c in self.tcp.closed if uid is None or c.get("uid") == uid]
         listeners = []
         for lsts in self.tcp.listeners.values():
             for lst in lsts:
+                if uid is not None and lst.sock.uid != uid:
+                    continue
                 listeners.append({"id": lst.sock.id, "local": f"{ip_str(lst.ip)}:{lst.port}",
                                   "backlog": lst.backlog, "pending": len(lst.queue),
                                   "embryonic": len(lst.embryonic), "pid": lst.sock.pid})
         tapc = self.tap.counters  # type: ignore[union-attr]
-        bytes_in = sum(c["bytes_in"] for c in conns) + self.tcp.closed_bytes_in
-        bytes_out = sum(c["bytes_out"] for c in conns) + self.tcp.closed_bytes_out
-        procs = [{"pid": p.pid, "comm": p.comm, "sockets": p.sockets, "offloaded": p.offloaded,
-                  "handovers": p.handovers, "refused": p.refused,
-                  "handover_reasons": dict(p.handover_reasons), "alive": p.alive}
-                 for p in [*self.ctl.procs.values(), *self.exited]]  # type: ignore[union-attr]
+        bytes_in = sum(c["bytes_in"] for c in every) + self.tcp.closed_bytes_in
+        bytes_out = sum(c["bytes_out"] for c in every) + self.tcp.closed_bytes_out
+        procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets,
+                  "offloaded": p.offloaded, "handovers": p.handovers, "refused": p.refused,
+                  "handover_reasons": dict(p.handover_reasons), "alive": p.alive,
+                  "forked_from": p.parent_pid or None}
+                 for p in [*self.ctl.procs.values(), *self.exited]  # type: ignore[union-attr]
+                 if p.allowed and (p.commands or p.sockets) and (uid is None or p.uid == uid)]
         return {
             "ok": True,
             "adapter": {"tap": self.cfg.tap, "addr": self.cfg.addr, "host_addr": self.cfg.host_addr,
@@ -444,13 +591,18 @@ class Adapter:
                         "uptime_s": round(now - self.started, 3), "offloads": self.offloads,
                         "mtu": self.cfg.mtu, "netns": self.cfg.netns},
             "cpu": {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "max_rss_kb": ru.ru_maxrss},
-            "totals": {"connections": len(conns), "closed_connections": self.tcp.closed_count,
+            "totals": {"connections": len(every), "closed_connections": self.tcp.closed_count,
                        "bytes_in": bytes_in, "bytes_out": bytes_out,
                        "frames_in": tapc.rx_frames, "frames_out": tapc.tx_frames,
                        "handovers": self.counters_host["handovers"],
                        "sockets_open": len(self.socks)},
+            "limits": {"max_sockets": self.cfg.max_sockets,
+                       "max_process_sockets": self.cfg.max_process_sockets,
+                       "max_ring_bytes": self.ring_limit, "sockets": len(self.socks),
+                       "ring_bytes": HostSocket.mapped_bytes,
+                       "channels": len(self.ctl.procs)},  # type: ignore[union-attr]
             "connections": conns,
-            "closed": list(self.tcp.closed),
+            "closed": closed,
             "listeners": listeners,
             "units": {
                 "tap_port": tapc.snapshot(),
@@ -484,12 +636,35 @@ class Adapter:
             self.ctl.close()
         if self.api is not None:
             self.api.close()
+        for path in (self.cfg.ctl_path, self.cfg.api_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         if self.tap is not None:
             self.tap.close()
         try:
             os.unlink(self.cfg.state_path)
         except FileNotFoundError:
             pass
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Each socket holds B and its memfd in the daemon: make room for the limits (root may
+    raise the hard limit up to fs.nr_open)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    target = min(max(want, soft), max(ceiling, hard))
+    if target <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def vnet_len() -> int:

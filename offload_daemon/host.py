@@ -32,40 +32,43 @@ SS_NEW, SS_BOUND, SS_LISTEN, SS_CONNECTING, SS_CONNECTED, SS_CLOSED = range(6)
 class HostSocket:
     """One offloaded socket: B end + shared mapping."""
 
-    def __init__(self, sid: int, proc: "ProcessCtx", b_fd: int, memfd: int, shm_bytes: int,
-                 cookie: int = 0):
+    mapped_bytes = 0                  # ring memory mapped over all sockets (the adapter's limit)
+
+    def __init__(self, sid: int, proc: "ProcessCtx", b_fd: int, memfd: int, tx_size: int,
+                 rx_size: int, cookie: int):
+        """Takes ownership of memfd (closed on failure; b_fd stays the caller's until this
+        returns). tx_size/rx_size are the adapter's ring sizes: the mapping must be exactly
+        that big and its header must say so; from then on the daemon uses only its own copy
+        (the header is writable by the application)."""
         self.id = sid
         self.proc = proc
         self.pid = proc.pid
+        self.uid = proc.uid
         self.b_fd = b_fd
-        self.cookie = cookie          # SO_COOKIE of A: how an exec'd program finds its socket again
-        self.shm_bytes = shm_bytes
+        self.cookie = cookie          # SO_COOKIE of A, read by the daemon: proof of possession (ADOPT)
+        self.holders: set[ProcessCtx] = set()   # channels that may name this socket
+        self.shm_bytes = shm_bytes = lib.TOE_SHM_HDR_SIZE + tx_size + rx_size
         self.memfd = -1               # kept open to hand to an adopting process
         self.mm: mmap.mmap | None = None
         try:
-            st = os.fstat(memfd)
-            if st.st_size != shm_bytes or shm_bytes < lib.TOE_SHM_HDR_SIZE + 8192:
-                raise ValueError(f"memfd of {st.st_size} bytes, command says {shm_bytes}")
+            err = lib.toe_fd_memfd(memfd, shm_bytes)
+            if err < 0:
+                raise OSError(-err, "not a sealed memfd of the announced size")
             self.mm = mmap.mmap(memfd, shm_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(memfd)
             raise
         self.memfd = memfd
+        HostSocket.mapped_bytes += shm_bytes
         self._ptr = ffi.from_buffer(self.mm)
         self.shm = ffi.cast("struct toe_sock_shm *", self._ptr)
-        s = self.shm
-        if s.magic != lib.TOE_SHM_MAGIC or s.abi_version != lib.TOE_ABI_VERSION:
+        if lib.toe_shm_init(self.shm, sid, tx_size, rx_size) != 0:
             self.release()
-            raise ValueError("shared mapping has a bad magic or ABI version")
-        tx, rx = s.tx_size, s.rx_size
-        if tx & (tx - 1) or rx & (rx - 1) or lib.TOE_SHM_HDR_SIZE + tx + rx != shm_bytes:
-            self.release()
-            raise ValueError(f"bad ring sizes {tx}/{rx} for a {shm_bytes}-byte mapping")
-        s.sock_id = sid
-        self.tx_size = tx
-        self.rx_size = rx
+            raise OSError(errno.EINVAL, "shared header: bad magic, ABI version or ring sizes")
+        self.tx_size = tx_size
+        self.rx_size = rx_size
         self.view = memoryview(self.mm)
-        self.tx_ring = self.view[lib.TOE_SHM_HDR_SIZE:lib.TOE_SHM_HDR_SIZE + tx]
+        self.tx_ring = self.view[lib.TOE_SHM_HDR_SIZE:lib.TOE_SHM_HDR_SIZE + tx_size]
         self.ccb: Ccb | None = None
         self.listener: Listener | None = None
         self.bound: tuple[int, int] | None = None     # (ip, port) in host order
@@ -87,15 +90,24 @@ class HostSocket:
         except OSError:
             pass
 
-    def push(self, src_ptr, n: int) -> None:
-        """Append n bytes (the caller checked the space) and make A readable."""
-        if lib.toe_rx_push(self.shm, src_ptr, n) and self.b_fd >= 0 and not self.b_shut:
+    def push(self, src_ptr, n: int) -> bool:
+        """Append n bytes (the caller checked rx_space()) and make A readable. False when
+        they did not fit after all (the application moved its RX index to a value that
+        makes no sense): nothing is written, the daemon never writes outside the ring."""
+        r = lib.toe_d_rx_push(self.shm, self.tx_size, self.rx_size, src_ptr, n)
+        if r > 0 and self.b_fd >= 0 and not self.b_shut:
             self._token()
+        return r >= 0
 
     def wake(self) -> None:
         """Readability changed without data (EOF, accept queue, error)."""
-        if self.b_fd >= 0 and not self.b_shut and lib.toe_rx_push(self.shm, ffi.NULL, 0):
+        if self.b_fd >= 0 and not self.b_shut and \
+                lib.toe_d_rx_push(self.shm, self.tx_size, self.rx_size, ffi.NULL, 0) > 0:
             self._token()
+
+    def rx_space(self) -> int:
+        """Free bytes in the RX ring, by the daemon's own ring size."""
+        return lib.toe_d_rx_space(self.shm, self.rx_size)
 
     def queued(self) -> int:
         """Bytes waiting in B (doorbells, and filler that stuffs A)."""
@@ -187,6 +199,8 @@ class HostSocket:
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1
+        if self.mm is not None:
+            HostSocket.mapped_bytes -= self.shm_bytes
         self.tx_ring = None  # type: ignore[assignment]
         if hasattr(self, "view") and self.view is not None:
             self.view.release()
@@ -230,99 +244,199 @@ def from_be16(x: int) -> int:
 
 
 def unix_listener(path: str, kind: int, backlog: int) -> socket.socket:
-    """A nonblocking listening Unix socket at `path` (a stale one is replaced), open to all users."""
+    """A nonblocking listening Unix socket at `path` (a stale one is replaced). It is bound
+    with a umask that leaves it owner-only; the caller opens it to whom it decides
+    (access.secure_socket)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    os.chmod(path, 0o666)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
     sock.listen(backlog)
     return sock
 
 
 class ProcessCtx:
-    """One application process's control channel."""
+    """One application process's control channel and the sockets it may name.
 
-    def __init__(self, conn: socket.socket):
+    `socks` holds the sockets this channel created, accepted or adopted, or
+    inherited through FORK: a command naming any other id is refused (EBADF).
+    Identity comes from the kernel: SO_PEERCRED for a channel a process
+    connected, SCM_CREDENTIALS on the first message of a FORK channel (the
+    daemon made that socket pair, so SO_PEERCRED would name the daemon)."""
+
+    def __init__(self, conn: socket.socket, pid: int, uid: int, gid: int,
+                 parent: "ProcessCtx | None" = None):
         self.conn = conn
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        try:
-            with open(f"/proc/{self.pid}/comm") as f:
-                self.comm = f.read().strip()
-        except OSError:
-            self.comm = "?"
-        self.sockets = 0              # offloaded sockets open now
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.allowed = True
+        self.parent_pid = parent.pid if parent is not None else 0
+        self.want_creds = parent is not None      # FORK channel: learn the child from its first message
+        self.comm: str = parent.comm if parent is not None else _comm(pid)
+        self.socks: dict[int, HostSocket] = {}
+        self.commands = 0
+        self.sockets = 0              # offloaded sockets open now that count for this process
         self.offloaded = 0            # offloaded sockets ever (created, accepted, adopted)
         self.handovers = 0            # sockets handed over to the kernel
         self.refused = 0              # would-be handovers refused in strict mode
         self.handover_reasons: dict[str, int] = {}
         self.alive = True
 
+    def hold(self, s: HostSocket) -> None:
+        self.socks[s.id] = s
+        s.holders.add(self)
+
+    def drop_all(self) -> None:
+        for s in self.socks.values():
+            s.holders.discard(self)
+        self.socks.clear()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+_ANC = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
+MAX_CMD_FDS = 4
+SERVE_BUDGET = 64                 # commands of one channel per event-loop pass
+
 
 class ControlServer:
-    """Accepts control channels and answers commands through `adapter`."""
+    """Accepts control channels and answers commands through `adapter`.
 
-    def __init__(self, path: str, adapter):
-        self.path = path
+    `accept_ok(conn) -> (pid, uid, gid, allowed)` judges a new channel;
+    a refused one gets -EACCES for its first command and is closed."""
+
+    def __init__(self, sock: socket.socket, adapter, accept_ok):
+        self.sock = sock
         self.adapter = adapter
-        self.sock = unix_listener(path, socket.SOCK_SEQPACKET, 128)
+        self.accept_ok = accept_ok
         self.procs: dict[int, ProcessCtx] = {}
         self._rsp = ffi.new("struct toe_rsp *")
         self._rsp_buf = ffi.buffer(self._rsp)
         self.rsp_fds: list[int] = []     # descriptors to send with the current response
+        self.rsp_close: list[int] = []   # ... of which the daemon's copies close once sent
 
     def accept(self) -> ProcessCtx | None:
         try:
             conn, _ = self.sock.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:                 # EMFILE and the like: counted, the loop goes on
+            self.adapter.counters_host["accept_errors"] += 1
             return None
         conn.setblocking(False)
-        ctx = ProcessCtx(conn)
+        try:
+            pid, uid, gid, allowed = self.accept_ok(conn)
+        except OSError:
+            conn.close()
+            return None
+        ctx = ProcessCtx(conn, pid, uid, gid)
+        ctx.allowed = allowed
         self.procs[conn.fileno()] = ctx
         return ctx
 
+    def add_channel(self, conn: socket.socket, parent: ProcessCtx) -> ProcessCtx:
+        """A FORK channel: the daemon's end of a pair it made; the child's creds arrive
+        with its first message (SO_PASSCRED is on until then)."""
+        conn.setblocking(False)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ctx = ProcessCtx(conn, parent.pid, parent.uid, parent.gid, parent=parent)
+        for s in parent.socks.values():
+            ctx.hold(s)
+        self.procs[conn.fileno()] = ctx
+        return ctx
+
+    def _recv(self, ctx: ProcessCtx) -> tuple[bytes, list[int], bool] | None:
+        """One message: (bytes, descriptors, descriptors lost to MSG_CTRUNC); None when the
+        channel has nothing more (BlockingIOError is the caller's)."""
+        msg, anc, flags, _ = ctx.conn.recvmsg(lib.TOE_CMD_SIZE * 2, _ANC, socket.MSG_CMSG_CLOEXEC)
+        fds: list[int] = []
+        creds = None
+        for level, kind, data in anc:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
+                n = len(data) // 4
+                fds.extend(struct.unpack(f"{n}i", data[:4 * n]))
+            elif kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+                creds = struct.unpack("3i", data[:12])
+        if ctx.want_creds and creds is not None:
+            ctx.want_creds = False
+            ctx.pid, ctx.uid, ctx.gid = creds
+            ctx.comm = _comm(ctx.pid)
+            ctx.conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+        return msg, fds, bool(flags & socket.MSG_CTRUNC)
+
     def serve(self, ctx: ProcessCtx, now: float) -> bool:
-        """Handle every command waiting on ctx; False when the process went away."""
-        while True:
+        """Handle the commands waiting on ctx, at most SERVE_BUDGET (the channel is
+        level-triggered: the rest comes on the next pass, after the other event
+        sources had their turn); False when the channel must go (the process went
+        away, or misbehaved)."""
+        for _ in range(SERVE_BUDGET):
             try:
-                msg, fds, _flags, _addr = socket.recv_fds(ctx.conn, lib.TOE_CMD_SIZE * 2, 4)
-            except BlockingIOError:
+                got = self._recv(ctx)
+            except (BlockingIOError, InterruptedError):
                 return True
             except OSError:
                 return False
-            if not msg:
-                for fd in fds:
-                    os.close(fd)
+            assert got is not None
+            msg, fds, truncated = got
+            if not msg and not fds:
                 return False
             rsp = self._rsp
             ffi.memmove(rsp, b"\0" * lib.TOE_RSP_SIZE, lib.TOE_RSP_SIZE)
-            if len(msg) != lib.TOE_CMD_SIZE:
-                for fd in fds:
-                    os.close(fd)
-                rsp.result = -errno.EPROTO
+            keep = True
+            ctx.commands += 1
+            if not ctx.allowed:
+                _close_all(fds)
+                rsp.result = -errno.EACCES
+                self.adapter.counters_host["refused_channels"] += 1
+                keep = False
+            elif len(msg) != lib.TOE_CMD_SIZE or truncated or len(fds) > MAX_CMD_FDS:
+                _close_all(fds)
+                rsp.result = -errno.EPROTO if len(msg) != lib.TOE_CMD_SIZE else -errno.EINVAL
                 self.adapter.counters_host["bad_commands"] += 1
             else:
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
-                self.adapter.command(ctx, cmd, fds, rsp, now)
+                keep = self.adapter.command(ctx, cmd, fds, rsp, now)
             try:
                 if self.rsp_fds:
-                    socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds)
+                    socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds,
+                                    socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                 else:
-                    ctx.conn.send(self._rsp_buf)
+                    ctx.conn.send(self._rsp_buf, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except OSError:
-                return False
+                # a channel whose answers do not fit (it sends and never reads): it goes
+                keep = False
             finally:
+                _close_all(self.rsp_close)
                 self.rsp_fds = []
+                self.rsp_close = []
+            if not keep:
+                return False
+        return True
 
     def close(self) -> None:
         for ctx in self.procs.values():
             ctx.conn.close()
         self.procs.clear()
         self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -87,6 +87,9 @@ class Listener:
         return len(self.queue) + len(self.embryonic) >= self.backlog + 1
 
 
+SOMAXCONN = 4096
+
+
 class Ccb:
     """Connection control block: everything the adapter knows about one connection."""
 
@@ -100,7 +103,7 @@ class Ccb:
         "srtt", "rttvar", "rto", "rtt_seq", "rtt_time", "retries",
         "fin_wanted", "fin_sent", "fin_seq", "fin_seq_set", "rx_fin", "ack_pending", "timer", "timer_kind",
         "ka_timer", "ka_probes", "last_rx", "cork_since",
-        "bytes_in", "bytes_out", "segs_in", "segs_out", "retransmits", "created",
+        "bytes_in", "bytes_out", "segs_in", "segs_out", "retransmits", "created", "uid",
     )
 
     def __init__(self, cid: int, local_ip: int, local_port: int, remote_ip: int, remote_port: int,
@@ -112,6 +115,7 @@ class Ccb:
         self.key = (remote_ip, remote_port, local_port)
         self.peer_mac = b"\0" * 6
         self.sock: HostSocket | None = None
+        self.uid: int | None = None                # owner of the socket (who may see it in toe stat)
         self.listener: Listener | None = None
         self.pre_buf = bytearray()
         self.orphan = False
@@ -170,6 +174,8 @@ class Ccb:
             "cwnd": self.cwnd, "ssthresh": min(self.ssthresh, 1 << 30), "mss": self.mss,
             "srtt_us": int(self.srtt * 1e6), "rto_ms": int(self.rto * 1000),
             "retransmits": self.retransmits, "pid": self.sock.pid if self.sock else None,
+            "uid": self.uid if self.uid is not None
+            else (self.listener.sock.uid if self.listener is not None else None),
             "orphan": self.orphan, "timer": self.timer_kind if self.timer.armed else "",
             **self._ring_info(),
         }
@@ -339,8 +345,10 @@ class TcpStack:
     def listen(self, sock: "HostSocket", backlog: int) -> int:
         if sock.ccb is not None:
             return -errno.EINVAL
+        # Linux: an unsigned comparison against somaxconn (4096); a negative backlog is the maximum
+        backlog = max(1, backlog if 0 <= backlog <= SOMAXCONN else SOMAXCONN)
         if sock.listener is not None:
-            sock.listener.backlog = max(1, min(backlog, 4096))
+            sock.listener.backlog = backlog
             return 0
         if sock.bound is None:
             r = self.bind(sock, 0, 0)
@@ -377,6 +385,7 @@ class TcpStack:
             return -errno.EADDRNOTAVAIL
         c = self._new_ccb(self.my_ip, lport, rip, rport, now)
         c.sock = sock
+        c.uid = sock.uid
         sock.ccb = c
         c.state = State.SYN_SENT
         c.adv_mss = self._adv_mss(sock)
@@ -413,6 +422,7 @@ class TcpStack:
                 continue          # reset while waiting in the queue
             c.listener = None
             c.sock = child_sock
+            c.uid = child_sock.uid
             child_sock.ccb = c
             child_sock.set_addresses(c.local_ip, c.local_port, c.remote_ip, c.remote_port)
             child_sock.set_connected(c.mss)
@@ -542,7 +552,7 @@ class TcpStack:
         """The MSS option we send: the interface's, clamped by TCP_MAXSEG when set
         (Linux: tcp_connect_init / tcp_openreq_init_rwin clamp advmss to user_mss)."""
         user = sock.shm.user_mss if sock is not None and sock.mapped else 0
-        return min(self.our_mss, user) if user else self.our_mss
+        return min(self.our_mss, max(user, 88)) if user else self.our_mss   # 88: TCP_MIN_MSS
 
     @staticmethod
     def _send_mss(c: Ccb, peer_mss: int | None) -> int:
@@ -556,7 +566,7 @@ class TcpStack:
             # before accept(): a holding buffer no larger than the ring the child will get,
             # so that the window never has to shrink when the ring takes over
             return max(min(PRE_ACCEPT_WINDOW, self.cfg.rx_ring_bytes) - len(c.pre_buf), 0)
-        space = lib.toe_rx_space(s.shm)
+        space = s.rx_space()
         buf = self._rcv_buf(s)
         return space if buf == s.rx_size else max(0, buf - (s.rx_size - space))
 
@@ -619,6 +629,11 @@ class TcpStack:
         self._emit(c, c.snd_nxt, T.ACK)
         self.ad.ackgen.pure_acks += 1
 
+    def abort(self, c: Ccb, now: float) -> None:
+        """Reset and forget a connection (its socket failed on the host side)."""
+        self._send_rst_for(c, now)
+        self._free(c)
+
     def _send_rst_for(self, c: Ccb, now: float) -> None:
         if c.state in (State.SYN_SENT, State.CLOSED, State.TIME_WAIT):
             return
@@ -666,7 +681,7 @@ class TcpStack:
         while True:
             tail = lib.toe_ring_load(ffi.addressof(shm, "tx_tail"))
             push = shm.tx_push                      # published before the tail
-            in_ring = (tail - c.tx_head) & M32
+            in_ring = min((tail - c.tx_head) & M32, s.tx_size)   # a tail past the ring is the app's lie
             sent = (c.snd_nxt - c.snd_una) & M32
             if c.fin_sent:
                 sent -= 1

@@ -6,8 +6,16 @@
  * HELLO.  Each command/response pair runs under one process-wide mutex; the
  * daemon never blocks a command, so the mutex is never held across a wait for
  * the network.  The channel fd is close-on-exec and lives at fd >= 500, out
- * of the way of programs that expect small fds.  After fork() the child
- * closes its copy and reconnects on its first command (pthread_atfork).
+ * of the way of programs that expect small fds.
+ *
+ * fork(): a process that holds offloaded sockets asks the daemon for a new
+ * channel (FORK) in the prepare handler; the child inherits it and uses it
+ * from its first command, holding the same sockets.  So a child that
+ * chroots, changes user or enters a seccomp sandbox before that command
+ * keeps working: it never has to connect(), and commands without
+ * descriptors travel with send()/recv(), the calls a sandbox allows on a
+ * socket.  Without sockets (or if FORK fails) the child connects its own
+ * channel on first use, as an exec'd program does.
  *
  * If the daemon cannot be reached (or a HELLO fails), one line goes to stderr
  * and every socket of the process goes to the kernel from then on (with
@@ -43,6 +51,7 @@ int toe_adopting;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t ctl_mu = PTHREAD_ERRORCHECK_MUTEX_INITIALIZER_NP;
 static int ctl_mu_taken_for_fork;   /* the prepare handler holds ctl_mu */
+static int fork_chan = -1;          /* FORK's channel for the child, between prepare and parent/child */
 static int ctl_fd = -1;             /* written under ctl_mu (atomic stores: read without it) */
 static int ctl_state = CTL_UNKNOWN; /* atomic; written under ctl_mu */
 static int warned;                  /* atomic: the one stderr line was printed */
@@ -134,11 +143,40 @@ static void mutex_init_ec(pthread_mutex_t *m)
     pthread_mutexattr_destroy(&a);
 }
 
+static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
+                       int *sent, int *rfds, int *nrfds);
+
+/* FORK: a channel for the child, holding this process's sockets (ctl_mu held).
+ * -1 when there is nothing to share or the daemon cannot make one. */
+static int fork_channel_locked(void)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    int fd = -1, n = 1, sent;
+    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) != CTL_UP || ctl_fd < 0 || !toe_fd_any())
+        return -1;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_FORK;
+    if (xfer_locked(&cmd, NULL, 0, &rsp, &sent, &fd, &n) < 0 || n != 1)
+        return -1;
+    if (rsp.result < 0) {
+        toe_real_close(fd);
+        return -1;
+    }
+    int hi = toe_real_fcntl(fd, F_DUPFD_CLOEXEC, (void *)(long)TOE_CTL_MIN_FD);
+    if (hi >= 0) {
+        toe_real_close(fd);
+        fd = hi;
+    }
+    return fd;
+}
+
 /* Lock order: ctl_mu before the table locks (nothing takes them the other way). */
 static void atfork_prepare(void)
 {
     int saved = errno;
     ctl_mu_taken_for_fork = pthread_mutex_lock(&ctl_mu) == 0;
+    fork_chan = ctl_mu_taken_for_fork ? fork_channel_locked() : -1;
     toe_fd_atfork_prepare();
     errno = saved;
 }
@@ -146,6 +184,9 @@ static void atfork_prepare(void)
 static void atfork_parent(void)
 {
     int saved = errno;
+    if (fork_chan >= 0)
+        toe_real_close(fork_chan); /* the child's now (or nobody's: fork failed) */
+    fork_chan = -1;
     toe_fd_atfork_parent();
     if (ctl_mu_taken_for_fork)
         pthread_mutex_unlock(&ctl_mu);
@@ -162,8 +203,12 @@ static void atfork_child(void)
         toe_real_close(ctl_fd);
         set_ctl_fd(-1);
     }
-    if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UP)
+    if (fork_chan >= 0) {
+        set_ctl_fd(fork_chan); /* the parent's sockets come with it; the state stays UP */
+        fork_chan = -1;
+    } else if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UP) {
         __atomic_store_n(&ctl_state, CTL_UNKNOWN, __ATOMIC_RELAXED);
+    }
     toe_fd_atfork_child();
     errno = saved;
 }
@@ -234,8 +279,10 @@ static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe
         c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
         memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
     }
+    /* without descriptors: send(), the call a sandboxed child may still make */
     do
-        r = toe_real_sendmsg(ctl_fd, &mh, MSG_NOSIGNAL);
+        r = nfds > 0 ? toe_real_sendmsg(ctl_fd, &mh, MSG_NOSIGNAL)
+                     : toe_real_send(ctl_fd, cmd, sizeof(*cmd), MSG_NOSIGNAL);
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
@@ -249,6 +296,15 @@ static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe
     mh.msg_iovlen = 1;
     mh.msg_control = u.buf;
     mh.msg_controllen = sizeof(u.buf);
+    if (!rfds) {
+        /* no descriptors expected: recv() (any the daemon sent would be discarded) */
+        do
+            r = toe_real_recv(ctl_fd, rsp, sizeof(*rsp), MSG_TRUNC);
+        while (r < 0 && errno == EINTR);
+        if (r < 0)
+            return -errno;
+        return r == 0 ? -ECONNRESET : r != (ssize_t)sizeof(*rsp) ? -EPROTO : 0;
+    }
     do
         r = toe_real_recvmsg(ctl_fd, &mh, MSG_CMSG_CLOEXEC);
     while (r < 0 && errno == EINTR);
@@ -288,6 +344,8 @@ static int valid_ring(uint32_t n)
     return n >= 4096 && n <= (1u << 30) && (n & (n - 1)) == 0;
 }
 
+static void reclaim_locked(void);
+
 /* Connect and say HELLO.  0, or -errno with the channel closed. */
 static int connect_locked(void)
 {
@@ -322,6 +380,9 @@ static int connect_locked(void)
     r = xfer_locked(&cmd, NULL, 0, &rsp, &sent, NULL, NULL);
     if (r == 0 && rsp.result < 0)
         r = rsp.result;
+    if (r == -EACCES)
+        warn_once("toe: this user (uid %u) may not use the adapter at %s; sockets use the kernel",
+                  (unsigned)getuid(), ctl_path);
     if (r == 0 && rsp.abi_version != TOE_ABI_VERSION) {
         warn_once("toe: the adapter at %s speaks ABI %u, this shim %u; sockets use the kernel",
                   ctl_path, rsp.abi_version, TOE_ABI_VERSION);
@@ -334,6 +395,7 @@ static int connect_locked(void)
         set_ctl_fd(-1);
         return r;
     }
+    reclaim_locked();
     adapter.addr_be32 = rsp.addr_be32;
     adapter.netmask_be32 = rsp.netmask_be32;
     adapter.tx_ring_bytes = rsp.tx_ring_bytes;
@@ -345,35 +407,73 @@ static int connect_locked(void)
     return 0;
 }
 
+/*
+ * A new channel in a process that already holds offloaded sockets (a fork
+ * whose FORK failed, a reconnect): the channel may name only what it proves
+ * it holds, so pass each fd to ADOPT.  The mapping is there already: the
+ * memfd that comes back is closed.
+ */
+static void reclaim_locked(void)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    int n = 0;
+    for (int fd = toe_fd_next(0); fd >= 0; fd = toe_fd_next(fd + 1)) {
+        int mfd = -1, nr = 1, sent;
+        memset(&cmd, 0, sizeof(cmd));
+        cmd.op = TOE_OP_ADOPT;
+        if (xfer_locked(&cmd, &fd, 1, &rsp, &sent, &mfd, &nr) < 0)
+            return;
+        if (nr == 1)
+            toe_real_close(mfd);
+        n += rsp.result == 0;
+    }
+    if (n)
+        TOE_DBG("new control channel: %d inherited socket(s) reclaimed", n);
+}
+
 static void go_down_locked(int err, int was_up)
 {
     __atomic_store_n(&ctl_state, CTL_DOWN, __ATOMIC_RELEASE);
     const char *then = toe_strict ? (was_up ? "new TCP sockets fail" : "TCP sockets fail")
                        : was_up   ? "new sockets use the kernel"
                                   : "sockets use the kernel";
-    warn_once("toe: %s%s adapter at %s (%s); %s", toe_strict ? "strict: " : "",
-              was_up ? "lost the" : "no", ctl_path, strerror(err), then);
+    if (err == EACCES || err == EPERM)
+        warn_once("toe: %sthis user (uid %u) may not use the adapter at %s (%s); %s",
+                  toe_strict ? "strict: " : "", (unsigned)getuid(), ctl_path, strerror(err), then);
+    else
+        warn_once("toe: %s%s adapter at %s (%s); %s", toe_strict ? "strict: " : "",
+                  was_up ? "lost the" : "no", ctl_path, strerror(err), then);
+}
+
+/* Out of a resource of this process: the call fails, the adapter is not "down". */
+static int transient(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOMEM || err == ENOBUFS;
 }
 
 /* Connect the control channel if nobody tried yet.  Loud: a failure marks the adapter
- * down and says so once.  Quiet (adoption at start-up): a failure leaves the state
- * unknown, without a word, to be asked again later. */
+ * down and says so once (unless it is transient: then -errno).  Quiet (adoption at
+ * start-up): a failure leaves the state unknown, without a word, to be asked again
+ * later. */
 static int ctl_up(int quiet)
 {
     int st = __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE);
     if (st != CTL_UNKNOWN)
         return st == CTL_UP;
     toe_ctl_init();
-    int saved = errno;
+    int saved = errno, r = 0;
     pthread_mutex_lock(&ctl_mu);
     if (__atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UNKNOWN && (!quiet || ctl_fd < 0)) {
-        int r = connect_locked();
-        if (r < 0 && !quiet)
+        r = connect_locked();
+        if (r < 0 && !quiet && !transient(-r))
             go_down_locked(-r, 0);
     }
     pthread_mutex_unlock(&ctl_mu);
     errno = saved;
-    return __atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP;
+    if (__atomic_load_n(&ctl_state, __ATOMIC_ACQUIRE) == CTL_UP)
+        return 1;
+    return r < 0 && transient(-r) ? r : 0;
 }
 
 int toe_ctl_up(void)
@@ -383,7 +483,7 @@ int toe_ctl_up(void)
 
 int toe_ctl_up_quiet(void)
 {
-    return ctl_up(1);
+    return ctl_up(1) > 0;
 }
 
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp)
@@ -403,7 +503,8 @@ int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_
             was_up = __atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UP;
             r = connect_locked();
             if (r < 0) {
-                go_down_locked(-r, was_up || attempt > 0);
+                if (!transient(-r))
+                    go_down_locked(-r, was_up || attempt > 0);
                 break;
             }
         }

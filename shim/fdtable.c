@@ -182,10 +182,25 @@ struct toe_sock *toe_fd_find_cookie(uint64_t cookie)
     return NULL;
 }
 
+int toe_fd_next(int from)
+{
+    struct toe_sock **t = table();
+    int hw = __atomic_load_n(&hiwater, __ATOMIC_RELAXED);
+    for (int i = from < 0 ? 0 : from; t && i <= hw; i++)
+        if (__atomic_load_n(&t[i], __ATOMIC_RELAXED))
+            return i;
+    return -1;
+}
+
 int toe_fd_is_offloaded(int fd)
 {
     struct toe_sock **t = table();
     return t && in_table(fd) && __atomic_load_n(&t[fd], __ATOMIC_RELAXED) != NULL;
+}
+
+int toe_fd_any(void)
+{
+    return __atomic_load_n(&hiwater, __ATOMIC_RELAXED) >= 0;
 }
 
 int toe_fd_fits(int fd)

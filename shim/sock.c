@@ -188,10 +188,11 @@ static int wait_writable(int fd)
 
 /*
  * A new socket object: the pair (A with the application's SOCK_NONBLOCK /
- * SOCK_CLOEXEC), the memfd with its header filled in, the mapping.
- * bm[] receives [B, memfd] for SCM_RIGHTS; the caller closes them.
+ * SOCK_CLOEXEC), the memfd with its header filled in (sealed: its size can
+ * never change under the daemon's mapping), the mapping.
+ * bm[] receives [B, memfd, A] for SCM_RIGHTS; the caller closes bm[0..1].
  */
-static struct toe_sock *make_sock(int flags, int *a, int bm[2])
+static struct toe_sock *make_sock(int flags, int *a, int bm[3])
 {
     const struct toe_adapter *ad = toe_ctl_adapter();
     size_t len = TOE_SHM_HDR_SIZE + (size_t)ad->tx_ring_bytes + ad->rx_ring_bytes;
@@ -211,8 +212,10 @@ static struct toe_sock *make_sock(int flags, int *a, int bm[2])
         goto fail_errno;
     /* the kernel clamps to its minimum: a little filler makes A unwritable */
     toe_real_setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
-    mfd = memfd_create("toe-sock", MFD_CLOEXEC);
+    mfd = memfd_create("toe-sock", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (mfd < 0 || ftruncate(mfd, (off_t)len) < 0)
+        goto fail_errno;
+    if (toe_real_fcntl(mfd, F_ADD_SEALS, (void *)(long)(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) < 0)
         goto fail_errno;
     p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
     if (p == MAP_FAILED)
@@ -234,6 +237,7 @@ static struct toe_sock *make_sock(int flags, int *a, int bm[2])
     *a = sv[0];
     bm[0] = sv[1];
     bm[1] = mfd;
+    bm[2] = sv[0];
     return s;
 
 fail_errno:
@@ -249,10 +253,17 @@ fail:
     return NULL;
 }
 
-static void close_pair_side(int bm[2])
+static void close_pair_side(int bm[3])
 {
     toe_real_close(bm[0]);
     toe_real_close(bm[1]);
+}
+
+/* Out of descriptors or memory: the kernel's socket() would fail the same way, and a
+ * kernel socket instead would silently take the wrong path. */
+static int no_resources(int e)
+{
+    return e == EMFILE || e == ENFILE || e == ENOMEM || e == ENOBUFS;
 }
 
 /* A's SO_COOKIE: how the daemon finds the socket again after exec (ADOPT). */
@@ -282,33 +293,38 @@ int toe_sock_wanted(int domain, int type, int protocol)
 
 int toe_sock_socket(int domain, int type, int protocol)
 {
-    int saved = errno, a, bm[2];
+    int saved = errno, a, bm[3];
     struct toe_cmd cmd;
     struct toe_rsp rsp;
 
-    if (!toe_ctl_up()) {
+    int up = toe_ctl_up();
+    if (up < 0)
+        return fail(-up);
+    if (!up) {
         if (toe_strict)
             return strict_no_socket(ENETDOWN);
         return toe_real_socket(domain, type, protocol);
     }
     struct toe_sock *s = make_sock(type, &a, bm);
     if (!s) {
-        if (toe_strict)
-            return strict_no_socket(errno);
-        TOE_DBG("socket: no resources for an offloaded socket (%s); kernel socket", strerror(errno));
+        if (toe_strict || no_resources(errno))
+            return toe_strict ? strict_no_socket(errno) : fail(errno);
+        TOE_DBG("socket: no offloaded socket (%s); kernel socket", strerror(errno));
         errno = saved;
         return toe_real_socket(domain, type, protocol);
     }
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_SOCKET;
     cmd.shm_bytes = (uint32_t)s->map_len;
-    cmd.cookie = s->cookie = sock_cookie(a);
-    int r = toe_ctl_call(&cmd, bm, 2, &rsp);
+    s->cookie = sock_cookie(a);
+    int r = toe_ctl_call(&cmd, bm, 3, &rsp);
     close_pair_side(bm);
     if (r < 0 || rsp.result < 0) {
         toe_real_close(a);
         toe_sock_put(s);
         if (r < 0) {
+            if (no_resources(-r))
+                return fail(-r);
             if (toe_strict)
                 return strict_no_socket(ENETDOWN);
             errno = saved;
@@ -785,7 +801,7 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
             continue;
         }
 
-        int a, bm[2];
+        int a, bm[3];
         struct toe_sock *c = make_sock(flags, &a, bm);
         if (!c)
             return -1;
@@ -809,8 +825,8 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
         cmd.op = TOE_OP_ACCEPT;
         cmd.sock_id = s->sock_id;
         cmd.shm_bytes = (uint32_t)c->map_len;
-        cmd.cookie = c->cookie = sock_cookie(a);
-        int r = toe_ctl_call(&cmd, bm, 2, &rsp);
+        c->cookie = sock_cookie(a);
+        int r = toe_ctl_call(&cmd, bm, 3, &rsp);
         close_pair_side(bm);
         if (r < 0 || rsp.result < 0) {
             toe_real_close(a);
@@ -1019,23 +1035,18 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
         pthread_mutex_unlock(&s->rx_lock);
         if (again)
             continue;
-        if (nb < 0)
-            nb = nonblocking(fd);
-        if (nb) {
+        /* The wait itself honours A's O_NONBLOCK (EAGAIN at once): no fcntl() to ask,
+         * so a sandboxed process that may only read/recv/send/poll keeps working. */
+        int w = nb > 0 ? (errno = EAGAIN, -1) : wait_readable(fd);
+        if (w < 0) {
             if (got)
                 break;
-            if (daemon_gone(s, fd)) {
+            if (errno == EAGAIN && daemon_gone(s, fd)) {
                 /* A stays readable (EOF) forever: report a reset once, then end of file,
                  * instead of EAGAIN that would spin a poll() loop */
                 lstate_set(s, TOE_LS_GONE);
                 return fail(ECONNRESET);
             }
-            return fail(EAGAIN);
-        }
-        int w = wait_readable(fd);
-        if (w < 0) {
-            if (got)
-                break;
             return -1;
         }
         if (w == 0 && a_eof++) {
@@ -1149,11 +1160,9 @@ static int send_ready(struct toe_sock *s, int fd, int flags, int *nb)
             return send_error(s, flags);
         if (st != TOE_SS_CONNECTING)
             return broken_pipe(flags);
-        if (*nb < 0)
-            *nb = nonblocking(fd);
-        if (*nb)
+        if (*nb > 0)
             return fail(EAGAIN);
-        if (wait_connect_done(s, fd) < 0)
+        if (wait_connect_done(s, fd) < 0) /* EAGAIN at once when A is nonblocking */
             return -1;
     }
 }
@@ -1164,8 +1173,8 @@ enum { TXW_SPACE, TXW_STOP, TXW_FAIL };
  * The send buffer is full (tx_lock held): make A unwritable, then wait for
  * the daemon to free space, until the socket is writable again (tcp_poll's
  * rule, toe_tx_writable()), as a blocked writer in the kernel sleeps.
- * TXW_SPACE: there is room now (tx_lock held); TXW_STOP: nonblocking, give
- * up (tx_lock held); TXW_FAIL: the wait failed or the socket died (tx_lock
+ * TXW_SPACE: there is room now (tx_lock held); TXW_STOP: nonblocking or
+ * SO_SNDTIMEO expired, give up (tx_lock held); TXW_FAIL: the wait failed or the socket died (tx_lock
  * released, *err = the wait's errno, *dead set).
  */
 static int tx_wait_space(struct toe_sock *s, int fd, int *nb, int *err, int *dead)
@@ -1180,15 +1189,20 @@ static int tx_wait_space(struct toe_sock *s, int fd, int *nb, int *err, int *dea
     stuff(fd, m);
     if (toe_tx_writable(m))
         return TXW_SPACE;
-    if (*nb < 0)
-        *nb = nonblocking(fd);
-    if (*nb)
+    if (*nb > 0)
         return TXW_STOP;
+    /* the wait honours A's O_NONBLOCK itself (EAGAIN at once): no fcntl() to ask */
     pthread_mutex_unlock(&s->tx_lock);
     int w = wait_writable(fd), e = errno;
     uint32_t fl = flags_of(s);
     *dead = (fl & (TOE_SF_RESET | TOE_SF_TX_SHUT)) || state_of(s) != TOE_SS_CONNECTED ||
             (lstate_of(s) & TOE_LS_SHUT_WR) || (w < 0 && (e == EPIPE || e == ECONNRESET));
+    if (w < 0 && e == EAGAIN && !*dead) {
+        /* nonblocking (or SO_SNDTIMEO expired): give up with what was queued */
+        *nb = 1;
+        pthread_mutex_lock(&s->tx_lock);
+        return TXW_STOP;
+    }
     if (w < 0 || *dead) {
         *err = e;
         return TXW_FAIL;
@@ -1737,10 +1751,13 @@ int toe_sock_shutdown(struct toe_sock *s, int fd, int how)
     cmd.op = TOE_OP_SHUTDOWN;
     cmd.sock_id = s->sock_id;
     cmd.arg0 = how;
-    if (toe_ctl_call(&cmd, NULL, 0, &rsp) == 0 && rsp.result < 0) {
+    int r = toe_ctl_call(&cmd, NULL, 0, &rsp);
+    if (r == 0 && rsp.result < 0) {
         lstate_clear(s, bits & ~had);
         return fail(-rsp.result);
     }
+    if (r < 0) /* the daemon cannot be reached: no FIN will go out, say so */
+        return fail(EIO);
     return 0;
 }
 
@@ -2746,10 +2763,10 @@ int toe_sock_adopt_fd(int fd)
     }
     if (!toe_ctl_up_quiet())
         goto no;
+    /* possession is the proof: the daemon reads the cookie of the A end passed */
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_ADOPT;
-    cmd.cookie = cookie;
-    if (toe_ctl_call_rfds(&cmd, NULL, 0, &rsp, &mfd, &nr) < 0 || nr != 1)
+    if (toe_ctl_call_rfds(&cmd, &fd, 1, &rsp, &mfd, &nr) < 0 || nr != 1)
         goto no;
     if (rsp.result < 0 || !ring_size_ok(rsp.tx_ring_bytes) || !ring_size_ok(rsp.rx_ring_bytes)) {
         toe_real_close(mfd);

@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define TOE_ABI_VERSION 2
+#define TOE_ABI_VERSION 3
 #define TOE_SHM_MAGIC 1414481200
 
 /* Sizes checked on both sides (_Static_assert below, ffi.sizeof in Python). */
@@ -40,6 +40,7 @@
 #define TOE_OP_SETSOCKOPT 8
 #define TOE_OP_HANDOVER 9
 #define TOE_OP_ADOPT 10
+#define TOE_OP_FORK 11
 
 /* struct toe_cmd.arg0 of HANDOVER: why a socket went to the kernel */
 #define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */
@@ -77,10 +78,13 @@
 /*
  * One command, shim -> daemon, over the per-process SOCK_SEQPACKET control
  * channel.  Every command gets exactly one struct toe_rsp back, in order.
- * SOCKET and ACCEPT carry two descriptors with SCM_RIGHTS: [B end, memfd].
- * ADOPT asks for the socket whose A end has SO_COOKIE `cookie` (a program
- * exec'd with inherited offloaded sockets); its answer carries the memfd
- * with SCM_RIGHTS, sock_id, and the ring sizes in tx_ring_bytes/rx_ring_bytes.
+ * SOCKET and ACCEPT carry three descriptors with SCM_RIGHTS: [B end, memfd,
+ * A end] (the daemon reads A's SO_COOKIE itself and closes its copy of A).
+ * ADOPT carries [A end] and proves possession of the socket: the answer has
+ * the memfd with SCM_RIGHTS, sock_id, and the ring sizes in
+ * tx_ring_bytes/rx_ring_bytes.  FORK's answer carries a new channel holding
+ * the same sockets, for a forked child.  A command may name (sock_id) only a
+ * socket its channel created, accepted, adopted or inherited through FORK.
  */
 struct toe_cmd {
     uint32_t op;
@@ -93,7 +97,7 @@ struct toe_cmd {
     uint32_t pid;            /* HELLO: caller's pid */
     uint32_t shm_bytes;      /* SOCKET / ACCEPT: size of the memfd */
     uint8_t opt[TOE_OPT_BYTES];
-    uint64_t cookie;         /* SOCKET / ACCEPT: SO_COOKIE of A; ADOPT: the cookie to look up */
+    uint64_t cookie;         /* unused since ABI 3 (the daemon reads A's SO_COOKIE itself) */
     uint8_t reserved[8];
 };
 

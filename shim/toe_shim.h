@@ -159,6 +159,10 @@ void toe_fd_closefrom(int lowfd);
 /* close() of an fd that is not offloaded (the control channel is not the
  * application's to close: EBADF, as if it were not open). */
 int toe_fd_close_other(int fd);
+/* The lowest offloaded fd >= from, or -1. */
+int toe_fd_next(int from);
+/* Non-zero once any offloaded socket was entered (FORK shares them with a child). */
+int toe_fd_any(void);
 /* The socket with this SO_COOKIE already in the table (a reference taken), or NULL. */
 struct toe_sock *toe_fd_find_cookie(uint64_t cookie);
 /* Adopt inherited offloaded sockets once per process image (exec): run by the
@@ -183,13 +187,16 @@ extern int toe_strict;      /* TOE_STRICT: a would-be kernel socket is an error 
 extern int toe_adopting;    /* TOE_SOCK is set: look for inherited offloaded sockets */
 void toe_ctl_init(void);
 /* 1 when the adapter is reachable (connects and says HELLO on first use);
- * 0 when sockets must go to the kernel (the warning has been printed). */
+ * 0 when sockets must go to the kernel (the warning has been printed);
+ * -errno when this process is out of a resource the channel needs (EMFILE,
+ * ENFILE, ENOMEM, ENOBUFS): the call fails as the kernel's would, nothing is
+ * remembered. */
 int toe_ctl_up(void);
 /* Like toe_ctl_up(), but a failure to connect is silent and not remembered
  * (adoption asks on behalf of sockets the program may never use). */
 int toe_ctl_up_quiet(void);
 const struct toe_adapter *toe_ctl_adapter(void);
-/* One command, one response.  fds (0..2) travel with SCM_RIGHTS.
+/* One command, one response.  fds (0..3) travel with SCM_RIGHTS.
  * Returns 0 when rsp is valid, or -errno when the channel failed. */
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp);
 /* The same, also receiving up to *nrfds descriptors (close-on-exec) from the

@@ -9,6 +9,7 @@ same cffi primitives the shim uses).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -129,7 +130,7 @@ class Harness:
         self.ring = ring
         self.now = 100.0
         self._ctl_a, self._ctl_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = ProcessCtx(self._ctl_b)
+        self.proc = ProcessCtx(self._ctl_b, os.getpid(), os.getuid(), os.getgid())
         self._sid = 0
         self.apps: list[AppSide] = []
 
@@ -144,8 +145,9 @@ class Harness:
     def socket(self) -> tuple[HostSocket, AppSide]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         size = lib.TOE_SHM_HDR_SIZE + 2 * self.ring
-        fd = os.memfd_create("toe-test")
+        fd = os.memfd_create("toe-test", os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         mm = mmap.mmap(fd, size)
         s = ffi.cast("struct toe_sock_shm *", ffi.from_buffer(mm))
         s.magic = lib.TOE_SHM_MAGIC
@@ -154,7 +156,7 @@ class Harness:
         self._sid += 1
         b_fd = b.detach()
         os.set_blocking(b_fd, False)
-        hs = HostSocket(self._sid, self.proc, b_fd, os.dup(fd), size)
+        hs = HostSocket(self._sid, self.proc, b_fd, os.dup(fd), self.ring, self.ring, lib.toe_fd_cookie(a.fileno()))
         os.close(fd)
         app = AppSide(a, mm)
         self.apps.append(app)

@@ -15,8 +15,10 @@ the far end of every offloaded socket without any network:
   listening port; the child is connected to an echo peer, or (``mode="sink"``)
   to a peer that only collects what the application sends (:meth:`sunk`) and
   sends what the test :meth:`push`-es (an HTTP client, say).
-* ADOPT: SOCKET and ACCEPT carry A's SO_COOKIE; ADOPT with a known cookie
-  answers the socket's memfd (kept open for that), else -ENOENT.
+* ADOPT: SOCKET and ACCEPT carry [B, memfd, A]; the fake reads A's SO_COOKIE
+  as the daemon does. ADOPT carries an A end: a known one is answered with
+  the socket's memfd (kept open for that), else -ENOENT.
+* FORK: answered with a new channel (the fake keeps no per-channel rights).
 * SHUTDOWN with SHUT_RD/SHUT_RDWR sets RX_SHUT and shuts B for writing (A
   reads end-of-file), as the daemon does.  HANDOVER with arg1 = 1 (strict
   mode refused it) is only counted: the socket stays offloaded.
@@ -274,6 +276,10 @@ class FakeAdapter:
         self.handovers: list[tuple[int, int, int]] = []  # (sock_id, reason, refused)
         self.cookies: list[int] = []          # SO_COOKIEs seen in SOCKET/ACCEPT
         self.adopts: list[tuple[int, int]] = []  # (cookie, result)
+        self.forks = 0                        # FORK channels handed out
+        self.refuse_fork = False              # answer FORK -ENFILE (the child reconnects)
+        self.channels_used: set[int] = set()  # channels that sent a command
+        self._close_after: list[int] = []
         self.sunk_by_port: dict[int, bytearray] = {}  # sink peers' bytes, by remote port
         self.errors: list[str] = []
         self._ids = itertools.count(1)
@@ -385,6 +391,7 @@ class FakeAdapter:
     def stats(self) -> dict:
         return self.call(lambda: {
             "ops": dict(self.ops), "hellos": list(self.hello_pids),
+            "forks": self.forks, "channels_used": len(self.channels_used),
             "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
             "live": len(self.socks), "errors": list(self.errors), "cookies": list(self.cookies),
             "adopts": list(self.adopts),
@@ -484,12 +491,14 @@ class FakeAdapter:
         ffi.memmove(cmd, msg, len(msg))
         rsp = ffi.new("struct toe_rsp *")
         self.ops[cmd.op] = self.ops.get(cmd.op, 0) + 1
+        self.channels_used.add(id(conn))
         handler = {
             lib.TOE_OP_HELLO: self._hello, lib.TOE_OP_SOCKET: self._socket,
             lib.TOE_OP_BIND: self._bind, lib.TOE_OP_LISTEN: self._listen,
             lib.TOE_OP_CONNECT: self._connect, lib.TOE_OP_ACCEPT: self._accept,
             lib.TOE_OP_SHUTDOWN: self._shutdown, lib.TOE_OP_SETSOCKOPT: self._setsockopt,
             lib.TOE_OP_HANDOVER: self._handover, lib.TOE_OP_ADOPT: self._adopt_op,
+            lib.TOE_OP_FORK: self._fork,
         }.get(cmd.op)
         out_fds: list[int] = []
         if handler is None:
@@ -498,6 +507,9 @@ class FakeAdapter:
             out_fds = handler(cmd, fds, rsp) or []
         if out_fds:
             socket.send_fds(conn, [bytes(ffi.buffer(rsp))], out_fds)
+            for f in self._close_after:
+                os.close(f)
+            self._close_after = []
         else:
             conn.send(bytes(ffi.buffer(rsp)))
 
@@ -512,12 +524,14 @@ class FakeAdapter:
         rsp.abi_version = lib.TOE_ABI_VERSION
 
     def _take(self, cmd, fds) -> FakeSock | None:
-        """[B, memfd] of a SOCKET/ACCEPT command -> a FakeSock (not registered)."""
-        if len(fds) != 2:
+        """[B, memfd, A] of a SOCKET/ACCEPT command -> a FakeSock (not registered)."""
+        if len(fds) != 3:
             for f in fds:
                 os.close(f)
             return None
-        bfd, mfd = fds
+        bfd, mfd, afd = fds
+        cookie = lib.toe_fd_cookie(afd)
+        os.close(afd)
         mm = mmap.mmap(mfd, cmd.shm_bytes)
         buf = ffi.from_buffer(mm)
         shm = ffi.cast("struct toe_sock_shm *", buf)
@@ -526,9 +540,9 @@ class FakeAdapter:
             self.errors.append(f"bad shm header for socket {sid}")
         b = socket.socket(fileno=bfd)
         b.setblocking(False)
-        if cmd.cookie:
-            self.cookies.append(cmd.cookie)
-        return FakeSock(sid=sid, b=b, mm=mm, buf=buf, shm=shm, mfd=mfd, cookie=cmd.cookie)
+        if cookie:
+            self.cookies.append(cookie)
+        return FakeSock(sid=sid, b=b, mm=mm, buf=buf, shm=shm, mfd=mfd, cookie=cookie)
 
     def _register(self, s: FakeSock) -> None:
         self.socks[s.sid] = s
@@ -646,16 +660,33 @@ class FakeAdapter:
             self._forget(s)
 
     def _adopt_op(self, cmd, fds, rsp) -> list[int]:
-        """An exec'd program asks for the socket whose A has this SO_COOKIE."""
+        """An exec'd program passes an A end it holds and asks for its socket."""
+        cookie = lib.toe_fd_cookie(fds[0]) if len(fds) == 1 else 0
         for f in fds:
             os.close(f)
         for s in self.socks.values():
-            if cmd.cookie and s.cookie == cmd.cookie and s.mfd >= 0:
+            if cookie and s.cookie == cookie and s.mfd >= 0:
                 rsp.sock_id = s.sid
                 rsp.tx_ring_bytes = s.shm.tx_size
                 rsp.rx_ring_bytes = s.shm.rx_size
-                self.adopts.append((cmd.cookie, 0))
+                self.adopts.append((cookie, 0))
                 return [s.mfd]
         rsp.result = -errno.ENOENT
-        self.adopts.append((cmd.cookie, -errno.ENOENT))
+        self.adopts.append((cookie, -errno.ENOENT))
         return []
+
+    def _fork(self, cmd, fds, rsp) -> list[int]:
+        """A channel for a child about to be forked."""
+        for f in fds:
+            os.close(f)
+        if self.refuse_fork:
+            rsp.result = -errno.ENFILE
+            return []
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine.setblocking(False)
+        self.ctl[mine.fileno()] = mine
+        self.ep.register(mine.fileno(), select.EPOLLIN)
+        self.forks += 1
+        fd = theirs.detach()
+        self._close_after.append(fd)
+        return [fd]

@@ -416,8 +416,23 @@ def test_fork_shares_sockets_child_has_own_channel(env, probe, fake):
     r = run([str(probe), "fork", PEER_ADDR, str(ECHO_PORT)], env)
     assert r.returncode == 0, r.stderr
     assert lines(r)["fork"] == "ok"
-    hellos = fake.stats()["hellos"]
-    assert len(set(hellos)) == 2, hellos
+    st = fake.stats()
+    # the parent says HELLO; its fork asks for the child's channel (FORK), which the
+    # child uses without connecting or saying HELLO (a sandboxed child could not)
+    assert len(set(st["hellos"])) == 1, st["hellos"]
+    assert st["forks"] == 1 and st["channels_used"] == 2, st
+
+
+def test_fork_without_a_fork_channel_reclaims_inherited_sockets(env, probe, fake):
+    """If FORK fails, the child connects a channel of its own, which may name only what
+    it proves it holds: it passes each inherited fd to ADOPT first."""
+    fake.refuse_fork = True
+    r = run([str(probe), "fork", PEER_ADDR, str(ECHO_PORT)], env)
+    assert r.returncode == 0, r.stderr
+    assert lines(r)["fork"] == "ok"
+    st = fake.stats()
+    assert len(set(st["hellos"])) == 2, st["hellos"]           # the child said HELLO itself
+    assert [res for _, res in st["adopts"]] == [0], st["adopts"]   # and reclaimed its one socket
 
 
 # ---------------- signals ----------------
