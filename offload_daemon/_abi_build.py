@@ -150,19 +150,24 @@ int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, co
 }
 
 /* Descriptors a shim passes, checked for what they must be (0 / -errno). */
-int toe_fd_unix_stream(int fd)
+static int is_socket(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
+static int sockopt_is(int fd, int opt, int want)
 {
     int v = 0;
     socklen_t l = sizeof(v);
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+    return getsockopt(fd, SOL_SOCKET, opt, &v, &l) == 0 && v == want;
+}
+
+int toe_fd_unix_stream(int fd)
+{
+    if (!is_socket(fd))
         return -ENOTSOCK;
-    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_UNIX)
-        return -EINVAL;
-    l = sizeof(v);
-    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) < 0 || v != SOCK_STREAM)
-        return -EINVAL;
-    return 0;
+    return sockopt_is(fd, SO_DOMAIN, AF_UNIX) && sockopt_is(fd, SO_TYPE, SOCK_STREAM) ? 0 : -EINVAL;
 }
 
 /* SO_COOKIE of a socket (0 if it has none): read by the daemon itself, never taken
@@ -195,20 +200,12 @@ int toe_fd_memfd(int fd, uint64_t size)
 /* A listening TCP/IPv4 socket (LISTEN's kernel listener for INADDR_ANY). */
 int toe_fd_tcp_listener(int fd)
 {
-    int v = 0;
-    socklen_t l = sizeof(v);
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISSOCK(st.st_mode))
+    if (!is_socket(fd))
         return -ENOTSOCK;
-    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) < 0 || v != AF_INET)
-        return -EINVAL;
-    l = sizeof(v);
-    if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &l) < 0 || v != IPPROTO_TCP)
-        return -EINVAL;
-    l = sizeof(v);
-    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &l) < 0 || v != 1)
-        return -EINVAL;
-    return 0;
+    return sockopt_is(fd, SO_DOMAIN, AF_INET) && sockopt_is(fd, SO_PROTOCOL, IPPROTO_TCP) &&
+                   sockopt_is(fd, SO_ACCEPTCONN, 1)
+               ? 0
+               : -EINVAL;
 }
 """
 

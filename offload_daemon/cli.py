@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from offload_daemon.config import (
@@ -288,29 +288,25 @@ def prepare_run_dir() -> None:
 # ---------------------------------------------------------------- who may use it
 
 
-def parse_uid(text: str, flag: str = "--allow-users") -> int:
-    """A user name or numeric uid -> uid (numeric ones need no passwd entry)."""
+def _parse_id(text: str, flag: str, kind: str, lookup: Callable[[str], int]) -> int:
+    """A name or numeric id -> id (numeric ones need no passwd/group entry)."""
     if text.isdigit():
-        uid = int(text)
-        if uid > ID_MAX:
-            raise CLIError(f"{flag}: uid {uid} out of range 0..{ID_MAX}")
-        return uid
+        n = int(text)
+        if n > ID_MAX:
+            raise CLIError(f"{flag}: {kind[0]}id {n} out of range 0..{ID_MAX}")
+        return n
     try:
-        return pwd.getpwnam(text).pw_uid
+        return lookup(text)
     except KeyError:
-        raise CLIError(f"{flag}: no user named {text!r}") from None
+        raise CLIError(f"{flag}: no {kind} named {text!r}") from None
+
+
+def parse_uid(text: str, flag: str = "--allow-users") -> int:
+    return _parse_id(text, flag, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def parse_gid(text: str, flag: str = "--allow-group") -> int:
-    if text.isdigit():
-        gid = int(text)
-        if gid > ID_MAX:
-            raise CLIError(f"{flag}: gid {gid} out of range 0..{ID_MAX}")
-        return gid
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise CLIError(f"{flag}: no group named {text!r}") from None
+    return _parse_id(text, flag, "group", lambda name: grp.getgrnam(name).gr_gid)
 
 
 def default_allow_users() -> tuple[int, ...]:
