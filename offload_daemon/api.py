@@ -33,7 +33,6 @@ import json
 import re
 import select
 import socket
-import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +40,13 @@ from typing import Any
 
 from nic_model.counters import UnitCounters
 
+from .access import peer_creds
+
 MAX_DEPTH = 8             # nesting of arrays/objects allowed in a request
 ACCEPTS_PER_EVENT = 64    # the listening socket is level triggered: the rest come next round
 _EP_IN = select.EPOLLIN
 _EP_OUT = select.EPOLLOUT
 _SPECIAL = re.compile(rb'["\\\[\]{}]')
-_PEERCRED = struct.Struct("3i")
 
 
 class RequestError(Exception):
@@ -56,11 +56,12 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Peer:
-    """The client process, from SO_PEERCRED at accept."""
+    """The client process, from SO_PEERCRED / SO_PEERGROUPS at accept."""
 
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
 
 Handler = Callable[[dict[str, Any], Peer], dict[str, Any]]
@@ -263,13 +264,12 @@ class ApiServer:
             return
         try:
             conn.setblocking(False)
-            pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              _PEERCRED.size))
+            pid, uid, gid, groups = peer_creds(conn)
         except OSError:
             self.counters.accept_errors += 1
             conn.close()
             return
-        peer = Peer(pid, uid, gid)
+        peer = Peer(pid, uid, gid, tuple(groups))
         if self.allowed is not None:
             try:
                 ok = bool(self.allowed(peer))

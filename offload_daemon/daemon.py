@@ -89,6 +89,7 @@ class Adapter:
         self.by_b: dict[int, HostSocket] = {}
         self.by_kl: dict[int, HostSocket] = {}      # kernel listening sockets of INADDR_ANY listeners
         self.by_cookie: dict[int, HostSocket] = {}  # SO_COOKIE of A -> socket (ADOPT)
+        self.pid_sockets: dict[int, int] = {}       # open sockets per process (the per-process limit)
         self.ring_limit = cfg.ring_limit_bytes()
         self.exited: deque[ProcessCtx] = deque(maxlen=32)
         self.running = True
@@ -132,7 +133,8 @@ class Adapter:
             except OSError as e:
                 raise SetupError(f"cannot restrict {path} to the allowed users: {e}") from None
         self.ctl = ControlServer(ctl_sock, self, self._judge_channel)
-        self.api = ApiServer(api_sock, self.handle_api, self.ep)
+        self.api = ApiServer(api_sock, self.handle_api, self.ep,
+                             allowed=lambda p: access.peer_allowed(p.uid, p.gid, p.groups, cfg))
         self.ep.register(self.tap.fd, select.EPOLLIN)
         self.ep.register(ctl_sock.fileno(), select.EPOLLIN)
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -305,8 +307,8 @@ class Adapter:
     def _limit_error(self, ctx: ProcessCtx) -> int:
         """0, or the errno the kernel would give for the limit a new socket hits."""
         cfg = self.cfg
-        if ctx.sockets >= cfg.max_process_sockets:
-            return errno.EMFILE                 # per process, like RLIMIT_NOFILE
+        if self.pid_sockets.get(ctx.pid, 0) >= cfg.max_process_sockets:
+            return errno.EMFILE                 # per process (all its channels), like RLIMIT_NOFILE
         if len(self.socks) >= cfg.max_sockets:
             return errno.ENFILE                 # adapter-wide, like the system file table
         shm = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
@@ -350,9 +352,18 @@ class Adapter:
         self.by_b[s.b_fd] = s
         self.by_cookie[s.cookie] = s
         s.proc.hold(s)
-        s.proc.sockets += 1
+        self._count(s.proc, 1)
         s.proc.offloaded += 1
         self.ep.register(s.b_fd, EP_B)
+
+    def _count(self, ctx: ProcessCtx, n: int) -> None:
+        """Sockets that count for ctx's process: per channel (toe stat) and per pid (limit)."""
+        ctx.sockets += n
+        left = self.pid_sockets.get(ctx.pid, 0) + n
+        if left > 0:
+            self.pid_sockets[ctx.pid] = left
+        else:
+            self.pid_sockets.pop(ctx.pid, None)
 
     def _unregister(self, s: HostSocket) -> None:
         """A's last reference is gone: nobody may name the socket any more."""
@@ -362,7 +373,7 @@ class Adapter:
         for h in s.holders:
             h.socks.pop(s.id, None)
         s.holders.clear()
-        s.proc.sockets -= 1
+        self._count(s.proc, -1)
 
     # descriptors each operation takes (SCM_RIGHTS); anything else is refused
     _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (3,), lib.TOE_OP_LISTEN: (0, 1),
@@ -383,6 +394,8 @@ class Adapter:
             self.counters_host["bad_commands"] += 1
         except OSError as e:
             rsp.result = -(e.errno or errno.EINVAL)
+            if rsp.result == -errno.EINVAL:     # a descriptor or size that is not what the op takes
+                self.counters_host["bad_commands"] += 1
         except Exception:                       # a bug met by someone's input: log, count, drop
             self.counters_host["handler_errors"] += 1
             _log_exception(f"command op {op} from pid {ctx.pid}")
@@ -523,11 +536,11 @@ class Adapter:
         rsp.rx_ring_bytes = s.rx_size
         ctx.hold(s)
         if s.proc is not ctx:
-            s.proc.sockets -= 1            # the socket now counts for the adopter
+            self._count(s.proc, -1)        # the socket now counts for the adopter
             s.proc = ctx
             s.pid = ctx.pid
             s.uid = ctx.uid
-            ctx.sockets += 1
+            self._count(ctx, 1)
             ctx.offloaded += 1
         self.counters_host["adoptions"] += 1
         return 0
