@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_toe, unique_port
-from tests.security import hostile
-from tests.security.hostile import NOBODY_GID, NOBODY_UID, Channel, Lines
+from tests.security import hostile, transfer
+from tests.security.hostile import NOBODY_GID, NOBODY_UID, Channel
+from tests.security.transfer import Lines
 
 pytestmark = pytest.mark.integration
 
@@ -199,16 +200,16 @@ def test_pipelined_requests_never_read(adapter_factory, client_ns):
         except (OSError, hostile.ChannelClosed) as e:
             hello = f"no answer ({e!r}): the daemon stalled"
         total, port = 4 << 20, unique_port()
-        server = adapter.popen([sys.executable, "-u", "-c", hostile.PATTERN_SERVER, adapter.host_ip, str(port),
+        server = adapter.popen([sys.executable, "-u", "-c", transfer.PATTERN_SERVER, adapter.host_ip, str(port),
                                 str(total), "1"], stdout=subprocess.PIPE)
         Lines(server).wait("listening")
         try:
-            res = client_ns.toe_run(adapter, [sys.executable, "-c", hostile.PACED_CLIENT, adapter.host_ip, str(port),
+            res = client_ns.toe_run(adapter, [sys.executable, "-c", transfer.PACED_CLIENT, adapter.host_ip, str(port),
                                               str(total), "0", "0"], timeout=120)
-            transfer = res.stdout.decode().split()[-4:] if res.returncode == 0 else \
+            moved = res.stdout.decode().split()[-4:] if res.returncode == 0 else \
                 [f"exit {res.returncode}: {res.stderr.decode()[-300:]}"]
         except subprocess.TimeoutExpired:
-            transfer = ["timed out (the daemon stalled?)"]
+            moved = ["timed out (the daemon stalled?)"]
         flood.send("close")
         flood.result(60)
     finally:
@@ -220,6 +221,6 @@ def test_pipelined_requests_never_read(adapter_factory, client_ns):
     print(f"\nnever-read requests: {figures}")
     assert stat.returncode == 0, f"root's toe stat failed during the flood: {stat.stderr.strip()}. {figures}"
     assert hello == 0, f"HELLO answered {hello} during the flood"
-    assert transfer == ["done", str(total), hostile.pattern_digest(total), "0"], \
-        f"a root transfer during the flood: {transfer}"
+    assert moved == ["done", str(total), transfer.pattern_digest(total), "0"], \
+        f"a root transfer during the flood: {moved}"
     assert n == base["fds"], f"the daemon holds {n} descriptors, {base['fds']} before. {figures}"

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_toe, unique_port, wait_until
-from tests.security import hostile
+from tests.security import hostile, transfer
 from tests.security.hostile import (
     FD_KINDS,
     KNOWN_OPS,
@@ -45,8 +45,8 @@ from tests.security.hostile import (
     UNKNOWN_OPS,
     Channel,
     ChannelClosed,
-    Lines,
 )
+from tests.security.transfer import Lines
 
 pytestmark = pytest.mark.integration
 
@@ -231,9 +231,17 @@ def ad(shared_adapter):
 
 
 def before(adapter) -> tuple[int, int]:
-    """The daemon's pid and descriptor count before a case."""
+    """The daemon's pid and descriptor count before a case, once the channels of the
+    previous case are gone (the daemon sees their end asynchronously)."""
     pid = hostile.daemon_pid(adapter.tap)
-    return pid, hostile.fd_count(pid)
+    n, deadline = hostile.fd_count(pid), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        m = hostile.fd_count(pid)
+        if m >= n:
+            break
+        n = m
+    return pid, n
 
 
 GENERIC = [(op, v) for op in [*KNOWN_OPS, *UNKNOWN_OPS] for v in VARIANTS]
@@ -443,7 +451,7 @@ def accept_kind_case(ctl: str, name: str, ip: str, port: int) -> dict[str, Any]:
 def test_accept_descriptors(ad, name):
     pid, fds0 = before(ad)
     port = unique_port()
-    conn = ad.popen([sys.executable, "-u", "-c", hostile.KERNEL_CONNECTOR, ad.ip, str(port), "hi", "close"],
+    conn = ad.popen([sys.executable, "-u", "-c", transfer.KERNEL_CONNECTOR, ad.ip, str(port), "hi", "close"],
                     stdout=subprocess.PIPE)
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, accept_kind_case, hostile.ctl_path(ad.tap), name, ad.ip, port,
                           timeout=150)
@@ -689,19 +697,19 @@ def test_bad_command_loop_leaks_nothing(ad, client_ns):
     print(f"\nbad-command loop: {figures}\n answers: {got['tally']}\n host_if counters moved: {moved}")
     assert hostile.alive(pid), f"the daemon died during the loop. {figures}"
     assert not got["wrong"], f"bad commands not refused: {got['wrong']}. {figures}"
-    assert n == base["fds"], (f"the daemon keeps {n - base['fds']} descriptors more than before: "
+    assert n <= base["fds"], (f"the daemon keeps {n - base['fds']} descriptors more than before: "
                               f"{hostile.summarize_links(hostile.fd_links(pid))}. {figures}")
     # the adapter still serves a root program
     total = 1 << 20
     port = unique_port()
-    server = ad.popen([sys.executable, "-u", "-c", hostile.PATTERN_SERVER, ad.host_ip, str(port), str(total), "1"],
+    server = ad.popen([sys.executable, "-u", "-c", transfer.PATTERN_SERVER, ad.host_ip, str(port), str(total), "1"],
                       stdout=subprocess.PIPE)
     Lines(server).wait("listening")
-    res = client_ns.toe_run(ad, [sys.executable, "-c", hostile.PACED_CLIENT, ad.host_ip, str(port), str(total), "0",
+    res = client_ns.toe_run(ad, [sys.executable, "-c", transfer.PACED_CLIENT, ad.host_ip, str(port), str(total), "0",
                                  "0"], timeout=120)
     out = res.stdout.decode().split()
     assert res.returncode == 0, f"a root program under toe run failed after the loop: {res.stderr.decode()[-500:]}"
-    assert out[-4:] == ["done", str(total), hostile.pattern_digest(total), "0"], out
+    assert out[-4:] == ["done", str(total), transfer.pattern_digest(total), "0"], out
     stat = run_toe("stat", "--tap", ad.tap, "--json")
     assert stat.returncode == 0, stat.stderr
     assert moved.get("bad_commands", 0) > 0, f"units.host_if.bad_commands did not count the loop: {moved}"
@@ -907,10 +915,10 @@ def test_hostile_shared_header(ad, client_ns):
     pid, _ = before(ad)
     flood_port, port, total = unique_port(), unique_port(), 8 << 20
     for p, size, conns in ((flood_port, 0, 0), (port, total, 1)):
-        srv = ad.popen([sys.executable, "-u", "-c", hostile.PATTERN_SERVER, ad.host_ip, str(p), str(size), str(conns)],
+        srv = ad.popen([sys.executable, "-u", "-c", transfer.PATTERN_SERVER, ad.host_ip, str(p), str(size), str(conns)],
                        stdout=subprocess.PIPE)
         Lines(srv).wait("listening")
-    victim = client_ns.toe_popen(ad, [sys.executable, "-u", "-c", hostile.PACED_CLIENT, ad.host_ip, str(port),
+    victim = client_ns.toe_popen(ad, [sys.executable, "-u", "-c", transfer.PACED_CLIENT, ad.host_ip, str(port),
                                       str(total), str(1 << 20), "0.001"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     lines = Lines(victim, f"the victim (pid {victim.pid})")
     lines.wait("midway")
@@ -931,7 +939,7 @@ def test_hostile_shared_header(ad, client_ns):
     assert "setup" not in got, got["setup"] if "setup" in got else ""
     assert hostile.alive(pid) and hostile.daemon_pid(ad.tap) == pid, "the daemon died"
     assert got["hello"] == 0, f"the attacker's channel stopped working: {got}"
-    assert words[1:] == [str(total), hostile.pattern_digest(total), "0"], f"the other connection was hurt: {words}"
+    assert words[1:] == [str(total), transfer.pattern_digest(total), "0"], f"the other connection was hurt: {words}"
     assert victim.wait(60) == 0
     stat = run_toe("stat", "--tap", ad.tap, "--json")
     assert stat.returncode == 0, stat.stderr

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import toe_cmd, unique_port
-from tests.security import hostile
+from tests.security import hostile, transfer
 from tests.security.hostile import (
     DAEMON_GID,
     DAEMON_UID,
@@ -35,8 +35,8 @@ from tests.security.hostile import (
     OP,
     Channel,
     ChannelClosed,
-    Lines,
 )
+from tests.security.transfer import Lines
 
 pytestmark = pytest.mark.integration
 
@@ -164,10 +164,10 @@ def start_victim(adapter, client_ns, total: int = TOTAL, gate: int = GATE, pace:
     """A pattern server on the kernel side and a root PACED_CLIENT under toe run, paused at
     `gate` bytes (with a listener holding one pending connection if listen_port)."""
     port = unique_port()
-    server = adapter.popen([sys.executable, "-u", "-c", hostile.PATTERN_SERVER, adapter.host_ip, str(port),
+    server = adapter.popen([sys.executable, "-u", "-c", transfer.PATTERN_SERVER, adapter.host_ip, str(port),
                             str(total), "1"], stdout=subprocess.PIPE)
     Lines(server).wait("listening")
-    argv = [sys.executable, "-u", "-c", hostile.PACED_CLIENT, adapter.host_ip, str(port), str(total), str(gate),
+    argv = [sys.executable, "-u", "-c", transfer.PACED_CLIENT, adapter.host_ip, str(port), str(total), str(gate),
             str(pace)]
     if listen_port:
         argv += [adapter.ip, str(listen_port)]
@@ -176,7 +176,7 @@ def start_victim(adapter, client_ns, total: int = TOTAL, gate: int = GATE, pace:
     info: dict[str, Any] = {"port": port}
     if listen_port:
         info["listen_fd"] = int(lines.wait("listening").split()[1])
-        conn = adapter.popen([sys.executable, "-u", "-c", hostile.KERNEL_CONNECTOR, adapter.ip, str(listen_port),
+        conn = adapter.popen([sys.executable, "-u", "-c", transfer.KERNEL_CONNECTOR, adapter.ip, str(listen_port),
                               "hello-listener", "hold"], stdout=subprocess.PIPE)
         Lines(conn).wait("connected")
     words = lines.wait("connected ").split()
@@ -211,7 +211,7 @@ def finish_victim(victim: subprocess.Popen, lines: Lines, total: int, with_liste
         n, digest, extra = int(words[1]), words[2], int(words[3])
         if n != total or extra:
             problems.append(f"the victim received {n} bytes (+{extra} after the end), not {total}")
-        elif digest != hostile.pattern_digest(total):
+        elif digest != transfer.pattern_digest(total):
             problems.append(f"the victim's {n} bytes are not the pattern (sha256 {digest})")
         if with_listener:
             got = lines.wait("accepted", timeout=90).split(maxsplit=1)[1]
