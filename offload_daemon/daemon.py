@@ -549,16 +549,15 @@ class Adapter:
         """FORK: a new channel for a child about to be forked, holding the same sockets.
         Made now, while the parent can still reach the daemon: a child that chroots,
         changes user or enters a seccomp sandbox before its first call keeps working."""
-        if len(self.ctl.procs) >= self.cfg.max_sockets:  # type: ignore[union-attr]
+        if len(self.ctl.procs) >= MAX_CHANNELS:  # type: ignore[union-attr]
             return -errno.ENFILE
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        child = self.ctl.add_channel(mine, ctx)  # type: ignore[union-attr]
+        self.ctl.add_channel(mine, ctx)  # type: ignore[union-attr]
         self.ep.register(mine.fileno(), select.EPOLLIN)
         fd = theirs.detach()
         self.ctl.rsp_fds = [fd]  # type: ignore[union-attr]
         self.ctl.rsp_close = [fd]  # type: ignore[union-attr]
         self.counters_host["fork_channels"] += 1
-        del child
         return 0
 
     # ------------------------------------------------------------------ inspection
