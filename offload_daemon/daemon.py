@@ -118,7 +118,8 @@ class Adapter:
         self.tx_max_payload = min(MAX_TSO_BYTES, 65535 - 40 - 40)
         self.arp = ArpTable(self.my_ip, self.my_mac, self.tx, self.timers)
         self.tcp = TcpStack(self)
-        _raise_fd_limit(2 * cfg.max_sockets + MAX_CHANNELS + 1024)
+        # per socket: B, the memfd (for ADOPT) and the dup CPython's mmap keeps of it
+        _raise_fd_limit(3 * cfg.max_sockets + MAX_CHANNELS + 1024)
         try:
             for note in access.ensure_run_dir(RUN_DIR):
                 print(f"toe: {RUN_DIR}: {note}", file=sys.stderr)
@@ -662,8 +663,8 @@ class Adapter:
 
 
 def _raise_fd_limit(want: int) -> None:
-    """Each socket holds B and its memfd in the daemon: make room for the limits (root may
-    raise the hard limit up to fs.nr_open)."""
+    """Make room for the sockets the limits allow (root may raise the hard limit up to
+    fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
