@@ -539,6 +539,16 @@ def figures(pid: int) -> dict[str, int]:
             "hwm_kb": proc_status_kb(pid, "VmHWM")}
 
 
+def settle_fds(pid: int, baseline: int, timeout: float = 60.0) -> int:
+    """Wait until the daemon holds no more descriptors than `baseline`; the last count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = fd_count(pid)
+        if n <= baseline or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

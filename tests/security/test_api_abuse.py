@@ -34,15 +34,6 @@ ENDLESS = 100 << 20
 PIPELINED = 10_000
 
 
-def settle_fds(pid: int, baseline: int, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        n = hostile.fd_count(pid)
-        if n <= baseline or time.monotonic() > deadline:
-            return n
-        time.sleep(0.05)
-
-
 def read_answer(s: socket.socket) -> dict[str, Any]:
     """The first answer line, or how the connection ended."""
     buf = bytearray()
@@ -97,7 +88,7 @@ def test_deeply_nested_request(adapter_factory, opener, depth):
     base = hostile.figures(pid)
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, send_deep, hostile.api_path(adapter.tap), opener, depth,
                           timeout=180)
-    n = settle_fds(pid, base["fds"]) if hostile.alive(pid) else -1
+    n = hostile.settle_fds(pid, base["fds"]) if hostile.alive(pid) else -1
     after = hostile.figures(pid) if hostile.alive(pid) else {}
     print(f"\nnested {opener!r} x {depth}: {got}; daemon before {base}, after {after}")
     assert hostile.alive(pid), f"the daemon died on a deeply nested request ({got})"
@@ -137,7 +128,7 @@ def test_endless_line(adapter_factory):
     base = hostile.figures(pid)
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, send_endless, hostile.api_path(adapter.tap), ENDLESS, timeout=300)
     assert hostile.alive(pid), f"the daemon died on an endless line ({got})"
-    n = settle_fds(pid, base["fds"])
+    n = hostile.settle_fds(pid, base["fds"])
     after = hostile.figures(pid)
     grow_rss, grow_hwm = after["rss_kb"] - base["rss_kb"], after["hwm_kb"] - base["hwm_kb"]
     bound_kb = ENDLESS // 10 // 1024
@@ -214,7 +205,7 @@ def test_pipelined_requests_never_read(adapter_factory, client_ns):
         flood.result(60)
     finally:
         flood.kill()
-    n = settle_fds(pid, base["fds"])
+    n = hostile.settle_fds(pid, base["fds"])
     after = hostile.figures(pid)
     figures = (f"{sent}; daemon before {base}, with the flood {during}, after {after} (fds settled at {n}); "
                f"root's toe stat took {stat_s:.1f} s")

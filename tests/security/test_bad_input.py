@@ -188,16 +188,6 @@ def expected(op: int, variant: str, sent_kinds: list[str]) -> tuple[set[int] | N
     return {E["EINVAL"]}, False
 
 
-def settle_fds(pid: int, baseline: int, timeout: float = 30.0) -> int:
-    """Wait until the daemon holds no more descriptors than `baseline`; the last count."""
-    deadline = time.monotonic() + timeout
-    while True:
-        n = hostile.fd_count(pid)
-        if n <= baseline or time.monotonic() > deadline:
-            return n
-        time.sleep(0.05)
-
-
 def check_daemon(adapter, pid: int, baseline_fds: int, what: str) -> list[str]:
     """The daemon is the same process, answers HELLO and stat, and is back to its descriptors."""
     problems = []
@@ -216,7 +206,7 @@ def check_daemon(adapter, pid: int, baseline_fds: int, what: str) -> list[str]:
             problems.append(f"{what}: stat answered {str(st)[:200]}")
     except (OSError, ChannelClosed, ValueError) as e:
         problems.append(f"{what}: stat failed: {e!r}")
-    n = settle_fds(pid, baseline_fds)
+    n = hostile.settle_fds(pid, baseline_fds)
     if n > baseline_fds:
         links = hostile.summarize_links(hostile.fd_links(pid))
         problems.append(f"{what}: the daemon holds {n} descriptors, {baseline_fds} before the case "
@@ -686,7 +676,7 @@ def test_bad_command_loop_leaks_nothing(ad, client_ns):
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, bad_loop, hostile.ctl_path(ad.tap), 20_000, 5_000, timeout=600)
     took = time.monotonic() - t0
     during = hostile.figures(pid)
-    n = settle_fds(pid, base["fds"], timeout=120)
+    n = hostile.settle_fds(pid, base["fds"], timeout=120)
     after = hostile.figures(pid)
     figures = (f"daemon pid {pid}: before fds={base['fds']} VmRSS={base['rss_kb']} kB VmHWM={base['hwm_kb']} kB; "
                f"right after the loop fds={during['fds']} VmRSS={during['rss_kb']} kB; settled fds={n} "
