@@ -213,7 +213,9 @@ static inline uint32_t toe_rx_space(struct toe_sock_shm *s)
 /*
  * Daemon: append len bytes (the caller checked the space) and publish.
  * Returns 1 when a readiness token must be written into B (no token is
- * outstanding); the caller writes it and then calls toe_rx_token_sent().
+ * outstanding); the caller then counts it with toe_rx_token_sent() FIRST and
+ * writes the byte into B after (docs/abi.md: the other order could leave a
+ * byte in A that nobody counted, and an edge-triggered reader would hang).
  */
 static inline int toe_rx_push(struct toe_sock_shm *s, const uint8_t *src, uint32_t len)
 {
@@ -225,7 +227,7 @@ static inline int toe_rx_push(struct toe_sock_shm *s, const uint8_t *src, uint32
     return TOE_LOAD_ACQ(&s->tok_taken) == s->tok_sent;
 }
 
-/* Daemon: a token byte was written into B. */
+/* Daemon: a token byte is about to be written into B (count, then write). */
 static inline void toe_rx_token_sent(struct toe_sock_shm *s)
 {
     TOE_STORE_REL(&s->tok_sent, s->tok_sent + 1);
