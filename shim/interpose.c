@@ -3,7 +3,7 @@
  *
  * Every one has the same shape: fd-table lookup (lock-free; it is NULL until
  * the first offloaded socket exists, so no initialisation is needed) ->
- * offloaded operation in sock.c, or the real libc function.  The dup2/dup3/
+ * offloaded operation (toe_sock_*, toe_shim.h), or the real libc function.  The dup2/dup3/
  * close family goes to the table when either fd is offloaded (close_range and
  * closefrom always: the range may hold any).  Calls with two descriptors
  * (sendfile, splice) look up the one that matters first, then the other.

@@ -6,8 +6,17 @@
  *   real.c      the libc functions we interpose, resolved with dlsym(RTLD_NEXT)
  *   fdtable.c   fd -> struct toe_sock, lifetime of struct toe_sock
  *   ctl.c       the per-process control channel to the adapter daemon
- *   sock.c      the offloaded socket operations (incl. sendfile/splice,
- *               *mmsg, adoption of inherited sockets after exec)
+ *   the offloaded socket operations (toe_sock_*), one room each, sharing
+ *   sock_int.h:
+ *     sock_life.c socket(): creation; adoption of inherited / passed sockets
+ *     ready.c     readiness on A: stuffing, doorbells, tokens, waits
+ *     handover.c  the socket given to the kernel (or refused, TOE_STRICT)
+ *     conn.c      bind, listen, connect, accept, shutdown, names
+ *     recv.c      recv and friends, sendfile/splice from the socket, recvmmsg
+ *     send.c      send and friends, sendfile/splice to the socket, sendmmsg
+ *     sockopt.c   setsockopt, getsockopt (one table of options)
+ *     sockopt_kernel.c  the kernel's option rules: sysctls, capabilities
+ *     fdcalls.c   fcntl, ioctl, dup, close
  *   interpose.c the exported entry points (dispatch only)
  *
  * Reference counting: a struct toe_sock holds one reference per fd of this
@@ -213,7 +222,7 @@ void toe_dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void toe_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 #define TOE_DBG(...) do { if (toe_debug) toe_dbg(__VA_ARGS__); } while (0)
 
-/* ---------------- sock.c: offloaded operations ---------------- */
+/* ---------------- offloaded operations (the rooms sock_int.h lists) ---------------- */
 
 /* Is this socket() call one we offload? */
 int toe_sock_wanted(int domain, int type, int protocol);
