@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 
 @dataclass
 class UnitCounters:
+    def __getitem__(self, name: str) -> int:
+        """A counter by its inspection-API name (read only: units count through attributes)."""
+        return getattr(self, name)
+
     def snapshot(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for f in fields(self):

@@ -8,8 +8,10 @@ kernel).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from nic_model.counters import UnitCounters
 from nic_model.wire import ethernet
 from nic_model.wire.arp import OP_REPLY, OP_REQUEST, ArpRepr
 from nic_model.wire.icmp import ECHO_REPLY, ECHO_REQUEST, IcmpEcho
@@ -22,6 +24,18 @@ ARP_RETRY_S = 1.0
 ARP_TTL_S = 300.0
 
 Resolved = Callable[[bytes | None, float], None]
+
+
+@dataclass
+class ArpIcmpCounters(UnitCounters):
+    requests_in: int = 0
+    replies_out: int = 0
+    requests_out: int = 0
+    replies_in: int = 0
+    resolve_failures: int = 0
+    ignored: int = 0
+    echo_requests: int = 0
+    echo_replies: int = 0
 
 
 class _Pending:
@@ -39,8 +53,7 @@ class ArpTable:
         self.timers = timers
         self.cache: dict[int, tuple[bytes, float]] = {}
         self.pending: dict[int, _Pending] = {}
-        self.counters = {"requests_in": 0, "replies_out": 0, "requests_out": 0, "replies_in": 0,
-                         "resolve_failures": 0, "ignored": 0, "echo_requests": 0, "echo_replies": 0}
+        self.counters = ArpIcmpCounters()
 
     def lookup(self, ip: int, now: float) -> bytes | None:
         e = self.cache.get(ip)
@@ -74,7 +87,7 @@ class ArpTable:
 
     def _request(self, ip: int, p: _Pending, now: float) -> None:
         p.tries += 1
-        self.counters["requests_out"] += 1
+        self.counters.requests_out += 1
         req = ArpRepr(OP_REQUEST, self.my_mac, self.my_ip.to_bytes(4, "big"), b"\0" * 6,
                       ip.to_bytes(4, "big"))
         body = bytearray(28)
@@ -88,7 +101,7 @@ class ArpTable:
             return
         if p.tries >= ARP_TRIES:
             del self.pending[ip]
-            self.counters["resolve_failures"] += 1
+            self.counters.resolve_failures += 1
             for cb in p.waiters:
                 cb(None, now)
             return
@@ -100,29 +113,29 @@ class ArpTable:
         if tip != self.my_ip:
             if sip in self.cache:
                 self.learn(sip, arp.sender_mac, now)        # RFC 826 merge
-            self.counters["ignored"] += 1
+            self.counters.ignored += 1
             return
         if sip:
             self.learn(sip, arp.sender_mac, now)
         if arp.op == OP_REQUEST:
-            self.counters["requests_in"] += 1
+            self.counters.requests_in += 1
             rep = ArpRepr(OP_REPLY, self.my_mac, arp.target_ip, arp.sender_mac, arp.sender_ip)
             body = bytearray(28)
             rep.emit(body)
             self.tx.raw_frame(arp.sender_mac, ethernet.ETHERTYPE_ARP, bytes(body))
-            self.counters["replies_out"] += 1
+            self.counters.replies_out += 1
         else:
-            self.counters["replies_in"] += 1
+            self.counters.replies_in += 1
 
     def icmp_input(self, ip: Ipv4Repr, msg: IcmpEcho, src_mac: bytes) -> None:
         if msg.type != ECHO_REQUEST:
             return
-        self.counters["echo_requests"] += 1
+        self.counters.echo_requests += 1
         reply = IcmpEcho(ECHO_REPLY, 0, msg.ident, msg.seq, msg.data).emit()
         hdr = bytearray(20)
         Ipv4Repr(ip.dst, ip.src, PROTO_ICMP, len(reply), df=False).emit(hdr)
         self.tx.raw_frame(src_mac, ethernet.ETHERTYPE_IPV4, bytes(hdr) + reply)
-        self.counters["echo_replies"] += 1
+        self.counters.echo_replies += 1
 
     def info(self, now: float) -> list[dict]:
         return [{"ip": f"{ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}",

@@ -31,15 +31,16 @@ from nic_model.counters import AckGenCounters
 from nic_model.pools import BufferPool
 from nic_model.tap import TapError, TapPort
 from nic_model.tx import MAX_TSO_BYTES, TxEngine
-from nic_model.wire import ethernet
+from nic_model.wire import ethernet, vnet
 
 from . import access
 from .abi import csum, ffi, lib
 from .api import ApiServer, Peer, RequestError
 from .arp import ArpTable
+from .byteorder import from_be16, from_be32, to_be16, to_be32
 from .config import RUN_DIR, AdapterConfig, log_path
-from .host import ControlServer, HostSocket, ProcessCtx, from_be16, from_be32, unix_listener
-from .tcp import SEND_STATES, TcpStack, ip_str
+from .host import ControlServer, HostIfCounters, HostSocket, ProcessCtx, unix_listener
+from .tcp import SEND_STATES, TcpEnv, TcpStack, ip_str
 from .timers import Timers
 
 RX_BATCH = 128
@@ -79,11 +80,7 @@ class Adapter:
         self.offloads = cfg.offloads
         self.timers = Timers()
         self.started = time.monotonic()
-        self.counters_host = {"commands": 0, "sockets": 0, "accepts": 0,
-                              "adoptions": 0, "handovers": 0, "handovers_refused": 0, "doorbells": 0,
-                              "app_closes": 0, "bad_commands": 0, "foreign_ids": 0,
-                              "limit_refusals": 0, "refused_channels": 0, "handler_errors": 0,
-                              "fork_channels": 0, "accept_errors": 0, "channels_dropped": 0}
+        self.counters_host = HostIfCounters()
         self.ackgen = AckGenCounters()
         self.socks: dict[int, HostSocket] = {}
         self.by_b: dict[int, HostSocket] = {}
@@ -117,7 +114,9 @@ class Adapter:
         self.tx = TxEngine(self.tap, self.my_mac, cfg.offloads, csum)
         self.tx_max_payload = min(MAX_TSO_BYTES, 65535 - 40 - 40)
         self.arp = ArpTable(self.my_ip, self.my_mac, self.tx, self.timers)
-        self.tcp = TcpStack(self)
+        self.tcp = TcpStack(TcpEnv(cfg=cfg, my_ip=self.my_ip, timers=self.timers, tx=self.tx,
+                                   arp=self.arp, ackgen=self.ackgen, offloads=self.offloads,
+                                   tx_max_payload=self.tx_max_payload))
         # per socket: B, the memfd (for ADOPT) and the dup CPython's mmap keeps of it
         _raise_fd_limit(3 * cfg.max_sockets + MAX_CHANNELS + 1024)
         try:
@@ -200,13 +199,13 @@ class Adapter:
                 timers.poll(now)
                 self.tcp.flush(now)
             except Exception:
-                self.counters_host["handler_errors"] += 1
+                self.counters_host.handler_errors += 1
                 _log_exception("timers")
 
     def _event_failed(self, fd: int) -> None:
         """A handler raised: log and count it, and drop what it was serving (a channel, a
         socket: reset) so that the same input cannot fail again and again."""
-        self.counters_host["handler_errors"] += 1
+        self.counters_host.handler_errors += 1
         _log_exception(f"the handler of fd {fd}")
         try:
             procs = self.ctl.procs  # type: ignore[union-attr]
@@ -228,7 +227,7 @@ class Adapter:
             if ctx is None:
                 return
             if len(ctl.procs) > MAX_CHANNELS:
-                self.counters_host["refused_channels"] += 1
+                self.counters_host.refused_channels += 1
                 del ctl.procs[ctx.conn.fileno()]
                 ctx.conn.close()
                 continue
@@ -258,7 +257,7 @@ class Adapter:
                     self.arp.input(obj, now)
                 elif cls == rxmod.ICMP:
                     ip, msg = obj
-                    self.arp.icmp_input(ip, msg, bytes(buf[vnet_len() + 6:vnet_len() + 12]))
+                    self.arp.icmp_input(ip, msg, bytes(buf[vnet.LEN + 6:vnet.LEN + 12]))
             finally:
                 pool.put(i)
         # more frames may be waiting: the TAP stays readable, epoll reports it again
@@ -270,12 +269,12 @@ class Adapter:
             del self.by_b[s.b_fd]
             s.drain()
             s.close_b()
-            self.counters_host["app_closes"] += 1
+            self.counters_host.app_closes += 1
             self._unregister(s)
             self._drop_kernel_listener(s)
             self.tcp.app_closed(s, now)
             return
-        self.counters_host["doorbells"] += 1
+        self.counters_host.doorbells += 1
         c = s.ccb
         # Drain B (A writable again) unless the shim waits with A stuffed for its socket
         # to become writable: then A stays stuffed until it is (toe_tx_wake). A shim
@@ -324,7 +323,7 @@ class Adapter:
         cfg = self.cfg
         err = self._limit_error(ctx)
         if err:
-            self.counters_host["limit_refusals"] += 1
+            self.counters_host.limit_refusals += 1
             raise OSError(err, "limit")
         if len(fds) != 3 or shm_bytes != lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes:
             raise OSError(errno.EINVAL, "expected [B, memfd, A] and the adapter's ring sizes")
@@ -383,7 +382,7 @@ class Adapter:
     def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> bool:
         """Answer one command into rsp. Every descriptor in `fds` is either taken by the
         socket it belongs to or closed here, on every path. False: drop the channel."""
-        self.counters_host["commands"] += 1
+        self.counters_host.commands += 1
         op = cmd.op
         keep = True
         try:
@@ -392,13 +391,13 @@ class Adapter:
             rsp.result = self._command(ctx, op, cmd, fds, rsp, now)
         except BadCommand as e:
             rsp.result = -e.errno
-            self.counters_host["bad_commands"] += 1
+            self.counters_host.bad_commands += 1
         except OSError as e:
             rsp.result = -(e.errno or errno.EINVAL)
             if rsp.result == -errno.EINVAL:     # a descriptor or size that is not what the op takes
-                self.counters_host["bad_commands"] += 1
+                self.counters_host.bad_commands += 1
         except Exception:                       # a bug met by someone's input: log, count, drop
-            self.counters_host["handler_errors"] += 1
+            self.counters_host.handler_errors += 1
             _log_exception(f"command op {op} from pid {ctx.pid}")
             rsp.result = -errno.EIO
             keep = False
@@ -412,9 +411,9 @@ class Adapter:
 
     def _command(self, ctx: ProcessCtx, op: int, cmd, fds: list[int], rsp, now: float) -> int:
         if op == lib.TOE_OP_HELLO:
-            rsp.addr_be32 = _be32(self.my_ip)
+            rsp.addr_be32 = to_be32(self.my_ip)
             rsp.prefix_len = self.network.prefixlen
-            rsp.netmask_be32 = _be32(int(self.network.netmask))
+            rsp.netmask_be32 = to_be32(int(self.network.netmask))
             rsp.tx_ring_bytes = self.cfg.tx_ring_bytes
             rsp.rx_ring_bytes = self.cfg.rx_ring_bytes
             rsp.daemon_pid = os.getpid()
@@ -423,7 +422,7 @@ class Adapter:
         if op == lib.TOE_OP_SOCKET:
             s = self._new_sock(ctx, fds, cmd.shm_bytes)
             self._register(s)
-            self.counters_host["sockets"] += 1
+            self.counters_host.sockets += 1
             rsp.sock_id = s.id
             return 0
         if op == lib.TOE_OP_ADOPT:
@@ -439,17 +438,17 @@ class Adapter:
             ctx.handover_reasons[reason] = ctx.handover_reasons.get(reason, 0) + 1
             if cmd.arg1:                       # strict mode: the shim refused it
                 ctx.refused += 1
-                self.counters_host["handovers_refused"] += 1
+                self.counters_host.handovers_refused += 1
             else:
                 ctx.handovers += 1
-                self.counters_host["handovers"] += 1
+                self.counters_host.handovers += 1
             return 0
         if op not in (lib.TOE_OP_BIND, lib.TOE_OP_LISTEN, lib.TOE_OP_CONNECT, lib.TOE_OP_ACCEPT,
                       lib.TOE_OP_SHUTDOWN, lib.TOE_OP_SETSOCKOPT):
             raise BadCommand(errno.EOPNOTSUPP)
         named = ctx.socks.get(cmd.sock_id)
         if named is None or not named.mapped:
-            self.counters_host["foreign_ids"] += 1
+            self.counters_host.foreign_ids += 1
             return -errno.EBADF                 # not a socket of this channel
         s = named
         if op == lib.TOE_OP_BIND:
@@ -495,10 +494,10 @@ class Adapter:
             child.release()
             return -errno.EAGAIN
         self._register(child)
-        self.counters_host["accepts"] += 1
+        self.counters_host.accepts += 1
         rsp.sock_id = child.id
-        rsp.addr_be32 = _be32(c.remote_ip)
-        rsp.port_be16 = _be16(c.remote_port)
+        rsp.addr_be32 = to_be32(c.remote_ip)
+        rsp.port_be16 = to_be16(c.remote_port)
         if ls.listener.queue:
             ls.wake()
         return 0
@@ -543,7 +542,7 @@ class Adapter:
             s.uid = ctx.uid
             self._count(ctx, 1)
             ctx.offloaded += 1
-        self.counters_host["adoptions"] += 1
+        self.counters_host.adoptions += 1
         return 0
 
     def _fork_channel(self, ctx: ProcessCtx) -> int:
@@ -558,7 +557,7 @@ class Adapter:
         fd = theirs.detach()
         self.ctl.rsp_fds = [fd]  # type: ignore[union-attr]
         self.ctl.rsp_close = [fd]  # type: ignore[union-attr]
-        self.counters_host["fork_channels"] += 1
+        self.counters_host.fork_channels += 1
         return 0
 
     # ------------------------------------------------------------------ inspection
@@ -607,7 +606,7 @@ class Adapter:
             "totals": {"connections": len(every), "closed_connections": self.tcp.closed_count,
                        "bytes_in": bytes_in, "bytes_out": bytes_out,
                        "frames_in": tapc.rx_frames, "frames_out": tapc.tx_frames,
-                       "handovers": self.counters_host["handovers"],
+                       "handovers": self.counters_host.handovers,
                        "sockets_open": len(self.socks)},
             "limits": {"max_sockets": self.cfg.max_sockets,
                        "max_process_sockets": self.cfg.max_process_sockets,
@@ -623,9 +622,9 @@ class Adapter:
                 "tx_hdrgen": self.tx.counters.snapshot(),
                 "ack_gen": self.ackgen.snapshot(),
                 "buffer_pool": self.pool.counters.snapshot(),
-                "host_if": dict(self.counters_host),
-                "tcp": dict(self.tcp.stats),
-                "arp_icmp": dict(self.arp.counters),
+                "host_if": self.counters_host.snapshot(),
+                "tcp": self.tcp.stats.snapshot(),
+                "arp_icmp": self.arp.counters.snapshot(),
             },
             "arp": self.arp.info(now),
             "processes": procs,
@@ -678,18 +677,6 @@ def _raise_fd_limit(want: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
     except (OSError, ValueError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def vnet_len() -> int:
-    return 12
-
-
-def _be32(x: int) -> int:
-    return int.from_bytes(x.to_bytes(4, "big"), sys.byteorder)
-
-
-def _be16(x: int) -> int:
-    return int.from_bytes(x.to_bytes(2, "big"), sys.byteorder)
 
 
 def _enter_netns(name: str) -> None:

@@ -18,15 +18,40 @@ import select
 import socket
 import struct
 import termios
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nic_model.counters import UnitCounters
+
 from .abi import ffi, lib
+from .byteorder import to_be16, to_be32
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tcp import Ccb, Listener
 
 _TOKEN = b"\x01"
-SS_NEW, SS_BOUND, SS_LISTEN, SS_CONNECTING, SS_CONNECTED, SS_CLOSED = range(6)
+
+
+@dataclass
+class HostIfCounters(UnitCounters):
+    """The host interface: commands, sockets and channels."""
+
+    commands: int = 0
+    sockets: int = 0
+    accepts: int = 0
+    adoptions: int = 0
+    handovers: int = 0
+    handovers_refused: int = 0
+    doorbells: int = 0
+    app_closes: int = 0
+    bad_commands: int = 0
+    foreign_ids: int = 0
+    limit_refusals: int = 0
+    refused_channels: int = 0
+    handler_errors: int = 0
+    fork_channels: int = 0
+    accept_errors: int = 0
+    channels_dropped: int = 0
 
 
 class HostSocket:
@@ -90,13 +115,17 @@ class HostSocket:
         except OSError:
             pass
 
-    def push(self, src_ptr, n: int) -> bool:
+    def push(self, src_ptr, n: int, count_in: bool = False) -> bool:
         """Append n bytes (the caller checked rx_space()) and make A readable. False when
         they did not fit after all (the application moved its RX index to a value that
-        makes no sense): nothing is written, the daemon never writes outside the ring."""
-        r = lib.toe_d_rx_push(self.shm, self.tx_size, self.rx_size, src_ptr, n)
+        makes no sense): nothing is written, the daemon never writes outside the ring.
+        `count_in`: the bytes are the connection's payload, counted in bytes_in."""
+        shm = self.shm
+        r = lib.toe_d_rx_push(shm, self.tx_size, self.rx_size, src_ptr, n)
         if r > 0 and self.b_fd >= 0 and not self.b_shut:
             self._token()
+        if count_in:
+            shm.bytes_in += n
         return r >= 0
 
     def wake(self) -> None:
@@ -151,10 +180,56 @@ class HostSocket:
             except OSError:
                 pass
 
+    # ---- the shared header: every write the TCP engine makes -------------
+
+    def set_state(self, state: int) -> None:
+        """The socket's TOE_SS_* state as the shim sees it."""
+        self.shm.state = state
+
+    def set_accept_pending(self, n: int) -> None:
+        self.shm.accept_pending = n
+
+    def count_retransmit(self) -> None:
+        self.shm.retransmits += 1
+
+    def closed_if_reset(self) -> None:
+        """The connection is gone: a socket that saw a reset reads TOE_SS_CLOSED."""
+        shm = self.shm
+        if shm.flags & lib.TOE_SF_RESET:
+            shm.state = lib.TOE_SS_CLOSED
+
+    def tx_release(self, head: int) -> None:
+        """Acked TX ring bytes up to `head` are free; A is writable again if that woke a writer."""
+        if lib.toe_tx_release(self.shm, head):
+            self.drain()
+
+    def tx_sent(self, seq: int) -> None:
+        """Sent up to ring position `seq` (TCP_NOTSENT_LOWAT may make A writable)."""
+        if lib.toe_tx_sent(self.shm, seq):
+            self.drain()
+
+    def tx_wake(self) -> None:
+        """An option changed the writability rule (SO_SNDBUF, TCP_NOTSENT_LOWAT)."""
+        if lib.toe_tx_wake(self.shm):
+            self.drain()
+
+    def arm_tx_doorbell(self) -> int:
+        """Ask the shim to ring when it writes more; returns the TX tail seen after arming."""
+        return lib.toe_tx_arm_doorbell(self.shm)
+
+    def arm_rx_window(self) -> None:
+        """Ask the shim to ring when the application frees RX space."""
+        lib.toe_rx_arm_window(self.shm)
+
+    def shut_rd(self) -> None:
+        """shutdown(SHUT_RD): a blocked reader wakes up at EOF."""
+        self.shm.flags |= lib.TOE_SF_RX_SHUT
+        self.shut_b()
+
     def set_connected(self, mss: int) -> None:
         s = self.shm
         s.mss = mss
-        s.state = SS_CONNECTED
+        s.state = lib.TOE_SS_CONNECTED
         self.drain()
 
     def set_eof(self) -> None:
@@ -168,16 +243,16 @@ class HostSocket:
         s = self.shm
         s.so_error = err
         s.flags |= lib.TOE_SF_RESET
-        s.state = SS_CLOSED
+        s.state = lib.TOE_SS_CLOSED
         self.drain()
         self.shut_b()
 
     def set_addresses(self, lip: int, lport: int, rip: int, rport: int) -> None:
         s = self.shm
-        s.local_addr_be32 = _be32(lip)
-        s.local_port_be16 = _be16(lport)
-        s.remote_addr_be32 = _be32(rip)
-        s.remote_port_be16 = _be16(rport)
+        s.local_addr_be32 = to_be32(lip)
+        s.local_port_be16 = to_be16(lport)
+        s.remote_addr_be32 = to_be32(rip)
+        s.remote_port_be16 = to_be16(rport)
 
     # ---- lifetime ---------------------------------------------------------
 
@@ -225,22 +300,6 @@ def _shutdown_wr(fd: int) -> None:
         s.shutdown(socket.SHUT_WR)
     finally:
         s.detach()
-
-
-def _be32(x: int) -> int:
-    return struct.unpack("=I", struct.pack("!I", x))[0]
-
-
-def _be16(x: int) -> int:
-    return struct.unpack("=H", struct.pack("!H", x))[0]
-
-
-def from_be32(x: int) -> int:
-    return struct.unpack("!I", struct.pack("=I", x))[0]
-
-
-def from_be16(x: int) -> int:
-    return struct.unpack("!H", struct.pack("=H", x))[0]
 
 
 def unix_listener(path: str, kind: int, backlog: int) -> socket.socket:
@@ -332,7 +391,7 @@ class ControlServer:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:                 # EMFILE and the like: counted, the loop goes on
-            self.adapter.counters_host["accept_errors"] += 1
+            self.adapter.counters_host.accept_errors += 1
             return None
         conn.setblocking(False)
         try:
@@ -400,12 +459,12 @@ class ControlServer:
             if not ctx.allowed:
                 _close_all(fds)
                 rsp.result = -errno.EACCES
-                self.adapter.counters_host["refused_channels"] += 1
+                self.adapter.counters_host.refused_channels += 1
                 keep = False
             elif len(msg) != lib.TOE_CMD_SIZE or truncated or len(fds) > MAX_CMD_FDS:
                 _close_all(fds)
                 rsp.result = -errno.EPROTO if len(msg) != lib.TOE_CMD_SIZE else -errno.EINVAL
-                self.adapter.counters_host["bad_commands"] += 1
+                self.adapter.counters_host.bad_commands += 1
             else:
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
                 keep = self.adapter.command(ctx, cmd, fds, rsp, now)

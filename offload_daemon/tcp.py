@@ -8,6 +8,11 @@ TX header generator; received payload is copied once, frame buffer -> RX
 ring.
 
 Sequence numbers are compared only through `seq.py`.
+
+The engine imports neither the daemon nor the host interface: what it needs
+from the adapter (TX unit, timers, ARP, configuration, ACK-generator counters)
+comes in a `TcpEnv`, and it sees a host socket through the `Sock` protocol,
+whose methods make every write to the socket's shared header.
 """
 
 from __future__ import annotations
@@ -15,20 +20,20 @@ from __future__ import annotations
 import errno
 import random
 from collections import deque
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from nic_model.counters import AckGenCounters, UnitCounters
 from nic_model.wire import tcp as T
 
 from .abi import ffi, lib
+from .config import AdapterConfig
 from .seq import M32, initial_seq, seq_ge, seq_gt, seq_le, seq_lt
-from .timers import Timer
+from .timers import Timer, Timers
 
 if TYPE_CHECKING:  # pragma: no cover
     from nic_model.rx import Segment
-
-    from .daemon import Adapter
-    from .host import HostSocket
 
 RTO_INITIAL = 1.0
 RTO_MIN = 0.2
@@ -69,12 +74,113 @@ LINUX_STATE = {State.ESTABLISHED: 1, State.SYN_SENT: 2, State.SYN_RCVD: 3, State
 SEND_STATES = (State.ESTABLISHED, State.CLOSE_WAIT, State.FIN_WAIT_1, State.CLOSING, State.LAST_ACK)
 
 
+# ---------------------------------------------------------------------------
+# What the engine needs from the adapter around it (and nothing more): tests
+# build a TcpEnv of fakes; the daemon builds it from its units.
+
+
+class TxPort(Protocol):
+    """The TX header generator (nic_model.tx.TxEngine)."""
+
+    def segment(self, key, peer_mac: bytes, src: int, dst: int, sport: int, dport: int,
+                seq: int, ack: int, flags: int, window: int, options: bytes = b"",
+                payload=(), payload_len: int = 0, mss: int = 1460) -> None: ...
+
+    def invalidate(self, key) -> None: ...
+
+
+class Resolver(Protocol):
+    """Next-hop resolution (arp.ArpTable): cb(mac or None on failure, now)."""
+
+    def resolve(self, ip: int, now: float, cb: Callable[[bytes | None, float], None]) -> None: ...
+
+
+@dataclass
+class TcpEnv:
+    cfg: AdapterConfig
+    my_ip: int
+    timers: Timers
+    tx: TxPort
+    arp: Resolver
+    ackgen: AckGenCounters
+    offloads: bool
+    tx_max_payload: int                 # the most payload one (TSO) frame carries
+
+
+class Sock(Protocol):
+    """The host socket as the engine sees it (host.HostSocket): readiness events, ring
+    geometry, and the shared header, read through `shm` and written only through these
+    methods."""
+
+    ccb: Ccb | None
+    listener: Listener | None
+    bound: tuple[int, int] | None
+    app_closed: bool
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def shm(self) -> Any: ...
+    @property
+    def mapped(self) -> bool: ...
+    @property
+    def tx_size(self) -> int: ...
+    @property
+    def rx_size(self) -> int: ...
+    @property
+    def tx_ring(self) -> Any: ...
+
+    def push(self, src_ptr, n: int, count_in: bool = False) -> bool: ...
+    def wake(self) -> None: ...
+    def rx_space(self) -> int: ...
+    def drain(self, limit: int | None = None) -> bool: ...
+    def shut_b(self) -> None: ...
+    def shut_rd(self) -> None: ...
+    def kernel_pending(self) -> bool: ...
+    def release(self) -> None: ...
+    def set_connected(self, mss: int) -> None: ...
+    def set_eof(self) -> None: ...
+    def set_error(self, err: int) -> None: ...
+    def set_addresses(self, lip: int, lport: int, rip: int, rport: int) -> None: ...
+    def set_state(self, state: int) -> None: ...
+    def set_accept_pending(self, n: int) -> None: ...
+    def count_retransmit(self) -> None: ...
+    def closed_if_reset(self) -> None: ...
+    def tx_release(self, head: int) -> None: ...
+    def tx_sent(self, seq: int) -> None: ...
+    def tx_wake(self) -> None: ...
+    def arm_tx_doorbell(self) -> int: ...
+    def arm_rx_window(self) -> None: ...
+
+
+@dataclass
+class TcpCounters(UnitCounters):
+    active_opens: int = 0
+    passive_opens: int = 0
+    resets_sent: int = 0
+    resets_received: int = 0
+    syn_dropped_backlog: int = 0
+    retransmit_timeouts: int = 0
+    fast_retransmits: int = 0
+    ooo_segments: int = 0
+    bad_segments: int = 0
+    conn_timeouts: int = 0
+    time_wait: int = 0
+    keepalive_probes: int = 0
+    keepalive_timeouts: int = 0
+    aborts_on_linger: int = 0
+
+
 def ip_str(ip: int) -> str:
     return f"{ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}"
 
 
 class Listener:
-    def __init__(self, sock: "HostSocket", ip: int, port: int, backlog: int):
+    def __init__(self, sock: Sock, ip: int, port: int, backlog: int):
         self.sock = sock
         self.ip = ip
         self.port = port
@@ -114,7 +220,7 @@ class Ccb:
         self.remote_ip, self.remote_port = remote_ip, remote_port
         self.key = (remote_ip, remote_port, local_port)
         self.peer_mac = b"\0" * 6
-        self.sock: HostSocket | None = None
+        self.sock: Sock | None = None
         self.uid: int | None = None                # owner of the socket (who may see it in toe stat)
         self.listener: Listener | None = None
         self.pre_buf = bytearray()
@@ -196,13 +302,19 @@ def _no_timer(now: float) -> None:
 
 
 class TcpStack:
-    def __init__(self, adapter: "Adapter"):
-        self.ad = adapter
-        self.cfg = adapter.cfg
-        self.my_ip = adapter.my_ip
+    def __init__(self, env: TcpEnv):
+        self.env = env
+        self.cfg = env.cfg
+        self.my_ip = env.my_ip
+        self.timers = env.timers
+        self.tx = env.tx
+        self.arp = env.arp
+        self.ackgen = env.ackgen
+        self.offloads = env.offloads
+        self.tx_max_payload = env.tx_max_payload
         self.conns: dict[tuple[int, int, int], Ccb] = {}
         self.listeners: dict[int, list[Listener]] = {}
-        self.bound: dict[int, list["HostSocket"]] = {}
+        self.bound: dict[int, list[Sock]] = {}
         self._eph_secret = random.getrandbits(64)
         self._eph_next = 0
         self.our_mss = self.cfg.mtu - 40
@@ -216,10 +328,7 @@ class TcpStack:
         # lost while its A end is stuffed (TX ring full), so these are also polled
         self.wnd_watch: set[Ccb] = set()
         self._wnd_timer = Timer(self._poll_windows)
-        self.stats = {"active_opens": 0, "passive_opens": 0, "resets_sent": 0, "resets_received": 0,
-                      "syn_dropped_backlog": 0, "retransmit_timeouts": 0, "fast_retransmits": 0,
-                      "ooo_segments": 0, "bad_segments": 0, "conn_timeouts": 0, "time_wait": 0,
-                      "keepalive_probes": 0, "keepalive_timeouts": 0, "aborts_on_linger": 0}
+        self.stats = TcpCounters()
 
     # ==================================================================
     # helpers: ids, timers, ports
@@ -241,10 +350,10 @@ class TcpStack:
 
     def _arm(self, c: Ccb, kind: str, delay: float, now: float) -> None:
         c.timer_kind = kind
-        self.ad.timers.arm(c.timer, now + delay)
+        self.timers.arm(c.timer, now + delay)
 
     def _disarm(self, c: Ccb) -> None:
-        self.ad.timers.cancel(c.timer)
+        self.timers.cancel(c.timer)
         c.timer_kind = ""
 
     # ---- keepalive (RFC 9293 3.8.4; Linux's SO_KEEPALIVE / TCP_KEEPIDLE / INTVL / CNT)
@@ -261,34 +370,34 @@ class TcpStack:
     def _keepalive_arm(self, c: Ccb, now: float) -> None:
         on, idle, _intvl, _cnt = self._ka_params(c)
         if not on or c.state not in SEND_STATES + (State.FIN_WAIT_2,):
-            self.ad.timers.cancel(c.ka_timer)
+            self.timers.cancel(c.ka_timer)
             return
-        self.ad.timers.arm(c.ka_timer, c.last_rx + idle)
+        self.timers.arm(c.ka_timer, c.last_rx + idle)
 
     def _on_keepalive(self, c: Ccb, now: float) -> None:
         on, idle, intvl, cnt = self._ka_params(c)
         if not on or self.conns.get(c.key) is not c:
             return
         if now < c.last_rx + idle and c.ka_probes == 0:
-            self.ad.timers.arm(c.ka_timer, c.last_rx + idle)
+            self.timers.arm(c.ka_timer, c.last_rx + idle)
             return
         if c.ka_probes >= cnt:
-            self.stats["keepalive_timeouts"] += 1
+            self.stats.keepalive_timeouts += 1
             self._fail(c, errno.ETIMEDOUT, now)
             return
         c.ka_probes += 1
-        self.stats["keepalive_probes"] += 1
+        self.stats.keepalive_probes += 1
         self._emit(c, (c.snd_una - 1) & M32, T.ACK)    # an old sequence number: the peer must ACK
-        self.ad.timers.arm(c.ka_timer, now + intvl)
+        self.timers.arm(c.ka_timer, now + intvl)
 
-    def _port_free(self, port: int, sock: "HostSocket") -> bool:
+    def _port_free(self, port: int, sock: Sock) -> bool:
         users = [s for s in self.bound.get(port, ()) if s is not sock]
         if not users:
             return True
         mine = sock.mapped and sock.shm.opt_flags & lib.TOE_OF_REUSEPORT
         return bool(mine) and all(s.mapped and s.shm.opt_flags & lib.TOE_OF_REUSEPORT for s in users)
 
-    def _ephemeral(self, sock: "HostSocket", rip: int = 0, rport: int = 0) -> int:
+    def _ephemeral(self, sock: Sock, rip: int = 0, rport: int = 0) -> int:
         """A free local port: RFC 6056 algorithm 3, as Linux does it. The search starts at a
         per-destination offset plus a counter that moves past every port handed out, so a
         port comes back to the same destination only after the whole range was used (its
@@ -306,11 +415,11 @@ class TcpStack:
             return p
         raise OSError(errno.EADDRNOTAVAIL, "no free ephemeral port")
 
-    def _bind_port(self, sock: "HostSocket", ip: int, port: int) -> None:
+    def _bind_port(self, sock: Sock, ip: int, port: int) -> None:
         sock.bound = (ip, port)
         self.bound.setdefault(port, []).append(sock)
 
-    def unbind(self, sock: "HostSocket") -> None:
+    def unbind(self, sock: Sock) -> None:
         if sock.bound is None:
             return
         port = sock.bound[1]
@@ -325,7 +434,7 @@ class TcpStack:
     # host commands
     # ==================================================================
 
-    def bind(self, sock: "HostSocket", ip: int, port: int) -> int:
+    def bind(self, sock: Sock, ip: int, port: int) -> int:
         if sock.bound is not None or sock.ccb is not None or sock.listener is not None:
             return -errno.EINVAL
         if ip not in (0, self.my_ip):
@@ -339,10 +448,10 @@ class TcpStack:
             return -errno.EADDRINUSE
         self._bind_port(sock, ip, port)
         sock.set_addresses(ip, port, 0, 0)
-        sock.shm.state = lib.TOE_SS_BOUND
+        sock.set_state(lib.TOE_SS_BOUND)
         return 0
 
-    def listen(self, sock: "HostSocket", backlog: int) -> int:
+    def listen(self, sock: Sock, backlog: int) -> int:
         if sock.ccb is not None:
             return -errno.EINVAL
         # Linux: an unsigned comparison against somaxconn (4096); a negative backlog is the maximum
@@ -363,10 +472,10 @@ class TcpStack:
         lst = Listener(sock, ip, port, backlog)
         self.listeners.setdefault(port, []).append(lst)
         sock.listener = lst
-        sock.shm.state = lib.TOE_SS_LISTEN
+        sock.set_state(lib.TOE_SS_LISTEN)
         return 0
 
-    def connect(self, sock: "HostSocket", rip: int, rport: int, now: float) -> int:
+    def connect(self, sock: Sock, rip: int, rport: int, now: float) -> int:
         if sock.listener is not None:
             return -errno.EISCONN if False else -errno.EINVAL
         if sock.ccb is not None:
@@ -393,13 +502,13 @@ class TcpStack:
         c.snd_nxt = c.snd_max = (c.iss + 1) & M32
         self.conns[c.key] = c
         sock.set_addresses(self.my_ip, lport, rip, rport)
-        sock.shm.state = lib.TOE_SS_CONNECTING
-        self.stats["active_opens"] += 1
+        sock.set_state(lib.TOE_SS_CONNECTING)
+        self.stats.active_opens += 1
 
         def resolved(mac: bytes | None, t: float) -> None:
             self._syn_resolved(c, mac, t)
 
-        self.ad.arp.resolve(rip, now, resolved)
+        self.arp.resolve(rip, now, resolved)
         return -errno.EINPROGRESS
 
     def _syn_resolved(self, c: Ccb, mac: bytes | None, now: float) -> None:
@@ -411,7 +520,7 @@ class TcpStack:
         c.peer_mac = mac
         self._send_syn(c, now)
 
-    def accept(self, lsock: "HostSocket", child_sock: "HostSocket", now: float) -> Ccb | None:
+    def accept(self, lsock: Sock, child_sock: Sock, now: float) -> Ccb | None:
         lst = lsock.listener
         if lst is None:
             return None
@@ -447,20 +556,19 @@ class TcpStack:
     def _update_pending(self, lst: Listener) -> None:
         s = lst.sock
         if s.mapped:
-            s.shm.accept_pending = len(lst.queue)
+            s.set_accept_pending(len(lst.queue))
 
-    def shutdown(self, sock: "HostSocket", how: int, now: float) -> int:
+    def shutdown(self, sock: Sock, how: int, now: float) -> int:
         c = sock.ccb
         if c is None or c.state in (State.SYN_SENT, State.SYN_RCVD, State.CLOSED):
             return -errno.ENOTCONN
         if how in (0, 2):       # SHUT_RD / SHUT_RDWR: a blocked reader wakes up at EOF
-            sock.shm.flags |= lib.TOE_SF_RX_SHUT
-            sock.shut_b()
+            sock.shut_rd()
         if how in (1, 2):       # SHUT_WR / SHUT_RDWR
             self._close_tx(c, now)
         return 0
 
-    def doorbell(self, sock: "HostSocket", now: float) -> None:
+    def doorbell(self, sock: Sock, now: float) -> None:
         """Something changed in the socket's rings (data to send, space freed)."""
         c = sock.ccb
         if c is None:
@@ -477,7 +585,7 @@ class TcpStack:
             if s.rx_tail != s.rx_head or s.flags & (lib.TOE_SF_RX_EOF | lib.TOE_SF_RESET):
                 sock.wake()
 
-    def app_closed(self, sock: "HostSocket", now: float) -> None:
+    def app_closed(self, sock: Sock, now: float) -> None:
         """The last descriptor of A closed (close(), exit or crash)."""
         sock.app_closed = True
         lst = sock.listener
@@ -509,7 +617,7 @@ class TcpStack:
         linger0 = sock.mapped and sock.shm.opt_flags & lib.TOE_OF_LINGER and sock.shm.linger_s == 0
         if linger0 and c.state not in (State.TIME_WAIT, State.CLOSED):
             # SO_LINGER {on, 0}: close() aborts with RST, no TIME-WAIT
-            self.stats["aborts_on_linger"] += 1
+            self.stats.aborts_on_linger += 1
             self._send_rst_for(c, now)
             self._free(c)
             return
@@ -526,11 +634,11 @@ class TcpStack:
         if c.state in (State.TIME_WAIT, State.CLOSED):
             self._detach(c)
 
-    def setsockopt(self, sock: "HostSocket", level: int, name: int, now: float) -> None:
+    def setsockopt(self, sock: Sock, level: int, name: int, now: float) -> None:
         """The shim recorded an option in the header; act on it (keepalive, NODELAY, CORK;
         SO_SNDBUF / TCP_NOTSENT_LOWAT may have made a waiting writer's socket writable)."""
-        if sock.mapped and lib.toe_tx_wake(sock.shm):
-            sock.drain()
+        if sock.mapped:
+            sock.tx_wake()
         c = sock.ccb
         if c is None:
             return
@@ -548,7 +656,7 @@ class TcpStack:
     # output
     # ==================================================================
 
-    def _adv_mss(self, sock: "HostSocket | None") -> int:
+    def _adv_mss(self, sock: "Sock | None") -> int:
         """The MSS option we send: the interface's, clamped by TCP_MAXSEG when set
         (Linux: tcp_connect_init / tcp_openreq_init_rwin clamp advmss to user_mss)."""
         user = sock.shm.user_mss if sock is not None and sock.mapped else 0
@@ -571,7 +679,7 @@ class TcpStack:
         return space if buf == s.rx_size else max(0, buf - (s.rx_size - space))
 
     @staticmethod
-    def _rcv_buf(s: "HostSocket") -> int:
+    def _rcv_buf(s: Sock) -> int:
         """What the receive window is cut from: the RX ring, or, with SO_RCVBUF set below
         it, half of that (like the kernel, half of the buffer holds data)."""
         rcvbuf = s.shm.rcvbuf
@@ -594,7 +702,7 @@ class TcpStack:
         if s is not None and s.mapped and space < self._rcv_buf(s) // 2 and not c.wnd_wait:
             c.wnd_wait = True
             self.wnd_watch.add(c)
-            lib.toe_rx_arm_window(s.shm)
+            s.arm_rx_window()
         return w
 
     def _emit(self, c: Ccb, seq: int, flags: int, options: bytes = b"", payload=(), n: int = 0) -> None:
@@ -605,7 +713,7 @@ class TcpStack:
         else:
             ack = 0
             window = self._window(c, True) if flags & T.SYN else 0
-        self.ad.tx.segment(c.key, c.peer_mac, c.local_ip, c.remote_ip, c.local_port, c.remote_port,
+        self.tx.segment(c.key, c.peer_mac, c.local_ip, c.remote_ip, c.local_port, c.remote_port,
                            seq, ack, flags, window, options, payload, n, c.mss)
         c.segs_out += 1
 
@@ -627,7 +735,7 @@ class TcpStack:
 
     def send_ack(self, c: Ccb) -> None:
         self._emit(c, c.snd_nxt, T.ACK)
-        self.ad.ackgen.pure_acks += 1
+        self.ackgen.pure_acks += 1
 
     def abort(self, c: Ccb, now: float) -> None:
         """Reset and forget a connection (its socket failed on the host side)."""
@@ -638,8 +746,8 @@ class TcpStack:
         if c.state in (State.SYN_SENT, State.CLOSED, State.TIME_WAIT):
             return
         self._emit(c, c.snd_nxt, T.RST | T.ACK)
-        self.stats["resets_sent"] += 1
-        self.ad.ackgen.resets += 1
+        self.stats.resets_sent += 1
+        self.ackgen.resets += 1
 
     def send_rst_reply(self, seg: "Segment") -> None:
         """RST for a segment that matches no connection (RFC 9293 3.10.7.1)."""
@@ -651,11 +759,11 @@ class TcpStack:
             seg_len = seg.payload_len + (1 if seg.flags & T.SYN else 0) + (1 if seg.flags & T.FIN else 0)
             seq, ack, flags = 0, (seg.seq + seg_len) & M32, T.RST | T.ACK
         key = ("rst", seg.src, seg.sport, seg.dport)
-        self.ad.tx.segment(key, seg.src_mac, seg.dst, seg.src, seg.dport, seg.sport,
+        self.tx.segment(key, seg.src_mac, seg.dst, seg.src, seg.dport, seg.sport,
                            seq, ack, flags, 0)
-        self.ad.tx.invalidate(key)
-        self.stats["resets_sent"] += 1
-        self.ad.ackgen.resets += 1
+        self.tx.invalidate(key)
+        self.stats.resets_sent += 1
+        self.ackgen.resets += 1
 
     def try_send(self, c: Ccb, now: float) -> None:
         """Send what the TX ring, the peer's window and cwnd allow; then FIN if asked.
@@ -674,7 +782,7 @@ class TcpStack:
         size_mask = s.tx_size - 1
         ring = s.tx_ring
         mss = c.mss
-        max_seg = (self.ad.tx_max_payload // mss) * mss if self.ad.offloads else mss
+        max_seg = (self.tx_max_payload // mss) * mss if self.offloads else mss
         nodelay = shm.opt_flags & lib.TOE_OF_NODELAY
         corked = shm.opt_flags & lib.TOE_OF_CORK
         snd_max0 = c.snd_max
@@ -730,8 +838,8 @@ class TcpStack:
                 c.snd_max = c.snd_nxt
             if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
-        if c.snd_max != snd_max0 and lib.toe_tx_sent(shm, (c.tx_head + ((c.snd_max - c.snd_una) & M32)) & M32):
-            s.drain()                               # TCP_NOTSENT_LOWAT: writable again
+        if c.snd_max != snd_max0:
+            s.tx_sent((c.tx_head + ((c.snd_max - c.snd_una) & M32)) & M32)   # TCP_NOTSENT_LOWAT
         if unsent > 0:
             return
         if c.fin_wanted and not c.fin_sent:
@@ -750,7 +858,7 @@ class TcpStack:
                 self._arm(c, "rto", c.rto, now)
             return
         if not c.fin_wanted:
-            tail2 = lib.toe_tx_arm_doorbell(shm)
+            tail2 = s.arm_tx_doorbell()
             if tail2 != tail:
                 self.try_send(c, now)
 
@@ -794,7 +902,7 @@ class TcpStack:
             data_out -= 1
         n = min(c.mss, data_out)
         c.retransmits += 1
-        s.shm.retransmits += 1
+        s.count_retransmit()
         c.rtt_seq = None                                # Karn
         if n <= 0:
             if c.fin_sent:
@@ -817,7 +925,7 @@ class TcpStack:
         if kind == "syn":
             c.retries += 1
             if c.retries > self.cfg.syn_retries:
-                self.stats["conn_timeouts"] += 1
+                self.stats.conn_timeouts += 1
                 self._fail(c, errno.ETIMEDOUT, now)
                 return
             self._send_syn(c, now)
@@ -846,9 +954,9 @@ class TcpStack:
         if c.snd_una == c.snd_nxt:
             return
         c.retries += 1
-        self.stats["retransmit_timeouts"] += 1
+        self.stats.retransmit_timeouts += 1
         if c.retries > TCP_RETRIES2:
-            self.stats["conn_timeouts"] += 1
+            self.stats.conn_timeouts += 1
             self._fail(c, errno.ETIMEDOUT, now)
             return
         flight = (c.snd_nxt - c.snd_una) & M32
@@ -864,7 +972,7 @@ class TcpStack:
             c.fin_sent = False
         c.retransmits += 1
         if c.sock is not None and c.sock.mapped:
-            c.sock.shm.retransmits += 1
+            c.sock.count_retransmit()
         self._disarm(c)
         self.try_send(c, now)
         if not (c.timer.armed):
@@ -908,7 +1016,7 @@ class TcpStack:
             self.send_rst_reply(seg)
             return
         if lst.full:
-            self.stats["syn_dropped_backlog"] += 1
+            self.stats.syn_dropped_backlog += 1
             return
         c = self._new_ccb(self.my_ip, seg.dport, seg.src, seg.sport, now)
         c.state = State.SYN_RCVD
@@ -928,7 +1036,7 @@ class TcpStack:
         c.snd_wl1, c.snd_wl2 = seg.seq, c.iss
         self.conns[c.key] = c
         lst.embryonic.add(c)
-        self.stats["passive_opens"] += 1
+        self.stats.passive_opens += 1
         self._send_synack(c, opts, now)
 
     def _find_listener(self, ip: int, port: int) -> Listener | None:
@@ -950,7 +1058,7 @@ class TcpStack:
             return
         if f & T.RST:
             if f & T.ACK:
-                self.stats["resets_received"] += 1
+                self.stats.resets_received += 1
                 self._fail(c, errno.ECONNREFUSED, now)
             return
         if not f & T.SYN:
@@ -1003,7 +1111,7 @@ class TcpStack:
         if f & T.RST:
             wnd = max((c.rcv_adv - c.rcv_nxt) & M32, 1)
             if seq_le(c.rcv_nxt, seg.seq) and seq_lt(seg.seq, (c.rcv_nxt + wnd) & M32):
-                self.stats["resets_received"] += 1
+                self.stats.resets_received += 1
                 if c.listener is None:
                     self._fail(c, errno.ECONNREFUSED, now)
                 else:
@@ -1068,7 +1176,7 @@ class TcpStack:
             if f & T.RST:
                 return
             if seq_lt(seq, c.rcv_nxt) and seq_le((seq + seg_len) & M32, c.rcv_nxt) and seg_len:
-                self.ad.ackgen.dup_acks += 1           # old duplicate: re-ACK
+                self.ackgen.dup_acks += 1           # old duplicate: re-ACK
             self.send_ack(c)
             if not (seq == c.rcv_nxt and f & T.ACK):
                 return
@@ -1079,7 +1187,7 @@ class TcpStack:
         # (tcp_reset): EPIPE in CLOSE-WAIT, ECONNRESET in every other state.
         if f & T.RST:
             if seq == c.rcv_nxt:
-                self.stats["resets_received"] += 1
+                self.stats.resets_received += 1
                 self._fail(c, errno.EPIPE if c.state == State.CLOSE_WAIT else errno.ECONNRESET, now)
             else:
                 self._challenge_ack(c)
@@ -1108,7 +1216,7 @@ class TcpStack:
             self._fin(c, now)
 
     def _challenge_ack(self, c: Ccb) -> None:
-        self.ad.ackgen.challenge_acks += 1
+        self.ackgen.challenge_acks += 1
         self.send_ack(c)
 
     def _process_ack(self, c: Ccb, seg: "Segment", n: int, now: float) -> bool:
@@ -1133,8 +1241,7 @@ class TcpStack:
             s = c.sock
             if data_acked > 0 and s is not None and s.mapped:
                 c.tx_head = (c.tx_head + data_acked) & M32
-                if lib.toe_tx_release(s.shm, c.tx_head):
-                    s.drain()
+                s.tx_release(c.tx_head)
             ends = c.psh_ends
             while ends and seq_le(ends[0], ack):
                 del ends[0]
@@ -1166,7 +1273,7 @@ class TcpStack:
                 and window == c.snd_wnd:
             c.dupacks += 1
             if c.dupacks == 3 and not c.in_recovery:
-                self.stats["fast_retransmits"] += 1
+                self.stats.fast_retransmits += 1
                 flight = (c.snd_nxt - una) & M32
                 c.ssthresh = max(flight // 2, 2 * c.mss)
                 c.recover = c.snd_nxt
@@ -1222,8 +1329,8 @@ class TcpStack:
             ahead = (seq - c.rcv_nxt) & M32
             if ahead + n <= space and c.ooo_bytes + n <= space:
                 self._ooo_insert(c, seq, bytes(seg.buf[off:off + n]))
-                self.stats["ooo_segments"] += 1
-            self.ad.ackgen.dup_acks += 1
+                self.stats.ooo_segments += 1
+            self.ackgen.dup_acks += 1
             self.send_ack(c)
             return
         if n > space:
@@ -1243,8 +1350,7 @@ class TcpStack:
         if s is None or not s.mapped:
             c.pre_buf += buf[off:off + n]
         else:
-            s.push(ptr, n)
-            s.shm.bytes_in += n
+            s.push(ptr, n, True)
         c.rcv_nxt = (c.rcv_nxt + n) & M32
         c.bytes_in += n
 
@@ -1302,12 +1408,12 @@ class TcpStack:
         adv = (c.rcv_adv - c.rcv_nxt) & M32
         c.wnd_wait = False
         if force or space - adv >= min(buf // 4, 8 * c.mss) or (adv < c.mss <= space):
-            self.ad.ackgen.window_updates += 1
+            self.ackgen.window_updates += 1
             self.send_ack(c)
         elif space < buf // 2:
             c.wnd_wait = True
             self.wnd_watch.add(c)
-            lib.toe_rx_arm_window(s.shm)
+            s.arm_rx_window()
 
     # ==================================================================
     # endings
@@ -1315,7 +1421,7 @@ class TcpStack:
 
     def _time_wait(self, c: Ccb, now: float) -> None:
         c.state = State.TIME_WAIT
-        self.stats["time_wait"] += 1
+        self.stats.time_wait += 1
         self._arm(c, "time_wait", self.cfg.time_wait_s, now)
         self._detach(c)
 
@@ -1347,10 +1453,10 @@ class TcpStack:
                 self.closed_bytes_in += c.bytes_in
                 self.closed_bytes_out += c.bytes_out
         self._disarm(c)
-        self.ad.timers.cancel(c.ka_timer)
+        self.timers.cancel(c.ka_timer)
         prev = c.state
         c.state = State.CLOSED
-        self.ad.tx.invalidate(c.key)
+        self.tx.invalidate(c.key)
         self.dirty.discard(c)
         self.wnd_watch.discard(c)
         if c.listener is not None:
@@ -1365,7 +1471,7 @@ class TcpStack:
                 s.release()
                 s.ccb = None
             elif s.mapped and prev not in (State.TIME_WAIT,):
-                s.shm.state = lib.TOE_SS_CLOSED if s.shm.flags & lib.TOE_SF_RESET else s.shm.state
+                s.closed_if_reset()
         c.sock = None if (s is None or s.app_closed) else s
 
     def _poll_windows(self, now: float) -> None:
@@ -1380,7 +1486,7 @@ class TcpStack:
     def flush(self, now: float) -> None:
         """End of a loop pass: one ACK per connection that still owes one."""
         if self.wnd_watch and not self._wnd_timer.armed:
-            self.ad.timers.arm(self._wnd_timer, now + WND_POLL_S)
+            self.timers.arm(self._wnd_timer, now + WND_POLL_S)
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import IntegrityError, SanityError
+from .errors import IntegrityError
 
 HDR_LEN = 20
 
@@ -113,7 +113,9 @@ NO_OPTIONS = TcpOptions()
 
 @dataclass(frozen=True, slots=True)
 class TcpRepr:
-    """A validated TCP header; `payload_off`/`payload_len` locate the data."""
+    """A TCP header; `payload_off`/`payload_len` locate the data. Received segments are
+    checked and parsed by the RX checker (nic_model/rx.py) straight into `rx.Segment`,
+    in the same unpack as the IP header."""
 
     sport: int
     dport: int
@@ -125,26 +127,6 @@ class TcpRepr:
     header_len: int
     payload_off: int
     payload_len: int
-
-    @classmethod
-    def parse(cls, buf, off: int, seg_len: int) -> "TcpRepr":
-        """Parse the segment at buf[off:off+seg_len] (checksum is the caller's job)."""
-        if seg_len < HDR_LEN:
-            raise IntegrityError(f"TCP segment of {seg_len} bytes < 20", "tcp_short")
-        sport, dport, seq, ack, doff, flags, window, _csum, _urg = _HDR.unpack_from(buf, off)
-        hlen = (doff >> 4) * 4
-        if hlen < HDR_LEN:
-            raise IntegrityError(f"data offset {hlen // 4} < 5", "tcp_offset")
-        if hlen > seg_len:
-            raise IntegrityError(f"data offset {hlen} > segment {seg_len}", "tcp_offset")
-        if flags & SYN and flags & FIN:
-            raise SanityError("SYN+FIN", "tcp_flags")
-        if flags & SYN and flags & RST:
-            raise SanityError("SYN+RST", "tcp_flags")
-        if sport == 0 or dport == 0:
-            raise SanityError("port 0", "tcp_port")
-        opts = TcpOptions.parse(buf, off + HDR_LEN, off + hlen) if hlen > HDR_LEN else NO_OPTIONS
-        return cls(sport, dport, seq, ack, flags, window, opts, hlen, off + hlen, seg_len - hlen)
 
     @staticmethod
     def emit_header(out, off: int, sport: int, dport: int, seq: int, ack: int, flags: int,

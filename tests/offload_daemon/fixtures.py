@@ -1,6 +1,6 @@
 """Fixtures for driving the TCP engine without a network.
 
-`Harness` builds a TcpStack around a fake TX unit that records every segment,
+`Harness` builds a TcpStack (through its TcpEnv) around a fake TX unit that records every segment,
 an ARP table that resolves at once, real timers on a fake clock, and real
 HostSockets over real shared memory and socket pairs (the shim's side is
 played by the test: it writes the TX ring and reads the RX ring with the
@@ -22,7 +22,7 @@ from nic_model.wire import tcp as T
 from offload_daemon.abi import ffi, lib
 from offload_daemon.config import AdapterConfig
 from offload_daemon.host import HostSocket, ProcessCtx
-from offload_daemon.tcp import TcpStack
+from offload_daemon.tcp import TcpEnv, TcpStack
 from offload_daemon.timers import Timers
 
 ME = 0xC6120002        # 198.18.0.2
@@ -63,18 +63,6 @@ class FakeTx:
 class FakeArp:
     def resolve(self, ip, now, cb):
         cb(PEER_MAC, now)
-
-
-class FakeAdapter:
-    def __init__(self, cfg: AdapterConfig, offloads: bool = True):
-        self.cfg = cfg
-        self.my_ip = ME
-        self.timers = Timers()
-        self.tx = FakeTx()
-        self.arp = FakeArp()
-        self.ackgen = AckGenCounters()
-        self.offloads = offloads
-        self.tx_max_payload = 65000
 
 
 class AppSide:
@@ -125,7 +113,9 @@ class AppSide:
 class Harness:
     def __init__(self, ring: int = 1 << 16, offloads: bool = True, **cfg):
         self.cfg = AdapterConfig(tx_ring_bytes=ring, rx_ring_bytes=ring, **cfg)
-        self.ad = FakeAdapter(self.cfg, offloads)
+        self.tx = FakeTx()
+        self.ad = TcpEnv(cfg=self.cfg, my_ip=ME, timers=Timers(), tx=self.tx, arp=FakeArp(),
+                         ackgen=AckGenCounters(), offloads=offloads, tx_max_payload=65000)
         self.tcp = TcpStack(self.ad)
         self.ring = ring
         self.now = 100.0
@@ -136,10 +126,10 @@ class Harness:
 
     @property
     def sent(self) -> list[Sent]:
-        return self.ad.tx.sent
+        return self.tx.sent
 
     def take(self) -> list[Sent]:
-        out, self.ad.tx.sent = self.ad.tx.sent, []
+        out, self.tx.sent = self.tx.sent, []
         return out
 
     def socket(self) -> tuple[HostSocket, AppSide]:
