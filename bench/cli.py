@@ -22,7 +22,8 @@ import subprocess
 import sys
 from typing import Any
 
-from offload_daemon.cli import ranged
+from offload_daemon.client.env import require_root, require_tun
+from offload_daemon.client.errors import ranged
 
 from . import report, runner
 from .errors import BenchError
@@ -183,23 +184,6 @@ def check_targets(summary: list[dict[str, Any]], kinds: set[str]) -> list[dict[s
     return checks
 
 
-def run_jobs(tb: Testbed, plan: list[runner.Job], console: Any) -> list[dict[str, Any]]:
-    """Run every job with a progress bar (on stderr, only on a terminal); fail on the first error."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    r = runner.Runner(tb)
-    samples = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=len(plan))
-        for job in plan:
-            progress.update(task, description=f"{job.test} {report.fmt_size(job.size)} {job.path} "
-                            f"(rep {job.rep + 1})")
-            samples.append(r.run(job))
-            progress.advance(task)
-    return samples
-
-
 def _consoles() -> tuple[Any, Any]:
     """(tables on stdout, progress on stderr); tables into a pipe or file are not cut at 80 columns."""
     from rich.console import Console
@@ -215,10 +199,8 @@ def _now() -> str:
 
 
 def require_root_and_tun() -> None:
-    from offload_daemon import cli as toe_cli
-
-    toe_cli.require_root("bench")
-    toe_cli.require_tun()
+    require_root("bench")
+    require_tun()
 
 
 def require_tools(tool: str) -> None:
@@ -249,7 +231,7 @@ def cmd_kind(args: argparse.Namespace) -> int:
         env = environment(tb)
         con.print(f"toe bench {kind}: {len(plan)} runs of {args.duration:g} s, {args.tool} client, "
                   f"placement {tb.pin} {placement_text(tb.cpus)}, offloads {'on' if tb.offloads else 'off'}")
-        samples = run_jobs(tb, plan, err)
+        samples = runner.run_jobs(tb, plan, err)
     summary = report.summarize(samples)
     report.render_summary(con, summary, TABLE_METRICS[kind], title=f"toe bench {kind} (medians of "
                           f"{args.repeat}; × = adapter / kernel)")
@@ -258,10 +240,13 @@ def cmd_kind(args: argparse.Namespace) -> int:
         report.targets_table(con, checks)
     doc = make_doc(kind, sys.argv[1:], env, samples, [], started)
     doc["targets"] = checks
-    doc["plots"] = [] if args.no_plots else plot_kind(kind, summary, out)
+    plots = not args.no_plots and report.plotting_available()
+    doc["plots"] = plot_kind(kind, summary, out) if plots else []
     paths = report.write_results(out, doc)
     con.print(f"results: {paths['json']}, {paths['csv']}" +
               (f", {len(doc['plots'])} plots" if doc["plots"] else ""))
+    if not args.no_plots and not plots:
+        con.print(report.PLOTS_HINT, markup=False, highlight=False)
     return 0
 
 
@@ -286,6 +271,7 @@ def cmd_seeds(args: argparse.Namespace) -> int:
 
     only = seeds.parse_only(args.only)
     require_root_and_tun()
+    want_plots = not args.no_plots and report.plotting_available()
     out, con, err = out_dir(args), *_consoles()
     started = _now()
     samples: list[dict[str, Any]] = []
@@ -297,7 +283,7 @@ def cmd_seeds(args: argparse.Namespace) -> int:
         con.print(f"toe bench seeds {', '.join(only)}: {args.duration:g} s per run, repeat {args.repeat}, "
                   f"placement {tb.pin} {placement_text(tb.cpus)}")
         ctx = seeds.Context(tb=tb, sizes=args.sizes, duration=args.duration, repeat=args.repeat, out=out,
-                            plots=not args.no_plots, console=con, progress_console=err, pin=args.pin)
+                            plots=want_plots, console=con, progress_console=err, pin=args.pin)
         for name in only:
             res = seeds.SCENARIOS[name](ctx)
             samples += res.samples
@@ -307,6 +293,8 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     doc["plots"] = plots
     paths = report.write_results(out, doc)
     con.print(f"results: {paths['json']}, {paths['csv']}" + (f", {len(plots)} plots" if plots else ""))
+    if not args.no_plots and not want_plots:
+        con.print(report.PLOTS_HINT, markup=False, highlight=False)
     return 0
 
 

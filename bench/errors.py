@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from offload_daemon.cli import CLIError
+from offload_daemon.client.errors import CLIError
 
 
 class BenchError(CLIError):

@@ -426,6 +426,18 @@ def _series(rows: Sequence[SummaryRow], metric_name: str) -> dict[tuple[str, str
     return {k: sorted(points) for k, points in series.items()}
 
 
+PLOTS_HINT = "no plots: matplotlib is not installed (pip install 'toe[bench]' to get them)"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (it is the optional `bench` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_vs_size(
     summary: Sequence[SummaryRow],
     *,
@@ -449,7 +461,10 @@ def plot_vs_size(
     labelled horizontal dotted line, (label, x, y) a labelled point. With nothing to draw the
     PNG says "no data". Uses no pyplot state: safe to call many times in one process.
     """
-    from matplotlib.figure import Figure  # lazy: importing this module must stay fast
+    try:
+        from matplotlib.figure import Figure  # lazy: importing this module must stay fast
+    except ImportError:
+        raise BenchError(PLOTS_HINT) from None
 
     metric_name = metric
     out = os.fspath(path)

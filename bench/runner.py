@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import perf
+from . import perf, report
 from .errors import BenchError
 from .testbed import PATHS, Testbed
 
@@ -256,3 +256,20 @@ def _sockperf(addr: str, port: int, job: Job) -> tuple[list[str], Parse]:
 DRIVERS: dict[str, Callable[[str, int, Job], tuple[list[str], Parse]]] = {
     "builtin": _builtin, "iperf3": _iperf3, "sockperf": _sockperf,
 }
+
+
+def run_jobs(tb: Testbed, plan: list[Job], console: Any) -> list[dict[str, Any]]:
+    """Run every job with a progress bar (on stderr, only on a terminal); fail on the first error."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    r = Runner(tb)
+    samples = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(plan))
+        for job in plan:
+            progress.update(task, description=f"{job.test} {report.fmt_size(job.size)} {job.path} "
+                            f"(rep {job.rep + 1})")
+            samples.append(r.run(job))
+            progress.advance(task)
+    return samples

@@ -61,11 +61,9 @@ def parse_only(text: str | None) -> list[str]:
 
 def _measure(ctx: Context, tb: Testbed, scenario: str, tests: list[str], paths: tuple[str, ...] = PATHS,
              sizes: list[int] | None = None) -> list[dict[str, Any]]:
-    from .cli import run_jobs
-
     plan = list(runner.jobs(scenario, "builtin", tests, sizes or ctx.sizes or SIZES[scenario[4:]], paths,
                             ctx.repeat, ctx.duration))
-    return run_jobs(tb, plan, ctx.progress_console)
+    return runner.run_jobs(tb, plan, ctx.progress_console)
 
 
 def _say(ctx: Context, res: Result, paper: str, ours: str, why: str) -> None:

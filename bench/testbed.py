@@ -10,7 +10,7 @@
                             only through the adapter (LD_PRELOAD shim + daemon).
 
 The application is started exactly as `toe run` starts it (the same
-LD_PRELOAD/TOE_SOCK environment, `offload_daemon.cli.preload_env`), but without
+LD_PRELOAD/TOE_SOCK environment, `offload_daemon.client.adapter.preload_env`), but without
 `toe run`'s Python start-up, which would otherwise be charged to the
 application's CPU. Nothing runs in, or sends from, the root namespace.
 
@@ -34,7 +34,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from offload_daemon import cli, netns
+from offload_daemon import netns
+from offload_daemon.client import adapter, inspection
+from offload_daemon.client.errors import CLIError
 from offload_daemon.config import AdapterConfig, log_path
 
 from .errors import BenchError
@@ -108,8 +110,8 @@ class Testbed:
     def _setup(self) -> None:
         cfg = AdapterConfig(tap=self.tap, netns=self.peer_ns, offloads=self.offloads)
         try:
-            state = cli.adapter_up(cfg, quiet=True)
-        except cli.CLIError as e:
+            state = adapter.adapter_up(cfg, quiet=True)
+        except CLIError as e:
             raise BenchError(f"cannot start the adapter: {e}") from None
         self._up = True
         self.daemon_pid = int(state["pid"])
@@ -151,8 +153,8 @@ class Testbed:
         if self._up:
             with contextlib.suppress(netns.NetnsError):
                 netns.stop_pids([p for p in netns.pids(self.peer_ns) if p != self.daemon_pid])
-            with contextlib.suppress(cli.CLIError):
-                cli.adapter_down(self.tap, quiet=True)
+            with contextlib.suppress(CLIError):
+                adapter.adapter_down(self.tap, quiet=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_path(self.tap))  # the adapter was this run's own
             self._up = False
@@ -169,7 +171,7 @@ class Testbed:
             raise BenchError(f"unknown path {path!r}")
         env: list[str] = []
         if path == "adapter":
-            pre = cli.preload_env(self.tap, {})
+            pre = adapter.preload_env(self.tap, {})
             env = ["env", *(f"{k}={v}" for k, v in sorted(pre.items()))]
         ns = self.kernel_ns if path == "kernel" else self.adapter_ns
         return netns.exec_argv(ns, [*_taskset(self.cpus["app"]), *env, *argv])
@@ -222,7 +224,7 @@ class Testbed:
     # ------------------------------------------------------------ the adapter's state
 
     def stat(self) -> dict[str, Any]:
-        return cli.api_call(self.tap, {"cmd": "stat"})
+        return inspection.api_call(self.tap, {"cmd": "stat"})
 
     def adapter_cpu_s(self) -> float:
         cpu = self.stat()["cpu"]

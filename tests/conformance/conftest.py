@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from offload_daemon import netns
-from offload_daemon.cli import api_request
+from offload_daemon.client.inspection import api_request
 from offload_daemon.config import AdapterConfig
 from tests.conftest import Adapter, ClientNs, require_tools, run_toe, stop, teardown_adapter, unique, unique_port
 

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from offload_daemon.cli import CLIError, shim_path
+from offload_daemon.client.env import shim_path
+from offload_daemon.client.errors import CLIError
 from tests.conftest import require_tools
 
 

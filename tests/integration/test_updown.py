@@ -14,9 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from offload_daemon import cli, netns
+from offload_daemon import netns
 from offload_daemon.access import ACL_XATTR, acl_xattr, secure_socket
-from offload_daemon.cli import daemon_alive, limits_line, render_stat
+from offload_daemon.cli import app as cli
+from offload_daemon.cli.stat_view import limits_line, render_stat
+from offload_daemon.client.adapter import daemon_alive
+from offload_daemon.client.env import shim_path
 from offload_daemon.config import AdapterConfig, api_path, ctl_path, log_path, state_path
 from tests.conftest import run_toe, unique, wait_until
 
@@ -197,7 +200,7 @@ def toe_as(uid: int, *args: str) -> tuple[int, str, str]:
     from rich import columns, console, table  # noqa: F401 (render_stat's imports, loaded as root)
 
     cli.build_parser()
-    cli.shim_path()
+    shim_path()
     outs = [os.pipe(), os.pipe()]
     pid = os.fork()
     if pid == 0:  # never return into pytest

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from offload_daemon import api as apimod
-from offload_daemon import cli
 from offload_daemon.api import ApiServer, Peer, RequestError, nesting_exceeds, parse_request
+from offload_daemon.client import inspection as cli
 
 MB = 1 << 20
 

@@ -1,0 +1,5 @@
+import sys
+
+from offload_daemon.cli.app import main
+
+sys.exit(main())
