@@ -134,15 +134,6 @@ static void warn_once(const char *fmt, ...)
     va_end(ap);
 }
 
-static void mutex_init_ec(pthread_mutex_t *m)
-{
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
-    pthread_mutex_init(m, &a);
-    pthread_mutexattr_destroy(&a);
-}
-
 static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
                        int *sent, int *rfds, int *nrfds);
 
@@ -197,7 +188,7 @@ static void atfork_parent(void)
 static void atfork_child(void)
 {
     int saved = errno;
-    mutex_init_ec(&ctl_mu);
+    toe_mutex_init_ec(&ctl_mu);
     ctl_mu_taken_for_fork = 0;
     if (ctl_fd >= 0) {
         toe_real_close(ctl_fd);

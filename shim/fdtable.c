@@ -382,7 +382,8 @@ int toe_fd_replace_all(struct toe_sock *s, int fd, int k)
     return rc;
 }
 
-static void mutex_init_ec(pthread_mutex_t *m)
+/* An error-checking mutex (a fork child reinitialises its locks with this). */
+void toe_mutex_init_ec(pthread_mutex_t *m)
 {
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
@@ -409,8 +410,8 @@ void toe_fd_atfork_parent(void)
 
 void toe_fd_atfork_child(void)
 {
-    mutex_init_ec(&tbl_mu);
-    mutex_init_ec(&pop_mu);
+    toe_mutex_init_ec(&tbl_mu);
+    toe_mutex_init_ec(&pop_mu);
     pop_mu_forked = tbl_mu_forked = 0;
     if (__atomic_load_n(&tbl_pid, __ATOMIC_RELAXED))
         __atomic_store_n(&tbl_pid, getpid(), __ATOMIC_RELAXED);

@@ -180,6 +180,8 @@ void toe_fd_adopt_once(void);
 /* fork(): hold the table locks across it (prepare/parent); reinitialise
  * process-local locks in the child. */
 void toe_fd_atfork_prepare(void);
+/* Initialise an error-checking mutex (the shim's locks; a fork child's again). */
+void toe_mutex_init_ec(pthread_mutex_t *m);
 void toe_fd_atfork_parent(void);
 void toe_fd_atfork_child(void);
 
