@@ -6,10 +6,10 @@ libpython. It is built by setuptools' build_ext (the toolchain cffi uses too)
 through `ShimBuildExt`, which names the output exactly `shim/libtoe_shim.so`
 and links nothing but the libraries listed here.
 
-The benchmark program (`bench/toe_perf`, from bench/toe_perf.c) is an
-executable, not a library: `ShimBuildExt` compiles and links it as one, under
-that exact name (no suffix), executable bit kept in both editable installs and
-wheels.
+The benchmark program (`bench/toe_perf`, from PERF_SOURCES: bench/toe_perf.c
+and its parts bench/toe_perf_*.c, sharing bench/toe_perf.h) is an executable,
+not a library: `ShimBuildExt` compiles and links it as one, under that exact
+name (no suffix), executable bit kept in both editable installs and wheels.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ SHIM_CFLAGS = [
     "-D_GNU_SOURCE",
 ]
 PERF_EXT = "bench.toe_perf"
+PERF_SOURCES = [
+    "bench/toe_perf.c",  # main, arguments, common helpers, the wire header (and the program's description)
+    "bench/toe_perf_client.c",
+    "bench/toe_perf_server.c",
+    "bench/toe_perf_stats.c",
+    "bench/toe_perf_net.c",
+]
 PERF_CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-pthread"]
 
 
@@ -99,7 +106,8 @@ def perf_extension() -> Extension:
     """The benchmark program; an Extension only so that build_ext builds it (see ShimBuildExt)."""
     return Extension(
         PERF_EXT,
-        sources=["bench/toe_perf.c"],
+        sources=PERF_SOURCES,
+        depends=["bench/toe_perf.h"],
         extra_compile_args=PERF_CFLAGS,
         extra_link_args=["-pthread"],
     )
