@@ -39,7 +39,6 @@ OPT_SACK_PERM = 4
 OPT_SACK = 5
 OPT_TIMESTAMP = 8
 
-_HDR = struct.Struct("!HHIIBBHHH")
 _MSS = struct.Struct("!BBH")
 
 
@@ -109,32 +108,3 @@ class TcpOptions:
 
 
 NO_OPTIONS = TcpOptions()
-
-
-@dataclass(frozen=True, slots=True)
-class TcpRepr:
-    """A TCP header; `payload_off`/`payload_len` locate the data. Received segments are
-    checked and parsed by the RX checker (nic_model/rx.py) straight into `rx.Segment`,
-    in the same unpack as the IP header."""
-
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int
-    options: TcpOptions
-    header_len: int
-    payload_off: int
-    payload_len: int
-
-    @staticmethod
-    def emit_header(out, off: int, sport: int, dport: int, seq: int, ack: int, flags: int,
-                    window: int, options: bytes = b"", csum: int = 0) -> int:
-        """Write header + options at out[off:]; returns the header length."""
-        hlen = HDR_LEN + len(options)
-        _HDR.pack_into(out, off, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                       (hlen // 4) << 4, flags, window, csum, 0)
-        if options:
-            out[off + HDR_LEN:off + hlen] = options
-        return hlen
