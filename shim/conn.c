@@ -7,6 +7,15 @@
 
 /* ---------------- bind / listen / connect / accept ---------------- */
 
+/* BIND/CONNECT: 0 when the adapter serves the address (rsp holds its answer), else
+ * why the socket goes to the kernel. */
+static int ask_adapter(struct toe_cmd *cmd, struct toe_rsp *rsp)
+{
+    if (toe_ctl_call(cmd, NULL, 0, rsp) < 0)
+        return TOE_HO_NO_DAEMON;
+    return (rsp->flags & TOE_RF_HANDOVER) ? TOE_HO_DAEMON : 0;
+}
+
 int toe_sock_bind(struct toe_sock *s, int fd, const struct sockaddr *addr, socklen_t len)
 {
     struct sockaddr_in sin;
@@ -36,14 +45,9 @@ int toe_sock_bind(struct toe_sock *s, int fd, const struct sockaddr *addr, sockl
     cmd.sock_id = s->sock_id;
     cmd.addr_be32 = sin.sin_addr.s_addr;
     cmd.port_be16 = sin.sin_port;
-    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
-        reason = TOE_HO_NO_DAEMON;
+    reason = ask_adapter(&cmd, &rsp);
+    if (reason)
         goto handover;
-    }
-    if (rsp.flags & TOE_RF_HANDOVER) {
-        reason = TOE_HO_DAEMON;
-        goto handover;
-    }
     if (rsp.result < 0)
         return fail(-rsp.result);
     pthread_mutex_lock(&s->opt_lock);
@@ -245,14 +249,9 @@ int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, so
     cmd.sock_id = s->sock_id;
     cmd.addr_be32 = dst;
     cmd.port_be16 = sin.sin_port;
-    if (toe_ctl_call(&cmd, NULL, 0, &rsp) < 0) {
-        reason = TOE_HO_NO_DAEMON;
+    reason = ask_adapter(&cmd, &rsp);
+    if (reason)
         goto handover;
-    }
-    if (rsp.flags & TOE_RF_HANDOVER) {
-        reason = TOE_HO_DAEMON;
-        goto handover;
-    }
     lstate_clear(s, TOE_LS_CONNFAIL);
     if (rsp.result == 0) {
         lstate_set(s, TOE_LS_CONNECTED);

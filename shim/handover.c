@@ -8,6 +8,20 @@
 
 /* ---------------- handover to the kernel ---------------- */
 
+/* HANDOVER: statistics only (the daemon counts it for this process, with the
+ * reason; `refused`: strict mode said no), so errors do not matter. */
+static void report_handover(struct toe_sock *s, int reason, int refused)
+{
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_HANDOVER;
+    cmd.sock_id = s->sock_id;
+    cmd.arg0 = reason;
+    cmd.arg1 = refused;
+    toe_ctl_call(&cmd, NULL, 0, &rsp);
+}
+
 /*
  * Replace the offloaded socket behind fd (and every other fd of this process
  * that points at it) with a fresh kernel socket carrying what the application
@@ -39,13 +53,7 @@ static int handover(struct toe_sock *s, int fd, int reason)
         goto fail;
     toe_real_close(k);
 
-    struct toe_cmd cmd;
-    struct toe_rsp rsp;
-    memset(&cmd, 0, sizeof(cmd));
-    cmd.op = TOE_OP_HANDOVER;
-    cmd.sock_id = s->sock_id;
-    cmd.arg0 = reason;
-    toe_ctl_call(&cmd, NULL, 0, &rsp); /* statistics only: errors do not matter */
+    report_handover(s, reason, 0);
     TOE_DBG("handover fd %d (sock %u) to the kernel, reason %d", fd, s->sock_id, reason);
     errno = saved;
     return 0;
@@ -93,14 +101,7 @@ int handover_or_refuse(struct toe_sock *s, int fd, int reason, const char *what,
     inet_ntop(AF_INET, &ia, a, sizeof(a));
     toe_say("toe: strict: %s %s:%u would use the kernel (%s)", what, a, (unsigned)ntohs(p_be16),
             handover_words(reason));
-    struct toe_cmd cmd;
-    struct toe_rsp rsp;
-    memset(&cmd, 0, sizeof(cmd));
-    cmd.op = TOE_OP_HANDOVER;
-    cmd.sock_id = s->sock_id;
-    cmd.arg0 = reason;
-    cmd.arg1 = 1;
-    toe_ctl_call(&cmd, NULL, 0, &rsp); /* statistics only */
+    report_handover(s, reason, 1);
     return fail(strict_errno);
 }
 

@@ -47,6 +47,15 @@ int iov_total(const struct iovec *iov, int iovcnt, size_t *total)
     return 0;
 }
 
+int msg_total(const struct msghdr *msg, size_t *total)
+{
+    if (!msg)
+        return fail(EFAULT);
+    if (msg->msg_iovlen > INT_MAX)
+        return fail(EMSGSIZE);
+    return iov_total(msg->msg_iov, (int)msg->msg_iovlen, total);
+}
+
 /* No more data will come (the ring may still hold some): EOF, reset,
  * SHUT_RD (ours or the daemon's RX_SHUT), a closed socket, the daemon gone. */
 static int rx_ended(struct toe_sock *s)
@@ -261,11 +270,7 @@ ssize_t toe_sock_readv(struct toe_sock *s, int fd, const struct iovec *iov, int 
 ssize_t toe_sock_recvmsg(struct toe_sock *s, int fd, struct msghdr *msg, int flags)
 {
     size_t total;
-    if (!msg)
-        return fail(EFAULT);
-    if (msg->msg_iovlen > INT_MAX)
-        return fail(EMSGSIZE);
-    if (iov_total(msg->msg_iov, (int)msg->msg_iovlen, &total) < 0)
+    if (msg_total(msg, &total) < 0)
         return -1;
     ssize_t r = do_recv(s, fd, msg->msg_iov, (int)msg->msg_iovlen, total, flags);
     if (r >= 0) {

@@ -213,11 +213,7 @@ ssize_t toe_sock_writev(struct toe_sock *s, int fd, const struct iovec *iov, int
 ssize_t toe_sock_sendmsg(struct toe_sock *s, int fd, const struct msghdr *msg, int flags)
 {
     size_t total;
-    if (!msg)
-        return fail(EFAULT);
-    if (msg->msg_iovlen > INT_MAX)
-        return fail(EMSGSIZE);
-    if (iov_total(msg->msg_iov, (int)msg->msg_iovlen, &total) < 0)
+    if (msg_total(msg, &total) < 0)
         return -1;
     return do_send(s, fd, msg->msg_iov, (int)msg->msg_iovlen, total, flags);
 }

@@ -165,6 +165,8 @@ int wait_connect_done(struct toe_sock *s, int fd) TOE_INTERNAL;
 
 /* Validate an iovec array like the kernel; *total gets its length. */
 int iov_total(const struct iovec *iov, int iovcnt, size_t *total) TOE_INTERNAL;
+/* The same for a msghdr (EFAULT for NULL, EMSGSIZE for more than INT_MAX iovecs). */
+int msg_total(const struct msghdr *msg, size_t *total) TOE_INTERNAL;
 
 /* ---------------- send (send.c) ---------------- */
 
