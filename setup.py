@@ -124,7 +124,7 @@ setup(
     package_data={"shim": ["*.h"]},
     include_package_data=False,
     ext_modules=[shim_extension(), perf_extension()],
-    cffi_modules=["offload_daemon/_abi_build.py:ffibuilder"],
+    cffi_modules=["offload_daemon/_abi_build.py:ffibuilder", "nic_model/_fp_build.py:ffibuilder"],
     cmdclass={"build_ext": ShimBuildExt},
     install_requires=["cffi>=1.15", "pyroute2", "psutil", "rich"],
     extras_require={

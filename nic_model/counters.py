@@ -69,6 +69,7 @@ class AckGenCounters(UnitCounters):
     window_updates: int = 0
     challenge_acks: int = 0
     resets: int = 0
+    delayed_acks: int = 0        # sent when the delayed-ACK timer ran out (nothing to ride on)
 
 
 @dataclass

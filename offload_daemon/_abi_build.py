@@ -76,41 +76,6 @@ HELPERS_SRC = r"""
 
 uint32_t toe_ring_load(uint32_t *p) { return TOE_LOAD_ACQ(p); }
 
-/*
- * RFC 1071 Internet checksum of buf, starting from `initial` (a one's-complement
- * sum of big-endian 16-bit words, e.g. the pseudo-header).  Returns the
- * checksum as a host integer, to be stored big-endian.
- */
-uint16_t toe_csum_fold(const uint8_t *buf, size_t len, uint32_t initial)
-{
-    uint64_t init = initial;
-    while (init >> 16)
-        init = (init & 0xffff) + (init >> 16);
-    /* the loop below sums little-endian words: move `initial` into that domain */
-    uint64_t sum = ((init >> 8) | (init << 8)) & 0xffff;
-    while (len >= 8) {
-        uint64_t w;
-        memcpy(&w, buf, 8);
-        sum += (w & 0xffffffffu) + (w >> 32);
-        buf += 8;
-        len -= 8;
-    }
-    while (len >= 2) {
-        uint16_t w;
-        memcpy(&w, buf, 2);
-        sum += w;
-        buf += 2;
-        len -= 2;
-    }
-    if (len)
-        sum += *buf;
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    /* the sum was taken over host-order (little-endian) words: swap back */
-    uint16_t r = (uint16_t)~sum;
-    return (uint16_t)((r >> 8) | (r << 8));
-}
-
 int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uint32_t rx_size)
 {
     if (s->magic != TOE_SHM_MAGIC || s->abi_version != TOE_ABI_VERSION)
@@ -119,34 +84,6 @@ int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uin
         return -2;
     s->sock_id = sock_id;
     return 0;
-}
-
-/*
- * The daemon's side of the RX ring, safe against the shim: the shared header is
- * writable by the application, so the sizes come from the daemon's own copy
- * (checked when the socket was registered) and a consumer index that makes no
- * sense (more used than the ring holds) leaves no space.  Whatever the shim
- * writes into the header, the daemon never writes outside the ring.
- */
-uint32_t toe_d_rx_space(struct toe_sock_shm *s, uint32_t rx_size)
-{
-    uint32_t used = s->rx_tail - TOE_LOAD_ACQ(&s->rx_head);
-    return used > rx_size ? 0 : rx_size - used;
-}
-
-/* toe_rx_push() with the daemon's sizes; -1 (nothing written) if len does not fit. */
-int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, const uint8_t *src,
-                  uint32_t len)
-{
-    if (len) {
-        if (len > toe_d_rx_space(s, rx_size))
-            return -1;
-        uint32_t tail = s->rx_tail;
-        toe_ring_copy_in((uint8_t *)s + TOE_SHM_HDR_SIZE + tx_size, rx_size, tail, src, len);
-        TOE_STORE_REL(&s->rx_tail, tail + len);
-    }
-    TOE_FENCE();
-    return TOE_LOAD_ACQ(&s->tok_taken) == s->tok_sent;
 }
 
 /* Descriptors a shim passes, checked for what they must be (0 / -errno). */

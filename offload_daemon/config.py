@@ -95,6 +95,11 @@ class AdapterConfig:
     rx_ring_bytes: int = 1 << 20
     time_wait_s: float = 60.0
     pcap: str | None = None              # write every adapter frame here
+    # Seed 003's hybrid: established connections' packets in the compiled units
+    # (nic_model/hw); off: every packet through the software path (the comparison,
+    # and the oracle of the differential tests). A pcap needs every frame in Python: off.
+    fastpath: bool = True
+    poll_us: int = 0                     # the fast path busy-polls this long before sleeping
     # Who may use the adapter (docs/security.md): root always, these uids, members of this gid.
     allow_users: tuple[int, ...] = ()
     allow_group: int | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import resource
 import secrets
@@ -26,6 +27,9 @@ import time
 import traceback
 from collections import deque
 
+from nic_model._fastpath import lib as fp_lib
+
+from nic_model import fastpath as fpmod
 from nic_model import rx as rxmod
 from nic_model.counters import AckGenCounters
 from nic_model.pools import BufferPool
@@ -39,6 +43,7 @@ from .api import ApiServer, Peer, RequestError
 from .arp import ArpTable
 from .byteorder import from_be16, from_be32, to_be16, to_be32
 from .config import RUN_DIR, AdapterConfig, log_path
+from .fastpath import FastPath
 from .host import ControlServer, HostIfCounters, HostSocket, ProcessCtx, unix_listener
 from .tcp import SEND_STATES, TcpEnv, TcpStack, ip_str
 from .timers import Timers
@@ -93,6 +98,7 @@ class Adapter:
         self.tap: TapPort | None = None
         self.ctl: ControlServer | None = None
         self.api: ApiServer | None = None
+        self.fp: FastPath | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -111,6 +117,9 @@ class Adapter:
         _configure_kernel_side(cfg)
         self.pool = BufferPool(POOL_BUFFERS, POOL_BUF_BYTES, mapper=ffi.from_buffer)
         self.rx = rxmod.RxChecker(self.my_mac, self.my_ip, csum)
+        # frames the compiled RX checker classified (and counted) before punting them are
+        # parsed again for the software path by this one, whose counters are not shown
+        self.rx_again = rxmod.RxChecker(self.my_mac, self.my_ip, csum)
         self.tx = TxEngine(self.tap, self.my_mac, cfg.offloads, csum)
         self.tx_max_payload = min(MAX_TSO_BYTES, 65535 - 40 - 40)
         self.arp = ArpTable(self.my_ip, self.my_mac, self.tx, self.timers)
@@ -143,10 +152,19 @@ class Adapter:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self.ep.register(self._sig_r, select.EPOLLIN)
+        if cfg.fastpath and not cfg.pcap:
+            try:
+                units = fpmod.FastPathUnits(cfg.max_sockets, self.tap.fd, self.ep.fileno(), self.my_ip,
+                                            self.my_mac, cfg.offloads, self.tx_max_payload, self.pool.bufs)
+            except fpmod.FastPathError as e:
+                raise SetupError(str(e)) from None
+            units.st.poll_us = cfg.poll_us
+            self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
+            self.tcp.fast = self.tcp.env.fast = self.fp
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
-                 "offloads": cfg.offloads}
+                 "offloads": cfg.offloads, "fastpath": self.fp is not None}
         tmp = cfg.state_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -158,6 +176,9 @@ class Adapter:
     # ------------------------------------------------------------------ loop
 
     def loop(self) -> None:
+        if self.fp is not None:
+            self._loop_fast()
+            return
         tap_fd = self.tap.fd  # type: ignore[union-attr]
         ctl_fd = self.ctl.sock.fileno()  # type: ignore[union-attr]
         procs = self.ctl.procs  # type: ignore[union-attr]
@@ -202,6 +223,72 @@ class Adapter:
                 self.counters_host.handler_errors += 1
                 _log_exception("timers")
 
+    def _loop_fast(self) -> None:
+        """The loop with the compiled fast path: fp_poll waits and handles, in C, the frames
+        and doorbells of the connections the units own; what it hands back is handled here,
+        in order, then timers, owed ACKs, and the hand-over of connections to the units."""
+        fp = self.fp
+        assert fp is not None
+        st = fp.st
+        events = fp.units.events
+        timers = self.timers
+        fd_ev, frame_ev = fp_lib.FP_EV_FD, fp_lib.FP_EV_FRAME
+        poll = fp_lib.fp_poll
+        while self.running:
+            d = timers.next_deadline()
+            timeout = -1 if d is None else max(0, math.ceil((d - time.monotonic()) * 1000.0))
+            n = poll(st, timeout)
+            now = time.monotonic()
+            for i in range(n):
+                e = events[i]
+                kind = e.kind
+                fd = e.fd
+                try:
+                    if kind == frame_ev:
+                        self._sw_frame(e.buf, e.len, e.reason, now)
+                    elif kind == fd_ev:
+                        self._dispatch(fd, e.events, now)
+                    else:
+                        fp.conn_event(e.slot, e.reason, now)
+                except Exception:
+                    self._event_failed(fd)
+            try:
+                timers.poll(now)
+                self.tcp.flush(now)
+                fp.push_candidates()
+            except Exception:
+                self.counters_host.handler_errors += 1
+                _log_exception("timers")
+
+    def _dispatch(self, fd: int, ev: int, now: float) -> None:
+        """An epoll event the fast path handed back."""
+        procs = self.ctl.procs  # type: ignore[union-attr]
+        if fd in self.by_b:
+            self._b_event(self.by_b[fd], ev, now)
+        elif fd in self.by_kl:
+            self.by_kl[fd].wake()
+        elif fd in procs:
+            if not self.ctl.serve(procs[fd], now):  # type: ignore[union-attr]
+                self._proc_gone(procs[fd])
+        elif fd == self.ctl.sock.fileno():  # type: ignore[union-attr]
+            self._accept_channels()
+        elif fd == self.tap.fd:  # type: ignore[union-attr]
+            self._tap_rx(now)
+        elif self.api is not None and self.api.owns(fd):
+            self.api.event(fd, ev)
+        elif fd == self._sig_r:
+            try:
+                os.read(self._sig_r, 64)
+            except OSError:
+                pass
+
+    def _sw_frame(self, i: int, n: int, reason: int, now: float) -> None:
+        """A frame the compiled units handed to software, in the pool buffer they read it into."""
+        buf = self.pool.views[i]
+        check = self.rx.check if reason == fp_lib.FP_PUNT_UNPARSED else self.rx_again.check
+        cls, obj = check(buf, n)
+        self._rx_classified(cls, obj, i, now)
+
     def _event_failed(self, fd: int) -> None:
         """A handler raised: log and count it, and drop what it was serving (a channel, a
         socket: reset) so that the same input cannot fail again and again."""
@@ -214,6 +301,7 @@ class Adapter:
             elif fd in self.by_b:
                 s = self.by_b[fd]
                 if s.ccb is not None:
+                    self.tcp.own(s.ccb)
                     self.tcp.abort(s.ccb, time.monotonic())
                 s.set_error(errno.EIO)
         except Exception:
@@ -253,16 +341,26 @@ class Adapter:
                     obj.handle = pool.handles[i]
                     obj.buf = pool.bufs[i]
                     tcp_input(obj, now)
-                elif cls == rxmod.ARP:
-                    self.arp.input(obj, now)
-                elif cls == rxmod.ICMP:
-                    ip, msg = obj
-                    self.arp.icmp_input(ip, msg, bytes(buf[vnet.LEN + 6:vnet.LEN + 12]))
+                else:
+                    self._rx_classified(cls, obj, i, now)
             finally:
                 pool.put(i)
         # more frames may be waiting: the TAP stays readable, epoll reports it again
 
+    def _rx_classified(self, cls: int, obj, i: int, now: float) -> None:
+        if cls == rxmod.TCP_DATA or cls == rxmod.TCP_SYN:
+            obj.handle = self.pool.handles[i]
+            obj.buf = self.pool.bufs[i]
+            self.tcp.input(obj, now)
+        elif cls == rxmod.ARP:
+            self.arp.input(obj, now)
+        elif cls == rxmod.ICMP:
+            ip, msg = obj
+            self.arp.icmp_input(ip, msg, bytes(self.pool.views[i][vnet.LEN + 6:vnet.LEN + 12]))
+
     def _b_event(self, s: HostSocket, ev: int, now: float) -> None:
+        if s.ccb is not None:
+            self.tcp.own(s.ccb)
         if ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
             # A's last reference is gone: the application closed the socket (or died)
             self.ep.unregister(s.b_fd)
@@ -576,6 +674,10 @@ class Adapter:
         """`toe stat`'s data; with `uid`, only what belongs to that user."""
         now = time.monotonic()
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        fp = self.fp
+        if fp is not None:
+            for c in self.tcp.conns.values():
+                fp.refresh(c)
         every = [c.info() for c in self.tcp.conns.values()]
         conns = every if uid is None else [c for c in every if c.get("uid") == uid]
         closed = [c for c in self.tcp.closed if uid is None or c.get("uid") == uid]
@@ -590,6 +692,28 @@ class Adapter:
         tapc = self.tap.counters  # type: ignore[union-attr]
         bytes_in = sum(c["bytes_in"] for c in every) + self.tcp.closed_bytes_in
         bytes_out = sum(c["bytes_out"] for c in every) + self.tcp.closed_bytes_out
+        data_fast = sum(c["data_fast"] for c in every) + self.tcp.closed_data_fast
+        data_sw = sum(c["data_software"] for c in every) + self.tcp.closed_data_sw
+        units = {
+            "tap_port": tapc.snapshot(),
+            "rx_checker": self.rx.counters.snapshot(),
+            "tx_hdrgen": self.tx.counters.snapshot(),
+            "ack_gen": self.ackgen.snapshot(),
+            "buffer_pool": self.pool.counters.snapshot(),
+            "host_if": self.counters_host.snapshot(),
+            "tcp": self.tcp.stats.snapshot(),
+            "arp_icmp": self.arp.counters.snapshot(),
+        }
+        frames_in, frames_out = tapc.rx_frames, tapc.tx_frames
+        if fp is not None:
+            u = fp.units
+            units["tap_port"] = fpmod.merge(units["tap_port"], u.tap_counters())
+            units["rx_checker"] = fpmod.merge(units["rx_checker"], u.rx_checker_counters())
+            units["tx_hdrgen"] = fpmod.merge(units["tx_hdrgen"], u.tx_counters())
+            units["ack_gen"] = fpmod.merge(units["ack_gen"], u.ack_counters())
+            units["host_if"]["doorbells"] += u.counters.doorbells
+            units["fast_path"] = u.own_counters()
+            frames_in, frames_out = units["tap_port"]["rx_frames"], units["tap_port"]["tx_frames"]
         procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets,
                   "offloaded": p.offloaded, "handovers": p.handovers, "refused": p.refused,
                   "handover_reasons": dict(p.handover_reasons), "alive": p.alive,
@@ -605,7 +729,10 @@ class Adapter:
             "cpu": {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "max_rss_kb": ru.ru_maxrss},
             "totals": {"connections": len(every), "closed_connections": self.tcp.closed_count,
                        "bytes_in": bytes_in, "bytes_out": bytes_out,
-                       "frames_in": tapc.rx_frames, "frames_out": tapc.tx_frames,
+                       "frames_in": frames_in, "frames_out": frames_out,
+                       "fastpath": fp is not None, "data_segments_fast": data_fast,
+                       "data_segments_software": data_sw,
+                       "fast_share": round(data_fast / (data_fast + data_sw), 4) if data_fast + data_sw else None,
                        "handovers": self.counters_host.handovers,
                        "sockets_open": len(self.socks)},
             "limits": {"max_sockets": self.cfg.max_sockets,
@@ -616,16 +743,7 @@ class Adapter:
             "connections": conns,
             "closed": closed,
             "listeners": listeners,
-            "units": {
-                "tap_port": tapc.snapshot(),
-                "rx_checker": self.rx.counters.snapshot(),
-                "tx_hdrgen": self.tx.counters.snapshot(),
-                "ack_gen": self.ackgen.snapshot(),
-                "buffer_pool": self.pool.counters.snapshot(),
-                "host_if": self.counters_host.snapshot(),
-                "tcp": self.tcp.stats.snapshot(),
-                "arp_icmp": self.arp.counters.snapshot(),
-            },
+            "units": units,
             "arp": self.arp.info(now),
             "processes": procs,
         }
@@ -634,6 +752,8 @@ class Adapter:
 
     def close(self) -> None:
         now = time.monotonic()
+        if self.fp is not None:
+            self.fp.close()
         tcp = getattr(self, "tcp", None)
         if tcp is not None:
             for c in list(tcp.conns.values()):

@@ -100,11 +100,14 @@ class TcpStack(TcpInput, TcpOutput):
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
         self.closed_count = 0
+        self.closed_data_fast = 0          # data segments of closed connections, by path
+        self.closed_data_sw = 0
         # connections waiting to advertise freed RX space; the app's window doorbell can be
         # lost while its A end is stuffed (TX ring full), so these are also polled
         self.wnd_watch: set[Ccb] = set()
         self._wnd_timer = Timer(self._poll_windows)
         self.stats = TcpCounters()
+        self.fast = env.fast
 
     # ==================================================================
     # helpers: ids, timers, ports
@@ -120,9 +123,19 @@ class TcpStack(TcpInput, TcpOutput):
         def keepalive(t: float) -> None:
             self._on_keepalive(c, t)
 
+        def delayed_ack(t: float) -> None:
+            self._on_delayed_ack(c, t)
+
         c.timer = Timer(fire)
         c.ka_timer = Timer(keepalive)
+        c.dack_timer = Timer(delayed_ack)
         return c
+
+    def own(self, c: Ccb) -> None:
+        """Take a connection back from the fast path's units (if they have it) before the
+        software path reads or changes it."""
+        if self.fast is not None:
+            self.fast.own(c)
 
     def _arm(self, c: Ccb, kind: str, delay: float, now: float) -> None:
         c.timer_kind = kind
@@ -151,6 +164,7 @@ class TcpStack(TcpInput, TcpOutput):
         self.timers.arm(c.ka_timer, c.last_rx + idle)
 
     def _on_keepalive(self, c: Ccb, now: float) -> None:
+        self.own(c)
         on, idle, intvl, cnt = self._ka_params(c)
         if not on or self.conns.get(c.key) is not c:
             return
@@ -305,6 +319,7 @@ class TcpStack(TcpInput, TcpOutput):
             self._update_pending(lst)
             if self.conns.get(c.key) is not c and c.state != State.TIME_WAIT:
                 continue          # reset while waiting in the queue
+            self.own(c)
             c.listener = None
             c.sock = child_sock
             c.uid = child_sock.uid
@@ -336,6 +351,8 @@ class TcpStack(TcpInput, TcpOutput):
 
     def shutdown(self, sock: Sock, how: int, now: float) -> int:
         c = sock.ccb
+        if c is not None:
+            self.own(c)
         if c is None or c.state in (State.SYN_SENT, State.SYN_RCVD, State.CLOSED):
             return -errno.ENOTCONN
         if how in (0, 2):       # SHUT_RD / SHUT_RDWR: a blocked reader wakes up at EOF
@@ -347,6 +364,8 @@ class TcpStack(TcpInput, TcpOutput):
     def doorbell(self, sock: Sock, now: float) -> None:
         """Something changed in the socket's rings (data to send, space freed)."""
         c = sock.ccb
+        if c is not None:
+            self.own(c)
         if c is None:
             if sock.listener is not None and (sock.listener.queue or sock.kernel_pending()):
                 sock.wake()
@@ -385,6 +404,7 @@ class TcpStack(TcpInput, TcpOutput):
             self.unbind(sock)
             sock.release()
             return
+        self.own(c)
         c.orphan = True
         if c.state == State.SYN_SENT:
             self._free(c)
@@ -418,6 +438,7 @@ class TcpStack(TcpInput, TcpOutput):
         c = sock.ccb
         if c is None:
             return
+        self.own(c)
         self._keepalive_arm(c, now)
         if c.state in SEND_STATES:
             self.try_send(c, now)
@@ -455,6 +476,7 @@ class TcpStack(TcpInput, TcpOutput):
             c.sock = None
 
     def _free(self, c: Ccb) -> None:
+        self.own(c)
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
             if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
@@ -465,8 +487,11 @@ class TcpStack(TcpInput, TcpOutput):
                 self.closed_count += 1
                 self.closed_bytes_in += c.bytes_in
                 self.closed_bytes_out += c.bytes_out
+                self.closed_data_fast += c.fast_data
+                self.closed_data_sw += c.sw_data
         self._disarm(c)
         self.timers.cancel(c.ka_timer)
+        self.timers.cancel(c.dack_timer)
         prev = c.state
         c.state = State.CLOSED
         self.tx.invalidate(c.key)

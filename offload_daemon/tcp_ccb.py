@@ -35,6 +35,9 @@ CORK_MAX_S = 0.2                                      # Linux: corked data waits
 WSCALE_MAX = 14                                       # RFC 7323 2.3
 PSH_ENDS_MAX = 64                                     # write ends remembered for resending PSH
 WND_POLL_S = 0.005
+DELACK_S = 0.040            # the longest an ACK waits for data to ride on (Linux: TCP_DELACK_MIN)
+ATO_S = 0.040               # a reply within this of data received makes a connection interactive
+CWND_MAX = 0x7FFFFFFF       # the fast path's CCB holds cwnd in 32 bits
 
 
 class State(IntEnum):
@@ -90,6 +93,15 @@ class TcpEnv:
     ackgen: AckGenCounters
     offloads: bool
     tx_max_payload: int                 # the most payload one (TSO) frame carries
+    fast: "FastOwner | None" = None     # the compiled fast path, when it is on
+
+
+class FastOwner(Protocol):
+    """The fast path as the engine sees it (offload_daemon.fastpath.FastPath): `own(c)` takes
+    a connection back from the units before the software path touches it, and names it
+    a candidate to hand back to them at the end of the loop pass."""
+
+    def own(self, c: "Ccb") -> None: ...
 
 
 class Sock(Protocol):
@@ -118,6 +130,10 @@ class Sock(Protocol):
     def rx_size(self) -> int: ...
     @property
     def tx_ring(self) -> Any: ...
+    @property
+    def b_fd(self) -> int: ...
+    @property
+    def b_shut(self) -> bool: ...
 
     def push(self, src_ptr, n: int, count_in: bool = False) -> bool: ...
     def wake(self) -> None: ...
@@ -195,6 +211,7 @@ class Ccb:
         "fin_wanted", "fin_sent", "fin_seq", "fin_seq_set", "rx_fin", "ack_pending", "timer", "timer_kind",
         "ka_timer", "ka_probes", "last_rx", "cork_since",
         "bytes_in", "bytes_out", "segs_in", "segs_out", "retransmits", "created", "uid",
+        "rcv_unacked", "pingpong", "last_data_rx", "dack_timer", "fast_slot", "fast_data", "sw_data",
     )
 
     def __init__(self, cid: int, local_ip: int, local_port: int, remote_ip: int, remote_port: int,
@@ -253,6 +270,13 @@ class Ccb:
         self.cork_since: float | None = None
         self.bytes_in = self.bytes_out = self.segs_in = self.segs_out = self.retransmits = 0
         self.created = now
+        self.rcv_unacked = 0             # in-order bytes received since our last ACK
+        self.pingpong = False            # interactive: ACKs wait (DELACK_S) for a reply to ride on
+        self.last_data_rx = -1.0
+        self.dack_timer = Timer(_no_timer)
+        self.fast_slot = -1              # the fast path's CCB slot while the units own it
+        self.fast_data = 0               # data segments (in + out) the units handled
+        self.sw_data = 0                 # ... the software path handled
 
     def info(self) -> dict:
         return {
@@ -268,6 +292,8 @@ class Ccb:
             "uid": self.uid if self.uid is not None
             else (self.listener.sock.uid if self.listener is not None else None),
             "orphan": self.orphan, "timer": self.timer_kind if self.timer.armed else "",
+            "path": "fast" if self.fast_slot >= 0 else "software",
+            "data_fast": self.fast_data, "data_software": self.sw_data,
             **self._ring_info(),
         }
 
@@ -313,9 +339,12 @@ class TcpStackBase:
     closed_bytes_in: int
     closed_bytes_out: int
     closed_count: int
+    closed_data_fast: int
+    closed_data_sw: int
     wnd_watch: set[Ccb]
     _wnd_timer: Timer
     stats: TcpCounters
+    fast: FastOwner | None
 
     if TYPE_CHECKING:  # pragma: no cover
         # TcpStack's own (tcp.py), called from the output and input sides
@@ -327,3 +356,4 @@ class TcpStackBase:
         def _time_wait(self, c: Ccb, now: float) -> None: ...
         def _fail(self, c: Ccb, err: int, now: float) -> None: ...
         def _free(self, c: Ccb) -> None: ...
+        def own(self, c: Ccb) -> None: ...

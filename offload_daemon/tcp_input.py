@@ -16,6 +16,7 @@ from nic_model.wire import tcp as T
 from .abi import ffi
 from .seq import M32, seq_ge, seq_gt, seq_le, seq_lt
 from .tcp_ccb import (
+    CWND_MAX,
     FIN_TIMEOUT,
     INIT_CWND_SEGS,
     RCV_WSCALE,
@@ -46,7 +47,11 @@ class TcpInput(TcpOutput):
         if c is None:
             self._no_connection(seg, now)
             return
+        if self.fast is not None:
+            self.fast.own(c)
         c.segs_in += 1
+        if seg.payload_len:
+            c.sw_data += 1
         c.last_rx = now
         if c.ka_probes:
             c.ka_probes = 0
@@ -60,7 +65,7 @@ class TcpInput(TcpOutput):
             self._in_time_wait(c, seg, now)
         else:
             self._in_synchronized(c, seg, now)
-        if c.ack_pending:
+        if c.ack_pending and not c.dack_timer.armed:
             self.dirty.add(c)
 
     # LISTEN (or nothing): SYN -> SYN_RCVD child, anything else -> RST (RFC 9293 3.10.7.1-2)
@@ -316,9 +321,9 @@ class TcpInput(TcpOutput):
                     self._retransmit_one(c, now)
                     c.cwnd = max(c.cwnd - acked + c.mss, c.mss)
             elif c.cwnd < c.ssthresh:
-                c.cwnd += acked                        # slow start, per byte acked (RFC 3465)
+                c.cwnd = min(c.cwnd + acked, CWND_MAX)      # slow start, per byte acked (RFC 3465)
             else:
-                c.cwnd += max(c.mss * acked // c.cwnd, 1)   # congestion avoidance
+                c.cwnd = min(c.cwnd + max(c.mss * acked // c.cwnd, 1), CWND_MAX)   # congestion avoidance
             c.dupacks = 0
             if c.snd_una == c.snd_nxt:
                 self._disarm(c)
@@ -398,9 +403,10 @@ class TcpInput(TcpOutput):
         if n:
             self._deliver(c, seg.handle + off if seg.handle is not None
                           else ffi.from_buffer(seg.buf) + off, n, seg.buf, off)
-        if c.ooo:
+        had_ooo = bool(c.ooo)
+        if had_ooo:
             self._ooo_drain(c)
-        c.ack_pending = True
+        self._ack_policy(c, n + (c.mss + 1 if had_ooo else 0), now)   # a filled hole: ACK at once
         if f & T.FIN and ((seq + n) & M32) == c.rcv_nxt:
             self._fin(c, now)
 
@@ -445,6 +451,7 @@ class TcpInput(TcpOutput):
         c.rcv_nxt = (c.rcv_nxt + 1) & M32
         c.rx_fin = True
         c.ack_pending = True
+        self.timers.cancel(c.dack_timer)              # a FIN is acknowledged at once
         if c.sock is not None and c.sock.mapped and c.listener is None:
             c.sock.set_eof()
         st = c.state

@@ -15,7 +15,9 @@ from nic_model.wire import tcp as T
 from .abi import ffi, lib
 from .seq import M32, seq_gt, seq_le, seq_lt
 from .tcp_ccb import (
+    ATO_S,
     CORK_MAX_S,
+    DELACK_S,
     PRE_ACCEPT_WINDOW,
     PSH_ENDS_MAX,
     RCV_WSCALE,
@@ -112,13 +114,20 @@ class TcpOutput(TcpStackBase):
         if flags & T.ACK:
             ack = c.rcv_nxt
             window = self._window(c, bool(flags & T.SYN))
+            if c.ack_pending and n:
+                self.ackgen.piggybacked += 1          # the ACK we owed rides on data
             c.ack_pending = False
+            c.rcv_unacked = 0
+            if c.dack_timer.armed:
+                self.timers.cancel(c.dack_timer)
         else:
             ack = 0
             window = self._window(c, True) if flags & T.SYN else 0
         self.tx.segment(c.key, c.peer_mac, c.local_ip, c.remote_ip, c.local_port, c.remote_port,
                            seq, ack, flags, window, options, payload, n, c.mss)
         c.segs_out += 1
+        if n:
+            c.sw_data += 1
 
     def _syn_options(self, c: Ccb, synack: bool, peer: T.TcpOptions | None) -> bytes:
         ws = None
@@ -142,10 +151,12 @@ class TcpOutput(TcpStackBase):
 
     def abort(self, c: Ccb, now: float) -> None:
         """Reset and forget a connection (its socket failed on the host side)."""
+        self.own(c)
         self._send_rst_for(c, now)
         self._free(c)
 
     def _send_rst_for(self, c: Ccb, now: float) -> None:
+        self.own(c)
         if c.state in (State.SYN_SENT, State.CLOSED, State.TIME_WAIT):
             return
         self._emit(c, c.snd_nxt, T.RST | T.ACK)
@@ -241,6 +252,8 @@ class TcpOutput(TcpStackBase):
                 c.snd_max = c.snd_nxt
             if not (c.timer.armed and c.timer_kind == "rto"):
                 self._arm(c, "rto", c.rto, now)
+            if now - c.last_data_rx < ATO_S:
+                c.pingpong = True                   # a reply: interactive (Linux tcp_event_data_sent)
         if c.snd_max != snd_max0:
             s.tx_sent((c.tx_head + ((c.snd_max - c.snd_una) & M32)) & M32)   # TCP_NOTSENT_LOWAT
         if unsent > 0:
@@ -322,7 +335,29 @@ class TcpOutput(TcpStackBase):
     # timers
     # ==================================================================
 
+    def _ack_policy(self, c: Ccb, n: int, now: float) -> None:
+        """In-order data of n bytes arrived: ACK at the end of the loop pass, or later.
+        Linux's rule (__tcp_ack_snd_check): at once unless the connection is interactive
+        (we replied within ATO_S of data) and at most one MSS is unacknowledged; then the ACK
+        waits up to DELACK_S for a reply to ride on. The compiled ACK generator runs the
+        same policy (nic_model/hw/ack_gen.c)."""
+        c.rcv_unacked += n
+        c.last_data_rx = now
+        c.ack_pending = True
+        if (not c.pingpong or c.rcv_unacked > c.mss) and c.dack_timer.armed:
+            self.timers.cancel(c.dack_timer)
+        elif c.pingpong and c.rcv_unacked <= c.mss and not c.dack_timer.armed:
+            self.timers.arm(c.dack_timer, now + DELACK_S)
+
+    def _on_delayed_ack(self, c: Ccb, now: float) -> None:
+        self.own(c)
+        if c.ack_pending and c.state != State.CLOSED:
+            c.pingpong = False                      # delayed ACK missed: not interactive after all
+            self.ackgen.delayed_acks += 1
+            self.send_ack(c)
+
     def _on_timer(self, c: Ccb, now: float) -> None:
+        self.own(c)
         kind = c.timer_kind
         c.timer_kind = ""
         if kind == "syn":

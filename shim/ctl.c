@@ -46,6 +46,7 @@ enum { CTL_UNKNOWN, CTL_UP, CTL_DOWN };
 
 int toe_debug;
 int toe_strict;
+unsigned toe_poll_us;
 int toe_adopting;
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -215,6 +216,12 @@ static void do_init(void)
     int saved = errno;
     toe_debug = env_flag("TOE_DEBUG");
     toe_strict = env_flag("TOE_STRICT");
+    const char *pu = getenv("TOE_POLL_US");
+    if (pu && *pu) {
+        char *end;
+        unsigned long v = strtoul(pu, &end, 10);
+        toe_poll_us = *end == 0 && v <= 1000000 ? (unsigned)v : 0;
+    }
     const char *p = getenv("TOE_SOCK");
     toe_adopting = p && *p;
     if (!p || !*p)

@@ -63,6 +63,31 @@ void take_tokens(struct toe_sock *s, int fd)
     errno = saved;
 }
 
+/*
+ * TOE_POLL_US: before a blocking receive sleeps, look at the RX ring for up to
+ * toe_poll_us microseconds (Onload's EF_POLL_USEC): data the adapter publishes
+ * meanwhile is taken without a wake-up.  1 when the socket became readable.
+ */
+int spin_readable(struct toe_sock_shm *m)
+{
+    if (!toe_poll_us)
+        return 0;
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (toe_rx_avail(m) || (TOE_LOAD_ACQ(&m->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET)))
+                return 1;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000 >= (long)toe_poll_us)
+            return 0;
+    }
+}
+
 /* Block until A is readable.  1: a token; 0: B was shut down; -1: errno
  * (EINTR, EAGAIN on SO_RCVTIMEO ...) exactly as the kernel reports it. */
 int wait_readable(int fd)

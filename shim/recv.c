@@ -186,6 +186,14 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
             pthread_mutex_unlock(&s->rx_lock);
             break;
         }
+        if (toe_poll_us && nb < 0)
+            nb = nonblocking(fd);          /* opted in: an event loop's EAGAIN must not wait */
+        if (toe_poll_us && nb == 0) {
+            pthread_mutex_unlock(&s->rx_lock);
+            if (spin_readable(m))
+                continue;
+            pthread_mutex_lock(&s->rx_lock);
+        }
         take_tokens(s, fd);
         int again = toe_rx_avail(m) ||
                     (flags_of(s) & (TOE_SF_RX_EOF | TOE_SF_RESET | TOE_SF_RX_SHUT));

@@ -50,6 +50,7 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/utsname.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/capability.h>
 #include <arpa/inet.h>
@@ -134,6 +135,7 @@ uint32_t read_tokens(struct toe_sock_shm *m, int fd) TOE_INTERNAL;
 void take_tokens(struct toe_sock *s, int fd) TOE_INTERNAL;
 /* Block until A is readable.  1: a token; 0: B was shut down; -1: errno. */
 int wait_readable(int fd) TOE_INTERNAL;
+int spin_readable(struct toe_sock_shm *m) TOE_INTERNAL;
 /* A reads end-of-file although the daemon published neither EOF nor a reset. */
 int daemon_gone(struct toe_sock *s, int fd) TOE_INTERNAL;
 /* Block until the daemon drains B (A must be stuffed).  0, or -1 with errno. */

@@ -195,6 +195,7 @@ void toe_sock_put(struct toe_sock *s);
 
 extern int toe_debug;
 extern int toe_strict;      /* TOE_STRICT: a would-be kernel socket is an error */
+extern unsigned toe_poll_us; /* TOE_POLL_US: a blocking receive spins this long before it sleeps */
 extern int toe_adopting;    /* TOE_SOCK is set: look for inherited offloaded sockets */
 void toe_ctl_init(void);
 /* 1 when the adapter is reachable (connects and says HELLO on first use);

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the kernel side of the TAP (default {AdapterConfig.host_addr})")
     up.add_argument("--foreground", action="store_true", help="run the daemon in this process")
     up.add_argument("--no-offloads", action="store_true", help="no TSO/checksum offloads with the kernel")
+    up.add_argument("--fastpath", choices=("on", "off"), default="on",
+                    help="on (default): established connections' packets run in the compiled units "
+                         "(seed 003's hardware path); off: every packet through the software path. "
+                         "--pcap implies off")
+    up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
+                    help="the fast path busy-polls N µs for more work before it sleeps (default 0; "
+                         "see docs/fastpath.md for what it costs and buys on 2 CPUs)")
     up.add_argument("--syn-retries", type=ranged(1, 127), metavar="N",
                     help=f"SYN retransmissions before ETIMEDOUT (default {AdapterConfig.syn_retries})")
     up.add_argument("--mtu", type=ranged(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")

@@ -71,8 +71,10 @@ def allow_from_args(args: argparse.Namespace) -> tuple[tuple[int, ...], int | No
 def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     kw: dict[str, Any] = dict(
         tap=args.tap, addr=args.addr, host_addr=args.host_addr, netns=args.netns,
-        offloads=not args.no_offloads,
+        offloads=not args.no_offloads, fastpath=args.fastpath == "on",
     )
+    if args.poll_us is not None:
+        kw["poll_us"] = args.poll_us
     if args.mtu is not None:
         kw["mtu"] = args.mtu
     if args.syn_retries is not None:

@@ -1,0 +1,96 @@
+"""The compiled fast path (seed 003's hardware units, nic_model/hw/*.c) from Python.
+
+`FastPathUnits` owns one `struct fp_state`: the CCB table, the frame buffers it
+borrows from the software path's pool, and the counters, which it reports in
+the software units' own names so that `toe stat` shows one adapter: what the
+units counted plus what the software path counted, per unit.
+"""
+
+from __future__ import annotations
+
+from ._fastpath import ffi, lib
+from .rx import CLASS_NAMES
+
+DROP_NAMES = ("ip_checksum", "ip_length", "ip_fragment", "not_our_ip", "tcp_offset", "tcp_flags",
+              "tcp_port", "tcp_checksum", "tcp_option")
+PUNT_NAMES = ("unparsed", "syn", "no_ccb", "follows", "fin", "rst", "flags", "options", "out_of_order",
+              "old_ack", "ack_unsent", "dup_ack", "beyond_window", "zero_window", "cork", "rto", "close",
+              "forced")
+assert len(DROP_NAMES) == lib.FP_NDROPS and len(PUNT_NAMES) == lib.FP_NPUNTS
+
+
+class FastPathError(Exception):
+    pass
+
+
+class FastPathUnits:
+    def __init__(self, capacity: int, tap_fd: int, ep_fd: int, my_ip: int, my_mac: bytes, offloads: bool,
+                 max_payload: int, bufs: list):
+        """`bufs`: the frame buffers (bytearrays) the units read frames into; they stay the
+        caller's, and a frame handed back to software is read from bufs[event.buf]."""
+        size = len(bufs[0])
+        st = lib.fp_new(capacity, tap_fd, ep_fd, my_ip, my_mac, int(offloads), max_payload, len(bufs), size)
+        if st == ffi.NULL:
+            raise FastPathError("cannot allocate the fast path's CCB table")
+        self.st = ffi.gc(st, lib.fp_free)
+        self._keep = [ffi.from_buffer(b) for b in bufs]
+        for i, p in enumerate(self._keep):
+            lib.fp_set_buf(self.st, i, int(ffi.cast("uintptr_t", p)))
+        self.events = self.st.events
+        self.counters = self.st.counters
+
+    def set_policy(self, delack_s: float, ato_s: float) -> None:
+        self.st.delack_s = delack_s
+        self.st.ato_s = ato_s
+
+    def close(self) -> None:
+        if self.st is not None:
+            self.st = None
+            self.events = None
+            self.counters = None
+
+    # ---- counters in the software units' names --------------------------
+
+    def tap_counters(self) -> dict[str, int]:
+        k = self.counters
+        return {"rx_frames": k.rx_frames, "rx_bytes": k.rx_bytes, "rx_gso_frames": k.rx_gso_frames,
+                "tx_frames": k.tx_frames, "tx_bytes": k.tx_bytes, "tx_gso_frames": k.tx_gso_frames,
+                "tx_errors": k.tx_errors}
+
+    def rx_checker_counters(self) -> dict[str, int]:
+        k = self.counters
+        out = {f"classified.{CLASS_NAMES[i]}": k.cls[i] for i in range(len(CLASS_NAMES)) if k.cls[i]}
+        out.update({f"dropped.{DROP_NAMES[i]}": k.drops[i] for i in range(len(DROP_NAMES)) if k.drops[i]})
+        out["csum_verified"] = k.csum_verified
+        out["csum_offloaded"] = k.csum_offloaded
+        return out
+
+    def tx_counters(self) -> dict[str, int]:
+        k = self.counters
+        return {"segments": k.segments, "payload_bytes": k.payload_bytes, "ccb_cache_hits": k.ccb_cache_hits,
+                "ccb_cache_misses": k.ccb_cache_misses, "sw_checksums": k.sw_checksums}
+
+    def ack_counters(self) -> dict[str, int]:
+        k = self.counters
+        return {"pure_acks": k.pure_acks, "piggybacked": k.piggybacked, "delayed_acks": k.delayed_acks,
+                "window_updates": k.window_updates}
+
+    def own_counters(self) -> dict[str, int]:
+        """The fast path's own unit: what it took, what it handed back and why."""
+        k = self.counters
+        out = {"rx_segments": k.rx_segments, "rx_data_segments": k.rx_data_segments,
+               "rx_payload_bytes": k.rx_payload_bytes, "tx_data_segments": k.data_segments,
+               "ring_frees": k.ring_frees, "writer_wakeups": k.writer_wakeups, "tokens": k.tokens,
+               "doorbells": k.doorbells, "waits": k.waits, "handed_back": k.sw_events, "pushes": k.pushes,
+               "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full,
+               "connections": self.st.active}
+        out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
+        return out
+
+
+def merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Counters of one unit from both paths, summed key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out

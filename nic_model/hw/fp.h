@@ -1,0 +1,343 @@
+/*
+ * nic_model/hw/fp.h - seed 003's hardware fast path: the units, the CCB they share with the
+ * software path, and what they hand back to it.
+ *
+ * Read by the C compiler (the units, one source file each) and by cffi's
+ * cdef() after nic_model/_fp_build.py strips preprocessor lines other than
+ * "#define NAME <integer>" and everything inside "#ifndef FP_CDEF".
+ *
+ *   rx_checker.c   integrity, checksum (verify or offload), classification,
+ *                  the fast-path test of a segment against its CCB
+ *   ack_number.c   in-order payload straight from the frame into the
+ *                  application's RX ring, rcv_nxt, readiness
+ *   ack_gen.c      pure ACKs and window updates; the delayed-ACK and
+ *                  piggyback policy the software path sets
+ *   tx_hdrgen.c    TX buffer manager (segments from the TX ring within
+ *                  min(cwnd, peer window), ACKs that free ring space) and the
+ *                  header generator with its template per CCB
+ *   fp_engine.c    the CCB table (hash by connection, map by B descriptor),
+ *                  the event loop's wait, doorbells, the deadline scan, and
+ *                  the hand-back queue (punts and events for software)
+ *
+ * Byte order: every field here is host order.
+ */
+#ifndef FP_H
+#define FP_H
+
+#include <stdint.h>
+
+/* frame classes: the same numbers as nic_model/rx.py (ERROR .. OTHER) */
+#define FP_CLS_ERROR 0
+#define FP_CLS_ARP 1
+#define FP_CLS_ICMP 2
+#define FP_CLS_TCP_SYN 3
+#define FP_CLS_TCP_DATA 4
+#define FP_CLS_OTHER 5
+#define FP_CLS_UNPARSED 6      /* not IPv4 without options carrying TCP to us: software parses it */
+
+/* drop reasons of the RX checker: names in nic_model/fastpath.py DROP_NAMES */
+#define FP_DROP_IP_CHECKSUM 0
+#define FP_DROP_IP_LENGTH 1
+#define FP_DROP_IP_FRAGMENT 2
+#define FP_DROP_NOT_OUR_IP 3   /* classified OTHER */
+#define FP_DROP_TCP_OFFSET 4
+#define FP_DROP_TCP_FLAGS 5
+#define FP_DROP_TCP_PORT 6
+#define FP_DROP_TCP_CHECKSUM 7
+#define FP_DROP_TCP_OPTION 8
+#define FP_NDROPS 9
+
+/* why a frame or a connection went to software: names in PUNT_NAMES */
+#define FP_PUNT_UNPARSED 0     /* ARP, ICMP, IP options, another MAC, runts: the software checker */
+#define FP_PUNT_SYN 1          /* connection request */
+#define FP_PUNT_NO_CCB 2       /* no fast-path CCB: setup, teardown, a software-owned connection */
+#define FP_PUNT_FOLLOWS 3      /* the connection was punted earlier: keeps its order */
+#define FP_PUNT_FIN 4
+#define FP_PUNT_RST 5
+#define FP_PUNT_FLAGS 6        /* no ACK, SYN or URG on a connection */
+#define FP_PUNT_OPTIONS 7      /* TCP options (timestamps, SACK: not in hardware yet) */
+#define FP_PUNT_OUT_OF_ORDER 8
+#define FP_PUNT_OLD_ACK 9      /* acknowledges less than snd_una */
+#define FP_PUNT_ACK_UNSENT 10  /* acknowledges more than was sent */
+#define FP_PUNT_DUP_ACK 11     /* loss recovery is software's */
+#define FP_PUNT_BEYOND_WINDOW 12
+#define FP_PUNT_ZERO_WINDOW 13 /* the peer closed its window: the persist timer is software's */
+#define FP_PUNT_CORK 14        /* a partial segment held by TCP_CORK / MSG_MORE (a timer) */
+#define FP_PUNT_RTO 15         /* the retransmission timer expired */
+#define FP_PUNT_CLOSE 16       /* B hung up: the application closed the socket */
+#define FP_PUNT_FORCED 17      /* software took the connection back (a command, a timer, stat) */
+#define FP_NPUNTS 18
+
+/* hand-back records (struct fp_event.kind) */
+#define FP_EV_FD 1             /* an epoll event for software: fd, events */
+#define FP_EV_FRAME 2          /* a frame for software: buf, len, reason, slot (-1: none) */
+#define FP_EV_CONN 3           /* a fast connection needs software: slot, reason */
+
+#define FP_PSH_MAX 64          /* = PSH_ENDS_MAX of the software path */
+#define FP_TMPL_LEN 66         /* virtio header 12 + Ethernet 14 + IPv4 20 + TCP 20 */
+#define FP_MAX_EVENTS 1024
+#define FP_RX_BATCH 64
+#define FP_POLL_FDS 256
+
+/*
+ * One fast-path connection: the CCB cache entry both paths see.
+ *
+ * Ownership: a connection is in the table (in_use = 1) only while the units
+ * own it.  Software copies its CCB in with fp_push() and takes it back with
+ * fp_pull(); in between it writes nothing here and reads only through
+ * fp_peek() (a snapshot for `toe stat`).  While the units own it:
+ *   - identity, ring geometry, MSS and window scales, the template: written
+ *     by software at push, read-only for the units;
+ *   - snd_*, tx_head, cwnd/ssthresh, RTT, rto_deadline, psh_ends: the TX
+ *     buffer manager (ACK processing, try_send);
+ *   - rcv_nxt, bytes_in, last_rx, last_data_rx: the ACK-number unit;
+ *   - rcv_adv, wnd_wait, ack_pending, rcv_unacked, pingpong, dack_deadline:
+ *     the ACK generator (also set by the others when they send an ACK);
+ *   - punted, punt_reason: any unit; once set the units leave the connection
+ *     alone (frames and doorbells go to software) until software pulls it.
+ * A unit decides to punt before it changes anything: a punted frame meets in
+ * software exactly the CCB the units had.
+ */
+struct fp_ccb {
+    /* identity (software, at push) */
+    uint32_t in_use;
+    uint32_t conn_id;
+    uint32_t local_ip;
+    uint32_t remote_ip;
+    uint32_t local_port;
+    uint32_t remote_port;
+    int32_t b_fd;
+    uint32_t tx_size;          /* the daemon's own copy of the ring sizes */
+    uint32_t rx_size;
+    uint64_t shm_addr;         /* struct toe_sock_shm * of the socket's mapping */
+    uint8_t peer_mac[8];
+    uint32_t mss;              /* send MSS */
+    uint32_t snd_wscale;
+    uint32_t rcv_wscale;
+    uint32_t max_seg;          /* the most payload one frame carries (TSO: a multiple of mss) */
+    /* TX buffer manager */
+    uint32_t snd_una;
+    uint32_t snd_nxt;
+    uint32_t snd_max;
+    uint32_t snd_wnd;
+    uint32_t snd_wl1;
+    uint32_t snd_wl2;
+    uint32_t tx_head;
+    uint32_t snd_sml;
+    uint32_t cwnd;
+    uint32_t ssthresh;
+    uint32_t retries;
+    uint32_t rtt_valid;        /* rtt_seq is being timed */
+    uint32_t rtt_seq;
+    uint32_t psh_n;
+    double rtt_time;
+    double srtt;
+    double rttvar;
+    double rto;
+    double rto_deadline;       /* 0: not armed */
+    uint32_t psh_ends[FP_PSH_MAX];
+    /* ACK-number unit and ACK generator */
+    uint32_t rcv_nxt;
+    uint32_t rcv_adv;
+    uint32_t wnd_wait;
+    uint32_t ack_pending;
+    uint32_t rcv_unacked;      /* in-order bytes received since the last ACK we sent */
+    uint32_t pingpong;         /* interactive: ACKs wait for a reply to ride on */
+    double last_rx;
+    double last_data_rx;
+    double dack_deadline;      /* 0: no delayed ACK due */
+    double wnd_poll_at;        /* wnd_wait: look at the RX ring again then */
+    /* counters */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t segs_in;
+    uint64_t segs_out;
+    uint64_t data_fast;        /* data segments (in + out) the units handled */
+    /* hand-back */
+    uint32_t punted;
+    uint32_t punt_reason;
+    int32_t hnext;             /* hash chain */
+    uint32_t ack_now;          /* an ACK is owed at the end of this burst */
+    int32_t ack_next;          /* list of connections owing one */
+    uint32_t pad;
+    /* header template (the header generator's CCB cache line) */
+    uint32_t ip_base;          /* one's-complement sum of the constant IPv4 words */
+    uint32_t pseudo_base;      /* ... of the pseudo-header's constant words */
+    uint8_t tmpl[72];
+};
+
+/* what the units hand back to software, in the order it happened */
+struct fp_event {
+    uint32_t kind;             /* FP_EV_* */
+    int32_t fd;
+    uint32_t events;
+    uint32_t buf;
+    uint32_t len;
+    uint32_t reason;
+    int32_t slot;
+    uint32_t pad;
+};
+
+struct fp_counters {
+    /* TAP port */
+    uint64_t rx_frames;
+    uint64_t rx_bytes;
+    uint64_t rx_gso_frames;
+    uint64_t tx_frames;
+    uint64_t tx_bytes;
+    uint64_t tx_gso_frames;
+    uint64_t tx_errors;
+    /* RX checker (hot-path frames only: the rest is counted by software) */
+    uint64_t cls[7];
+    uint64_t drops[FP_NDROPS];
+    uint64_t csum_verified;
+    uint64_t csum_offloaded;
+    /* ACK-number unit */
+    uint64_t rx_segments;      /* segments the units took */
+    uint64_t rx_data_segments;
+    uint64_t rx_payload_bytes;
+    uint64_t tokens;
+    /* ACK generator */
+    uint64_t pure_acks;
+    uint64_t piggybacked;
+    uint64_t delayed_acks;
+    uint64_t window_updates;
+    /* TX buffer manager + header generator */
+    uint64_t segments;
+    uint64_t data_segments;
+    uint64_t payload_bytes;
+    uint64_t ccb_cache_hits;
+    uint64_t ccb_cache_misses;
+    uint64_t sw_checksums;
+    uint64_t ring_frees;       /* ACKs that freed TX ring space */
+    uint64_t writer_wakeups;   /* ... and woke a waiting writer */
+    /* engine */
+    uint64_t punts[FP_NPUNTS];
+    uint64_t pushes;
+    uint64_t pulls;
+    uint64_t doorbells;
+    uint64_t waits;            /* epoll waits that slept (wake-ups of the adapter) */
+    uint64_t spins;            /* busy-poll looks (poll_us) */
+    uint64_t sw_events;        /* records handed to software */
+    uint64_t scans;
+    uint64_t table_full;
+};
+
+struct fp_state {
+    int32_t tap_fd;
+    int32_t ep_fd;
+    uint32_t my_ip;
+    uint32_t offloads;         /* TSO and checksum offload with the kernel */
+    uint8_t my_mac[8];
+    uint32_t max_payload;      /* the most payload of one TSO frame */
+    uint32_t capacity;         /* CCB slots */
+    uint32_t active;           /* slots in use */
+    uint32_t hash_mask;
+    uint32_t fd_map_len;
+    uint32_t ip_id;
+    uint32_t nbufs;            /* frame buffers (the software path's pool) */
+    uint32_t buf_size;
+    double delack_s;           /* the longest an ACK waits for data to ride on */
+    double ato_s;              /* reply within this of data received: interactive */
+    double wnd_poll_s;
+    uint32_t poll_us;          /* busy-poll this long before sleeping (0: sleep at once) */
+    uint32_t pad1;
+    double next_scan;          /* earliest deadline the scan may find (0: none) */
+    double now;                /* the clock at the last wait */
+    uint32_t nevents;
+    int32_t ack_head;          /* connections owing an ACK at the end of the burst */
+    struct fp_ccb *ccbs;
+    int32_t *hash;
+    int32_t *fd_map;
+    uint64_t *bufs;            /* frame buffer addresses */
+    struct fp_event *events;
+    uint8_t *txbuf;            /* a frame whose checksum the units compute (offloads off) */
+    struct fp_counters counters;
+};
+
+/* engine (fp_engine.c) */
+struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip, const uint8_t *my_mac,
+                        int offloads, uint32_t max_payload, uint32_t nbufs, uint32_t buf_size);
+void fp_free(struct fp_state *st);
+int fp_set_buf(struct fp_state *st, uint32_t i, uint64_t addr);
+int fp_push(struct fp_state *st, const struct fp_ccb *src);
+int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst);
+int fp_peek(struct fp_state *st, int slot, struct fp_ccb *dst);
+int fp_poll(struct fp_state *st, int timeout_ms);
+int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now);
+void fp_doorbell(struct fp_state *st, int slot, double now);
+void fp_scan(struct fp_state *st, double now);
+void fp_end_burst(struct fp_state *st);
+int fp_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
+
+/* RX checker (rx_checker.c): the parse of one frame, without a CCB */
+struct fp_seg {
+    uint32_t src;
+    uint32_t dst;
+    uint32_t sport;
+    uint32_t dport;
+    uint32_t seq;
+    uint32_t ack;
+    uint32_t flags;
+    uint32_t window;
+    uint32_t hlen;
+    uint32_t payload_off;
+    uint32_t payload_len;
+    uint32_t drop;             /* FP_DROP_* when the class is ERROR or OTHER */
+    uint32_t has_options;
+    uint32_t csum_offloaded;
+};
+int fp_rx_parse(const uint8_t *frame, uint32_t len, uint32_t my_ip, const uint8_t *my_mac,
+                struct fp_seg *out);
+
+#ifndef FP_CDEF
+#include "toe_ring.h"
+
+#define FP_VNET_LEN 12
+#define FP_ETH_OFF FP_VNET_LEN
+#define FP_IP_OFF (FP_VNET_LEN + 14)
+#define FP_TCP_OFF (FP_IP_OFF + 20)
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+
+static inline int seq_lt(uint32_t a, uint32_t b) { return (int32_t)(a - b) < 0; }
+static inline int seq_le(uint32_t a, uint32_t b) { return (int32_t)(a - b) <= 0; }
+static inline int seq_gt(uint32_t a, uint32_t b) { return (int32_t)(a - b) > 0; }
+static inline int seq_ge(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
+
+static inline struct toe_sock_shm *fp_shm(const struct fp_ccb *c)
+{
+    return (struct toe_sock_shm *)(uintptr_t)c->shm_addr;
+}
+
+/* shared between the units (each defined in the file of its unit) */
+int fp_rx_fast_ok(const struct fp_ccb *c, const struct fp_seg *g);  /* rx_checker.c */
+uint32_t fp_csum_add(const uint8_t *p, uint32_t len, uint32_t sum);   /* tx_hdrgen.c */
+uint16_t fp_csum_fold(uint32_t sum);
+uint32_t fp_rcv_space(const struct fp_ccb *c);                        /* ack_gen.c */
+uint32_t fp_rcv_buf(const struct fp_ccb *c);
+uint32_t fp_window(struct fp_state *st, struct fp_ccb *c);
+void fp_ack_sent(struct fp_state *st, struct fp_ccb *c, int with_data);
+void fp_send_ack(struct fp_state *st, struct fp_ccb *c);
+void fp_ack_policy(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
+void fp_window_update(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
+void fp_wake(struct fp_ccb *c);
+void fp_drain(struct fp_ccb *c, int limit);
+int fp_ack_check(const struct fp_ccb *c, const struct fp_seg *g);    /* tx_hdrgen.c */
+void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, double now);
+void fp_try_send(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags,
+             const uint8_t *p1, uint32_t n1, const uint8_t *p2, uint32_t n2);
+void fp_build_template(struct fp_state *st, struct fp_ccb *c);
+void fp_punt_conn(struct fp_state *st, struct fp_ccb *c, int slot, uint32_t reason); /* fp_engine.c */
+void fp_deadline(struct fp_state *st, double when);
+void fp_owe_ack(struct fp_state *st, struct fp_ccb *c);
+#endif
+
+#endif /* FP_H */

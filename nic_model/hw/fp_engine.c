@@ -1,0 +1,502 @@
+/*
+ * The fast path's engine: the CCB table, the adapter's wait, and the
+ * hand-back to software.
+ *
+ * fp_poll() is the event loop's wait: it runs epoll_wait on the daemon's
+ * epoll set itself and handles, without returning to Python, what the units
+ * own: frames from the TAP (up to FP_RX_BATCH per wake-up) and doorbells of
+ * fast connections (their B ends).  Everything else is handed back as
+ * struct fp_event records, in order: epoll events of other descriptors,
+ * frames for software (in the frame buffers software lent the units; a
+ * punted frame keeps its buffer until the next fp_poll), and connections
+ * that need software.  At the end of the burst each connection that owes an
+ * ACK sends one; then deadlines (RTO expiry, delayed ACKs, RX window
+ * polling) are looked at when one may be due.
+ *
+ * Lookups: a hash of (remote ip, remote port, local port) to the slot, and
+ * a map from the B descriptor to the slot.  No global state besides the
+ * table and the counters: several engines could each own a partition of the
+ * connections.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fp.h"
+
+static double mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static uint32_t hash_key(uint32_t rip, uint32_t rport, uint32_t lport)
+{
+    uint32_t h = rip * 0x9e3779b1u ^ (rport << 16 | lport) * 0x85ebca6bu;
+    return h ^ (h >> 15);
+}
+
+struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip, const uint8_t *my_mac,
+                        int offloads, uint32_t max_payload, uint32_t nbufs, uint32_t buf_size)
+{
+    if (capacity == 0 || capacity > (1u << 24) || nbufs < 2 || buf_size < FP_TMPL_LEN + 1500)
+        return NULL;
+    struct fp_state *st = calloc(1, sizeof(*st));
+    if (!st)
+        return NULL;
+    uint32_t hsize = 1;
+    while (hsize < 2 * capacity)
+        hsize <<= 1;
+    st->tap_fd = tap_fd;
+    st->ep_fd = ep_fd;
+    st->my_ip = my_ip;
+    memcpy(st->my_mac, my_mac, 6);
+    st->offloads = offloads != 0;
+    st->max_payload = max_payload;
+    st->capacity = capacity;
+    st->hash_mask = hsize - 1;
+    st->nbufs = nbufs;
+    st->buf_size = buf_size;
+    st->delack_s = 0.040;
+    st->ato_s = 0.040;
+    st->wnd_poll_s = 0.005;
+    st->ack_head = -1;
+    st->fd_map_len = 1024;
+    st->ccbs = calloc(capacity, sizeof(struct fp_ccb));
+    st->hash = malloc(hsize * sizeof(int32_t));
+    st->fd_map = malloc(st->fd_map_len * sizeof(int32_t));
+    st->bufs = calloc(nbufs, sizeof(uint64_t));
+    st->events = calloc(FP_MAX_EVENTS, sizeof(struct fp_event));
+    st->txbuf = malloc(65536 + 256);
+    if (!st->ccbs || !st->hash || !st->fd_map || !st->bufs || !st->events || !st->txbuf) {
+        fp_free(st);
+        return NULL;
+    }
+    memset(st->hash, 0xff, hsize * sizeof(int32_t));
+    memset(st->fd_map, 0xff, st->fd_map_len * sizeof(int32_t));
+    return st;
+}
+
+void fp_free(struct fp_state *st)
+{
+    if (!st)
+        return;
+    free(st->ccbs);
+    free(st->hash);
+    free(st->fd_map);
+    free(st->bufs);
+    free(st->events);
+    free(st->txbuf);
+    free(st);
+}
+
+int fp_set_buf(struct fp_state *st, uint32_t i, uint64_t addr)
+{
+    if (i >= st->nbufs)
+        return -1;
+    st->bufs[i] = addr;
+    return 0;
+}
+
+int fp_find(struct fp_state *st, uint32_t rip, uint32_t rport, uint32_t lport)
+{
+    int32_t i = st->hash[hash_key(rip, rport, lport) & st->hash_mask];
+    while (i >= 0) {
+        struct fp_ccb *c = &st->ccbs[i];
+        if (c->remote_ip == rip && c->remote_port == rport && c->local_port == lport)
+            return i;
+        i = c->hnext;
+    }
+    return -1;
+}
+
+static int slot_of(struct fp_state *st, const struct fp_ccb *c)
+{
+    return (int)(c - st->ccbs);
+}
+
+static int valid_slot(struct fp_state *st, int slot)
+{
+    return slot >= 0 && (uint32_t)slot < st->capacity && st->ccbs[slot].in_use;
+}
+
+/* Software hands a connection to the units: its CCB is copied into a free slot. */
+int fp_push(struct fp_state *st, const struct fp_ccb *src)
+{
+    if (src->b_fd < 0 || src->mss == 0 || src->tx_size == 0 || (src->tx_size & (src->tx_size - 1)) ||
+        src->rx_size == 0 || !src->shm_addr || src->max_seg < src->mss)
+        return -EINVAL;
+    if (fp_find(st, src->remote_ip, src->remote_port, src->local_port) >= 0)
+        return -EEXIST;
+    if ((uint32_t)src->b_fd >= st->fd_map_len) {
+        uint32_t len = st->fd_map_len;
+        while (len <= (uint32_t)src->b_fd)
+            len *= 2;
+        int32_t *m = realloc(st->fd_map, len * sizeof(int32_t));
+        if (!m)
+            return -ENOMEM;
+        memset(m + st->fd_map_len, 0xff, (len - st->fd_map_len) * sizeof(int32_t));
+        st->fd_map = m;
+        st->fd_map_len = len;
+    }
+    if (st->fd_map[src->b_fd] >= 0)
+        return -EEXIST;
+    if (st->active >= st->capacity) {
+        st->counters.table_full++;
+        return -ENOSPC;
+    }
+    uint32_t slot = 0;
+    while (st->ccbs[slot].in_use)             /* active < capacity: a free slot exists */
+        slot++;
+    struct fp_ccb *c = &st->ccbs[slot];
+    *c = *src;
+    c->in_use = 1;
+    c->punted = 0;
+    c->punt_reason = 0;
+    c->ack_now = 0;
+    if (c->psh_n > FP_PSH_MAX)
+        c->psh_n = FP_PSH_MAX;
+    fp_build_template(st, c);
+    uint32_t h = hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask;
+    c->hnext = st->hash[h];
+    st->hash[h] = (int32_t)slot;
+    st->fd_map[c->b_fd] = (int32_t)slot;
+    st->active++;
+    st->counters.pushes++;
+    if (c->rto_deadline)
+        fp_deadline(st, c->rto_deadline);
+    if (c->dack_deadline)
+        fp_deadline(st, c->dack_deadline);
+    if (c->wnd_wait) {
+        c->wnd_poll_at = st->now + st->wnd_poll_s;
+        fp_deadline(st, c->wnd_poll_at);
+    }
+    return (int)slot;
+}
+
+int fp_peek(struct fp_state *st, int slot, struct fp_ccb *dst)
+{
+    if (!valid_slot(st, slot))
+        return -1;
+    *dst = st->ccbs[slot];
+    return 0;
+}
+
+/* Software takes a connection back: its CCB is copied out and the slot freed. */
+int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
+{
+    if (!valid_slot(st, slot))
+        return -1;
+    struct fp_ccb *c = &st->ccbs[slot];
+    *dst = *c;
+    int32_t *p = &st->hash[hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask];
+    while (*p >= 0 && *p != slot)
+        p = &st->ccbs[*p].hnext;
+    if (*p == slot)
+        *p = c->hnext;
+    if ((uint32_t)c->b_fd < st->fd_map_len)
+        st->fd_map[c->b_fd] = -1;
+    c->in_use = 0;
+    c->ack_now = 0;
+    st->active--;
+    st->counters.pulls++;
+    return 0;
+}
+
+static struct fp_event *event(struct fp_state *st, uint32_t kind)
+{
+    if (st->nevents >= FP_MAX_EVENTS)
+        return NULL;                           /* cannot happen: the budgets below keep room */
+    struct fp_event *e = &st->events[st->nevents++];
+    memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->slot = -1;
+    e->fd = -1;
+    st->counters.sw_events++;
+    return e;
+}
+
+void fp_punt_conn(struct fp_state *st, struct fp_ccb *c, int slot, uint32_t reason)
+{
+    (void)slot;
+    if (c->punted)
+        return;
+    c->punted = 1;
+    c->punt_reason = reason;
+    st->counters.punts[reason]++;
+    struct fp_event *e = event(st, FP_EV_CONN);
+    if (e) {
+        e->slot = slot_of(st, c);
+        e->reason = reason;
+    }
+}
+
+void fp_deadline(struct fp_state *st, double when)
+{
+    if (st->next_scan == 0 || when < st->next_scan)
+        st->next_scan = when;
+}
+
+void fp_owe_ack(struct fp_state *st, struct fp_ccb *c)
+{
+    if (c->ack_now)
+        return;
+    c->ack_now = 1;
+    c->ack_next = st->ack_head;
+    st->ack_head = slot_of(st, c);
+}
+
+/* End of a burst: one ACK per connection that still owes one. */
+void fp_end_burst(struct fp_state *st)
+{
+    int32_t i = st->ack_head;
+    st->ack_head = -1;
+    while (i >= 0) {
+        struct fp_ccb *c = &st->ccbs[i];
+        i = c->ack_next;
+        if (c->in_use && c->ack_now && !c->punted && c->ack_pending)
+            fp_send_ack(st, c);
+        c->ack_now = 0;
+    }
+}
+
+static void punt_frame(struct fp_state *st, uint32_t buf, uint32_t len, uint32_t reason, int slot)
+{
+    st->counters.punts[reason]++;
+    struct fp_event *e = event(st, FP_EV_FRAME);
+    if (e) {
+        e->buf = buf;
+        e->len = len;
+        e->reason = reason;
+        e->slot = slot;
+    }
+}
+
+/* One frame in buffer `buf`. Returns 1 when the frame went to software (its buffer is lent). */
+int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now)
+{
+    if (buf >= st->nbufs || len > st->buf_size)
+        return 0;
+    const uint8_t *f = (const uint8_t *)(uintptr_t)st->bufs[buf];
+    struct fp_seg g;
+    int cls = fp_rx_parse(f, len, st->my_ip, st->my_mac, &g);
+    struct fp_counters *k = &st->counters;
+    if (cls == FP_CLS_UNPARSED) {
+        punt_frame(st, buf, len, FP_PUNT_UNPARSED, -1);
+        return 1;
+    }
+    k->cls[cls]++;
+    if (cls == FP_CLS_ERROR || cls == FP_CLS_OTHER) {
+        k->drops[g.drop]++;
+        return 0;
+    }
+    if (g.csum_offloaded)
+        k->csum_offloaded++;
+    else
+        k->csum_verified++;
+    if (cls == FP_CLS_TCP_SYN) {
+        punt_frame(st, buf, len, FP_PUNT_SYN, -1);
+        return 1;
+    }
+    int slot = fp_find(st, g.src, g.sport, g.dport);
+    if (slot < 0) {
+        punt_frame(st, buf, len, FP_PUNT_NO_CCB, -1);
+        return 1;
+    }
+    struct fp_ccb *c = &st->ccbs[slot];
+    if (c->punted) {
+        punt_frame(st, buf, len, FP_PUNT_FOLLOWS, slot);
+        return 1;
+    }
+    int why = fp_rx_fast_ok(c, &g);
+    if (why >= 0) {
+        c->punted = 1;                         /* its later frames follow it to software */
+        c->punt_reason = (uint32_t)why;
+        punt_frame(st, buf, len, (uint32_t)why, slot);
+        return 1;
+    }
+    k->rx_segments++;
+    c->segs_in++;
+    c->last_rx = now;
+    fp_ack_process(st, c, &g, now);
+    if (g.payload_len) {
+        k->rx_data_segments++;
+        c->data_fast++;
+        fp_deliver(st, c, f + g.payload_off, g.payload_len, now);
+    }
+    return 0;
+}
+
+/* A doorbell on B: the application wrote, or read (RX space), or kicked. */
+void fp_doorbell(struct fp_state *st, int slot, double now)
+{
+    if (!valid_slot(st, slot))
+        return;
+    struct fp_ccb *c = &st->ccbs[slot];
+    struct toe_sock_shm *shm = fp_shm(c);
+    st->counters.doorbells++;
+    /* drain B (A writable again) unless the shim waits, stuffed, for writability; only the
+     * bytes counted before the header is read (HostSocket.drain's rule) */
+    int queued = 0;
+    if (ioctl(c->b_fd, FIONREAD, &queued) < 0)
+        queued = 0;
+    if (!TOE_LOAD_ACQ(&shm->tx_full_wait) || toe_tx_writable(shm)) {
+        if (queued > 0)
+            fp_drain(c, queued);
+    }
+    fp_try_send(st, c, now);
+    if (c->wnd_wait)
+        fp_window_update(st, c, now);
+    if (TOE_LOAD_ACQ(&shm->rx_tail) != TOE_LOAD_ACQ(&shm->rx_head) ||
+        (TOE_LOAD_ACQ(&shm->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET)))
+        fp_wake(c);
+}
+
+/* Deadlines: RTO expiry goes to software; delayed ACKs and window polls are the units'. */
+void fp_scan(struct fp_state *st, double now)
+{
+    double next = 0;
+    uint32_t seen = 0;
+    st->counters.scans++;
+    for (uint32_t i = 0; i < st->capacity && seen < st->active; i++) {
+        struct fp_ccb *c = &st->ccbs[i];
+        if (!c->in_use)
+            continue;
+        seen++;
+        if (c->punted)
+            continue;
+        if (st->nevents + 8 >= FP_MAX_EVENTS) {
+            next = now;                        /* no room to hand more back: go on next time */
+            break;
+        }
+        if (c->rto_deadline && now >= c->rto_deadline) {
+            fp_punt_conn(st, c, (int)i, FP_PUNT_RTO);
+            continue;
+        }
+        if (c->dack_deadline && now >= c->dack_deadline) {
+            c->dack_deadline = 0;
+            if (c->ack_pending) {
+                c->pingpong = 0;               /* delayed ACK missed: not interactive after all */
+                st->counters.delayed_acks++;
+                fp_send_ack(st, c);
+            }
+        }
+        if (c->wnd_wait && c->wnd_poll_at && now >= c->wnd_poll_at)
+            fp_window_update(st, c, now);
+        double d[3] = {c->rto_deadline, c->dack_deadline, c->wnd_wait ? c->wnd_poll_at : 0};
+        for (int j = 0; j < 3; j++)
+            if (d[j] && (next == 0 || d[j] < next))
+                next = d[j];
+    }
+    st->next_scan = next;
+}
+
+static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
+{
+    struct fp_counters *k = &st->counters;
+    for (int i = 0; i < FP_RX_BATCH; i++) {
+        /* room for what this frame may hand back (a frame, a connection) */
+        if (*next_buf >= st->nbufs || st->nevents + 4 >= FP_MAX_EVENTS)
+            return;                            /* the TAP stays readable: the next wait sees it */
+        uint8_t *buf = (uint8_t *)(uintptr_t)st->bufs[*next_buf];
+        ssize_t n = read(st->tap_fd, buf, st->buf_size);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        k->rx_frames++;
+        k->rx_bytes += (uint64_t)n - (n >= FP_VNET_LEN ? FP_VNET_LEN : (uint64_t)n);
+        if (n > 1 && buf[1])
+            k->rx_gso_frames++;
+        if (fp_rx_frame(st, *next_buf, (uint32_t)n, now))
+            (*next_buf)++;
+    }
+}
+
+/* One epoll wait and what it brings; returns with st->nevents records for software. */
+static int wait_once(struct fp_state *st, int timeout_ms)
+{
+    struct epoll_event evs[FP_POLL_FDS];
+    double now = mono();
+    if (st->next_scan) {
+        double ms = ceil((st->next_scan - now) * 1000.0);
+        int t = ms <= 0 ? 0 : ms > 3600e3 ? 3600000 : (int)ms;
+        if (timeout_ms < 0 || t < timeout_ms)
+            timeout_ms = t;
+    }
+    int n = 0;
+    if (st->poll_us && timeout_ms != 0) {
+        /* busy-poll before sleeping (Onload's EF_POLL_USEC): a reply that comes within
+         * poll_us finds the adapter awake, with no wake-up to pay */
+        double spin_until = now + st->poll_us * 1e-6;
+        do {
+            n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, 0);
+            st->counters.spins++;
+        } while (n == 0 && mono() < spin_until);
+    }
+    if (n == 0) {
+        n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, timeout_ms);
+        st->counters.waits++;
+    }
+    st->now = now = mono();
+    uint32_t next_buf = 0;
+    for (int i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        uint32_t ev = evs[i].events;
+        if (fd == st->tap_fd) {
+            rx_burst(st, &next_buf, now);
+            continue;
+        }
+        int slot = fd >= 0 && (uint32_t)fd < st->fd_map_len ? st->fd_map[fd] : -1;
+        if (slot >= 0 && !st->ccbs[slot].punted) {
+            struct fp_ccb *c = &st->ccbs[slot];
+            if (!(ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+                fp_doorbell(st, slot, now);
+                continue;
+            }
+            c->punted = 1;                     /* the application closed it: software's */
+            c->punt_reason = FP_PUNT_CLOSE;
+            st->counters.punts[FP_PUNT_CLOSE]++;
+        }
+        struct fp_event *e = event(st, FP_EV_FD);
+        if (e) {
+            e->fd = fd;
+            e->events = ev;
+            e->slot = slot;
+        }
+    }
+    fp_end_burst(st);
+    if (st->next_scan && now >= st->next_scan)
+        fp_scan(st, now);
+    fp_end_burst(st);
+    return n;
+}
+
+/*
+ * The event loop's wait: returns when there is something for software (the
+ * number of records in st->events) or when timeout_ms (software's next timer;
+ * -1: none) has passed, having handled in the meantime, without returning to
+ * Python, everything the units own.  A signal returns it at once (EINTR), and
+ * the signal's wake-up descriptor is in the set.
+ */
+int fp_poll(struct fp_state *st, int timeout_ms)
+{
+    st->nevents = 0;
+    double until = timeout_ms < 0 ? 0 : mono() + timeout_ms / 1000.0;
+    for (;;) {
+        if (wait_once(st, timeout_ms) < 0 || st->nevents)
+            break;                             /* a signal (EINTR), or work for software */
+        if (timeout_ms >= 0) {
+            double left = until - st->now;
+            if (left <= 0)
+                break;
+            timeout_ms = (int)ceil(left * 1000.0);
+        }
+    }
+    return (int)st->nevents;
+}

@@ -1,0 +1,180 @@
+"""The software side of seed 003's split: which connections the compiled units own.
+
+A connection is the units' from `push` (its CCB copied into their table) to `own`
+(copied back); in between the software path leaves it alone — every entry of the
+TCP engine calls `own` first (TcpStack.own), so a punted frame, a timer, a command or
+a closing socket always meets the CCB the units left. At the end of each loop pass
+`push_candidates` hands back to the units every connection the software path touched
+that is in the units' domain (`eligible`): established, in order, nothing to recover,
+no timer but the RTO. The field-by-field rules are in docs/fastpath.md and
+nic_model/hw/fp.h.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nic_model._fastpath import ffi as fp_ffi
+from nic_model._fastpath import lib as fp_lib
+
+from nic_model.fastpath import FastPathUnits
+
+from .abi import ffi as abi_ffi
+from .tcp_ccb import CWND_MAX, Ccb, State
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tcp import TcpStack
+
+_U32 = ("snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "tx_head", "snd_sml",
+        "ssthresh", "retries", "rcv_nxt", "rcv_adv", "rcv_unacked")
+_FLOAT = ("rtt_time", "srtt", "rttvar", "rto", "last_rx", "last_data_rx")
+_COUNTS = ("bytes_in", "bytes_out", "segs_in", "segs_out")
+
+
+class FastPath:
+    def __init__(self, units: FastPathUnits, tcp: "TcpStack", offloads: bool, max_payload: int):
+        self.units = units
+        self.st = units.st
+        self.tcp = tcp
+        self.timers = tcp.timers
+        self.offloads = offloads
+        self.max_payload = max_payload
+        self.by_slot: dict[int, Ccb] = {}
+        self.base_data: dict[int, int] = {}       # fast_data of a connection when it was pushed
+        self.candidates: set[Ccb] = set()
+        self._f = fp_ffi.new("struct fp_ccb *")
+
+    # ---- software takes a connection back --------------------------------
+
+    def own(self, c: Ccb) -> None:
+        self.candidates.add(c)
+        slot = c.fast_slot
+        if slot < 0:
+            return
+        f = self._f
+        c.fast_slot = -1
+        self.by_slot.pop(slot, None)
+        base = self.base_data.pop(slot, c.fast_data)
+        if fp_lib.fp_pull(self.st, slot, f) != 0:
+            return
+        self._copy_out(f, c, base)
+        timers = self.timers
+        if f.rto_deadline:
+            c.timer_kind = "rto"
+            timers.arm(c.timer, f.rto_deadline)
+        if f.dack_deadline:
+            timers.arm(c.dack_timer, f.dack_deadline)
+        elif f.ack_pending:
+            self.tcp.dirty.add(c)
+        if f.wnd_wait:
+            self.tcp.wnd_watch.add(c)
+
+    def refresh(self, c: Ccb) -> None:
+        """`toe stat`: the units' view of a connection they own (its fields in Python are a
+        snapshot from now on; ownership does not change)."""
+        if c.fast_slot >= 0 and fp_lib.fp_peek(self.st, c.fast_slot, self._f) == 0:
+            self._copy_out(self._f, c, self.base_data.get(c.fast_slot, 0))
+
+    @staticmethod
+    def _copy_out(f, c: Ccb, base: int) -> None:
+        for name in _U32:
+            setattr(c, name, getattr(f, name))
+        for name in _FLOAT:
+            setattr(c, name, getattr(f, name))
+        for name in _COUNTS:
+            setattr(c, name, getattr(f, name))
+        c.cwnd = f.cwnd
+        c.rtt_seq = f.rtt_seq if f.rtt_valid else None
+        c.psh_ends = list(f.psh_ends[0:f.psh_n])
+        c.wnd_wait = bool(f.wnd_wait)
+        c.ack_pending = bool(f.ack_pending)
+        c.pingpong = bool(f.pingpong)
+        c.fast_data = base + f.data_fast
+
+    # ---- and hands it to the units ---------------------------------------
+
+    @staticmethod
+    def eligible(c: Ccb) -> bool:
+        s = c.sock
+        return (c.state == State.ESTABLISHED and s is not None and s.mapped and not s.app_closed
+                and s.b_fd >= 0 and not s.b_shut and c.listener is None and not c.orphan
+                and not c.ooo and not c.in_recovery and c.dupacks == 0 and not c.fin_wanted
+                and not c.fin_sent and not c.rx_fin and c.snd_nxt == c.snd_max and c.cork_since is None
+                and c.ka_probes == 0 and c.snd_wnd > 0 and c.mss > 0
+                and (not c.timer.armed or c.timer_kind == "rto"))
+
+    def push_candidates(self) -> None:
+        """End of a loop pass: the connections software touched go back to the units if
+        they can; the rest stay software's until something touches them again."""
+        cands, self.candidates = self.candidates, set()
+        for c in cands:
+            if c.fast_slot < 0 and self.tcp.conns.get(c.key) is c and self.eligible(c):
+                self.push(c)
+
+    def push(self, c: Ccb) -> bool:
+        s = c.sock
+        assert s is not None
+        f = self._f
+        fp_ffi.memmove(f, b"\0" * fp_ffi.sizeof("struct fp_ccb"), fp_ffi.sizeof("struct fp_ccb"))
+        f.conn_id = c.id
+        f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
+        f.local_port, f.remote_port = c.local_port, c.remote_port
+        f.b_fd = s.b_fd
+        f.tx_size, f.rx_size = s.tx_size, s.rx_size
+        f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))
+        f.peer_mac[0:6] = c.peer_mac
+        f.mss = c.mss
+        f.snd_wscale, f.rcv_wscale = c.snd_wscale, c.rcv_wscale
+        f.max_seg = (self.max_payload // c.mss) * c.mss if self.offloads and self.max_payload >= c.mss else c.mss
+        for name in _U32:
+            setattr(f, name, getattr(c, name))
+        for name in _FLOAT:
+            setattr(f, name, getattr(c, name))
+        for name in _COUNTS:
+            setattr(f, name, getattr(c, name))
+        f.cwnd = min(c.cwnd, CWND_MAX)
+        if c.rtt_seq is not None:
+            f.rtt_valid, f.rtt_seq = 1, c.rtt_seq
+        ends = c.psh_ends[-fp_lib.FP_PSH_MAX:]
+        f.psh_n = len(ends)
+        f.psh_ends[0:len(ends)] = ends
+        f.wnd_wait = int(c.wnd_wait)
+        f.ack_pending = int(c.ack_pending)
+        f.pingpong = int(c.pingpong)
+        timers = self.timers
+        if c.timer.armed:                           # eligible: an RTO, nothing else
+            f.rto_deadline = c.timer.deadline
+        if c.dack_timer.armed:
+            f.dack_deadline = c.dack_timer.deadline
+        slot = fp_lib.fp_push(self.st, f)
+        if slot < 0:
+            return False                            # the table is full: software keeps it
+        timers.cancel(c.timer)
+        c.timer_kind = ""
+        timers.cancel(c.dack_timer)
+        self.tcp.dirty.discard(c)
+        self.tcp.wnd_watch.discard(c)
+        c.fast_slot = slot
+        self.by_slot[slot] = c
+        self.base_data[slot] = c.fast_data
+        return True
+
+    # ---- what the units hand back ----------------------------------------
+
+    def conn_event(self, slot: int, reason: int, now: float) -> None:
+        """A connection the units punted: take it back; the software path does what the
+        units could not (the persist timer, a held partial segment; an expired RTO fires
+        in this pass's timer poll, its deadline now past)."""
+        c = self.by_slot.get(slot)
+        if c is None:
+            return
+        self.tcp.own(c)
+        if reason in (fp_lib.FP_PUNT_ZERO_WINDOW, fp_lib.FP_PUNT_CORK):
+            self.tcp.try_send(c, now)
+
+    def conn_of_slot(self, slot: int) -> Ccb | None:
+        return self.by_slot.get(slot)
+
+    def close(self) -> None:
+        for c in list(self.by_slot.values()):
+            self.own(c)
