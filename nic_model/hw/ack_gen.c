@@ -63,8 +63,7 @@ void fp_ack_sent(struct fp_state *st, struct fp_ccb *c, int with_data)
         st->counters.piggybacked++;
     c->ack_pending = 0;
     c->rcv_unacked = 0;
-    c->dack_deadline = 0;
-    c->ack_now = 0;
+    c->dack_deadline = 0;               /* ack_now stays: it is membership of the burst's list */
 }
 
 void fp_send_ack(struct fp_state *st, struct fp_ccb *c)

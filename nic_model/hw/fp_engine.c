@@ -128,6 +128,8 @@ static int valid_slot(struct fp_state *st, int slot)
 /* Software hands a connection to the units: its CCB is copied into a free slot. */
 int fp_push(struct fp_state *st, const struct fp_ccb *src)
 {
+    if (st->ack_head >= 0)
+        fp_end_burst(st);                      /* the list of owed ACKs goes through the slots */
     if (src->b_fd < 0 || src->mss == 0 || src->tx_size == 0 || (src->tx_size & (src->tx_size - 1)) ||
         src->rx_size == 0 || !src->shm_addr || src->max_seg < src->mss)
         return -EINVAL;
@@ -192,6 +194,8 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
 {
     if (!valid_slot(st, slot))
         return -1;
+    if (st->ack_head >= 0)
+        fp_end_burst(st);
     struct fp_ccb *c = &st->ccbs[slot];
     *dst = *c;
     int32_t *p = &st->hash[hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask];
@@ -256,7 +260,7 @@ void fp_end_burst(struct fp_state *st)
 {
     int32_t i = st->ack_head;
     st->ack_head = -1;
-    while (i >= 0) {
+    for (uint32_t n = 0; i >= 0 && n < st->capacity; n++) {   /* each slot is on the list once */
         struct fp_ccb *c = &st->ccbs[i];
         i = c->ack_next;
         if (c->in_use && c->ack_now && !c->punted && c->ack_pending)
