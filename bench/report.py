@@ -8,7 +8,12 @@ produce (saved as results.json)::
 
 A SAMPLE is one measurement of one path ("kernel" or "adapter") of one
 (scenario, test, tool, size) at one repetition; any of its metrics may be
-null or missing. Metrics are named by dotted paths into a sample
+null or missing. On the adapter path, "fastpath" says which adapter: "on"
+(the hybrid, the default; also when the key is missing, as in files from
+before the switch) or "off" (software-only). Its `variant` is "kernel",
+"adapter" (fastpath on) or "software" (fastpath off): summaries hold one
+median per variant, "ratio" = adapter / kernel and, when there are
+software-only samples, "ratio_software" = software / kernel. Metrics are named by dotted paths into a sample
 ("throughput_bps", "lat_us.p99", "extra.retransmits"); `METRICS` describes
 the known ones (label, unit, direction, display scale and format).
 
@@ -36,6 +41,11 @@ from rich.text import Text
 from .errors import BenchError
 
 PATHS = ("kernel", "adapter")
+# what a sample measured: the kernel, the adapter with its fast path on (the hybrid), or with it off
+VARIANTS = ("kernel", "adapter", "software")
+VARIANT_LABELS = {"kernel": "kernel", "adapter": "adapter", "software": "software-only"}
+# the ratio to the kernel of each non-kernel variant, as named in a summary row's metrics
+RATIO_KEYS = {"adapter": "ratio", "software": "ratio_software"}
 MISSING = "—"
 # A ratio cell is red only when the adapter is worse than the kernel by more than this.
 WORSE_TOLERANCE = 0.10
@@ -100,6 +110,7 @@ CSV_COLUMNS = (
     "scenario", "test", "tool", "path", "size", "rep", "duration_s", "elapsed_s", "bytes", "transactions",
     "throughput_bps", "tps", "lat_us.min", "lat_us.p50", "lat_us.p90", "lat_us.p99", "lat_us.mean", "lat_us.max",
     "app_cpu_s", "app_cpu_util", "app_cpu_s_per_gb", "app_cpu_us_per_tx", "adapter_cpu_s",
+    "fastpath", "variant", "poll_us",
 )
 
 REQUIRED_SAMPLE_KEYS = ("scenario", "test", "tool", "path", "size")
@@ -111,6 +122,37 @@ def metric_info(name: str) -> Metric:
     if known is not None:
         return known
     return Metric(name.removeprefix("extra."), "", None, 1.0, _plain)
+
+
+# --- variants -----------------------------------------------------------------------------------
+
+
+def variant_name(path: Any, fastpath: Any) -> str:
+    """"kernel" for the kernel path; on the adapter path "software" for fastpath "off", else "adapter"."""
+    if path != "adapter":
+        return "kernel"
+    return "software" if fastpath == "off" else "adapter"
+
+
+def variant_of(sample: Sample) -> str:
+    """The sample's variant: its "variant" if it has a known one, else from its path and fastpath."""
+    v = sample.get("variant")
+    if v in VARIANTS and (v == "kernel") == (sample.get("path") != "adapter"):
+        return str(v)
+    return variant_name(sample.get("path"), sample.get("fastpath"))
+
+
+def row_variants(summary: Iterable[SummaryRow]) -> list[str]:
+    """The variants a table of `summary` shows: kernel; adapter unless only software-only samples
+    are there; software when there are any."""
+    rows = list(summary)
+    have = {v for row in rows for v, n in row.get("n", {}).items() if n}
+    shown = ["kernel"]
+    if "adapter" in have or "software" not in have:
+        shown.append("adapter")
+    if "software" in have:
+        shown.append("software")
+    return shown
 
 
 # --- lookup and summary -------------------------------------------------------------------------
@@ -182,26 +224,36 @@ def _group(samples: Iterable[Sample]) -> dict[GroupKey, list[Sample]]:
 
 
 def _summarize_group(key: GroupKey, group: list[Sample]) -> SummaryRow:
-    by_path = {p: [s for s in group if s.get("path") == p] for p in PATHS}
+    by_variant = {v: [s for s in group if variant_of(s) == v] for v in VARIANTS}
+    # the software-only variant appears only where it was measured (so older summaries keep their shape)
+    variants = [v for v in VARIANTS if v != "software" or by_variant[v]]
     metrics: dict[str, dict[str, float | None]] = {}
     for name in [*METRICS, *_extra_names(group)]:
         medians: dict[str, float | None] = {}
-        for p in PATHS:
-            values = [v for v in (value(s, name) for s in by_path[p]) if v is not None]
-            medians[p] = _median(values)
-        if medians["kernel"] is None and medians["adapter"] is None:
+        for v in variants:
+            values = [x for x in (value(s, name) for s in by_variant[v]) if x is not None]
+            medians[v] = _median(values)
+        if all(m is None for m in medians.values()):
             continue
-        metrics[name] = {**medians, "ratio": _ratio(medians["adapter"], medians["kernel"])}
+        entry = {"kernel": medians["kernel"], "adapter": medians["adapter"],
+                 "ratio": _ratio(medians["adapter"], medians["kernel"])}
+        if "software" in medians:
+            entry.update(software=medians["software"], ratio_software=_ratio(medians["software"],
+                                                                             medians["kernel"]))
+        metrics[name] = entry
     scenario, test, tool, size = key
     return {"scenario": scenario, "test": test, "tool": tool, "size": size,
-            "n": {p: len(by_path[p]) for p in PATHS}, "metrics": metrics}
+            "n": {v: len(by_variant[v]) for v in variants}, "metrics": metrics}
 
 
 def summarize(samples: Iterable[Sample]) -> list[SummaryRow]:
-    """One row per (scenario, test, tool, size): medians over reps per path, and adapter/kernel ratios.
+    """One row per (scenario, test, tool, size): medians over reps per variant, and ratios to the kernel.
 
     Row: {"scenario", "test", "tool", "size", "n": {"kernel": k, "adapter": a},
     "metrics": {name: {"kernel": median|None, "adapter": median|None, "ratio": adapter/kernel|None}}}.
+    A group with software-only samples (fastpath off) also has "n"["software"] and, per metric,
+    "software" (its median) and "ratio_software" (software / kernel); "adapter" is the fastpath-on
+    adapter (None when only software-only samples were taken).
     `metrics` holds every METRICS entry and every numeric top-level extra.* key with at least one
     value in the group (either path). Rows are ordered by scenario, test and tool in first-seen
     order, then by size ascending (rows without a numeric size last).
@@ -257,11 +309,15 @@ def _ratio_style(name: str, r: float | None) -> str:
 def render_summary(console: Console, summary: Sequence[SummaryRow], metrics: Sequence[str], title: str) -> None:
     """Print `summary` as one table: test, tool, size, then kernel / adapter / × per metric.
 
-    A scenario column comes first when the rows span more than one scenario. The ratio is
-    green when the adapter is better, red when it is worse by more than 10 %; missing values
-    show as "—".
+    With software-only samples (fastpath off) each metric also gets "software-only" and its
+    ratio to the kernel, and the fastpath-on adapter's column is called "hybrid"; with only
+    software-only samples the adapter columns are left out. A scenario column comes first when
+    the rows span more than one scenario. A ratio is green when that adapter is better than the
+    kernel, red when it is worse by more than 10 %; missing values show as "—".
     """
     show_scenario = len({row["scenario"] for row in summary}) > 1
+    shown = row_variants(summary)
+    labels = {"adapter": "hybrid" if "software" in shown else "adapter", "software": VARIANT_LABELS["software"]}
     table = Table(title=title)
     if show_scenario:
         table.add_column("scenario")
@@ -270,17 +326,19 @@ def render_summary(console: Console, summary: Sequence[SummaryRow], metrics: Seq
     table.add_column("size", justify="right")
     for name in metrics:
         table.add_column(f"{_header(name)}\nkernel", justify="right")
-        table.add_column("\nadapter", justify="right")
-        table.add_column("\n×", justify="right")
+        for v in shown[1:]:
+            table.add_column(f"\n{labels[v]}", justify="right")
+            table.add_column("\n×", justify="right")
     for row in summary:
         cells: list[str | Text] = [str(row["test"]), str(row["tool"]), fmt_size(row["size"])]
         if show_scenario:
             cells.insert(0, str(row["scenario"]))
         for name in metrics:
             m = row["metrics"].get(name, {})
-            ratio = m.get("ratio")
-            cells += [fmt_metric(name, m.get("kernel")), fmt_metric(name, m.get("adapter")),
-                      Text(fmt_ratio(ratio), style=_ratio_style(name, ratio))]
+            cells.append(fmt_metric(name, m.get("kernel")))
+            for v in shown[1:]:
+                ratio = m.get(RATIO_KEYS[v])
+                cells += [fmt_metric(name, m.get(v)), Text(fmt_ratio(ratio), style=_ratio_style(name, ratio))]
         table.add_row(*cells)
     console.print(table)
 
@@ -414,12 +472,12 @@ def _plot_rows(summary: Sequence[SummaryRow], scenario: str, tests: Sequence[str
 
 
 def _series(rows: Sequence[SummaryRow], metric_name: str) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
-    """(test, tool, path) -> [(size, scaled value)] sorted by size, skipping missing values."""
+    """(test, tool, variant) -> [(size, scaled value)] sorted by size, skipping missing values."""
     scale = metric_info(metric_name).scale
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for row in rows:
         values = row["metrics"].get(metric_name, {})
-        for p in PATHS:
+        for p in VARIANTS:
             v = values.get(p)
             if v is not None:
                 series.setdefault((row["test"], row["tool"], p), []).append((float(row["size"]), v * scale))
@@ -453,13 +511,14 @@ def plot_vs_size(
 ) -> str:
     """Plot `metric` against message size for `scenario` as a PNG at `path`; returns the path.
 
-    x: message size on a log2 axis, ticks labelled with fmt_size. One line per (test, path)
-    (per (test, tool, path) when several tools are shown): kernel dashed, adapter solid,
-    both with markers, one colour per test. Values are scaled by the metric's scale (so
-    `ylabel` should name the display unit). Missing values are skipped; a single size gives
-    single points. `paper` adds reference values in display units: (label, None, y) is a
-    labelled horizontal dotted line, (label, x, y) a labelled point. With nothing to draw the
-    PNG says "no data". Uses no pyplot state: safe to call many times in one process.
+    x: message size on a log2 axis, ticks labelled with fmt_size. One line per (test, variant)
+    (per (test, tool, variant) when several tools are shown): kernel dashed, adapter solid,
+    software-only (fastpath off, when measured) dash-dotted, all with markers, one colour per
+    test. Values are scaled by the metric's scale (so `ylabel` should name the display unit).
+    Missing values are skipped; a single size gives single points. `paper` adds reference
+    values in display units: (label, None, y) is a labelled horizontal dotted line, (label, x,
+    y) a labelled point. With nothing to draw the PNG says "no data". Uses no pyplot state:
+    safe to call many times in one process.
     """
     try:
         from matplotlib.figure import Figure  # lazy: importing this module must stay fast
@@ -474,12 +533,14 @@ def plot_vs_size(
     ax = fig.add_subplot()
     colours: dict[str, str] = {}
     palette = [f"C{i}" for i in range(10)]
+    styles = {"kernel": ("--", "o"), "adapter": ("-", "s"), "software": ("-.", "^")}
     for (test, tool_name, p), points in series.items():
         colour = colours.setdefault(test, palette[len(colours) % len(palette)])
-        label = f"{test} [{tool_name}] {p}" if several_tools else f"{test} {p}"
+        name = VARIANT_LABELS.get(p, p)
+        label = f"{test} [{tool_name}] {name}" if several_tools else f"{test} {name}"
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, linestyle="--" if p == "kernel" else "-", marker="o" if p == "kernel" else "s",
-                color=colour, label=label)
+        linestyle, marker = styles.get(p, ("-", "s"))
+        ax.plot(xs, ys, linestyle=linestyle, marker=marker, color=colour, label=label)
     for i, (label, x, y) in enumerate(paper or []):
         colour = f"C{(len(colours) + i) % 10}"
         if x is None:
@@ -515,7 +576,7 @@ def plot_vs_size(
 
 # --- comparing two results files ----------------------------------------------------------------
 
-ENV_KEYS = ("git_commit", "pin", "offloads", "kernel", "cpus")
+ENV_KEYS = ("git_commit", "pin", "offloads", "fastpath", "poll_us", "kernel", "cpus")
 
 
 def _env_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -546,13 +607,13 @@ def _row_key(row: SummaryRow) -> GroupKey:
 
 
 def _compare_rows(key: GroupKey, ra: SummaryRow, rb: SummaryRow, metrics: Sequence[str] | None) -> list[dict[str, Any]]:
-    """One entry per (metric, kernel|adapter|ratio) with a value in either file."""
+    """One entry per (metric, kernel|adapter|ratio|software|ratio_software) with a value in either file."""
     ma, mb = ra["metrics"], rb["metrics"]
     names = list(metrics) if metrics is not None else [n for n in ma if n in mb]
     out = []
     for name in names:
         va, vb = ma.get(name, {}), mb.get(name, {})
-        for p in (*PATHS, "ratio"):
+        for p in ("kernel", "adapter", "ratio", "software", "ratio_software"):
             a_v, b_v = va.get(p), vb.get(p)
             if a_v is None and b_v is None:
                 continue
@@ -569,7 +630,7 @@ def _only_row(key: GroupKey, which: str) -> dict[str, Any]:
 
 
 def _fmt_compare_value(name: str, p: str, v: float | None) -> str:
-    return fmt_ratio(v) if p == "ratio" else fmt_metric(name, v)
+    return fmt_ratio(v) if p.startswith("ratio") else fmt_metric(name, v)
 
 
 def compare(a: Mapping[str, Any], b: Mapping[str, Any], console: Console,
@@ -577,15 +638,17 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any], console: Console,
     """Print how results doc `b` differs from doc `a`; return the printed rows.
 
     Rows are matched on (scenario, test, tool, size). For each metric (default: those present
-    in both rows) and each of kernel, adapter and ratio (adapter/kernel), a row shows A, B and
+    in both rows) and each of kernel, adapter and ratio (adapter/kernel), and software and
+    ratio_software where a file has software-only (fastpath off) samples, a row shows A, B and
     the change B/A - 1, green when B is better (per higher_is_better; for the ratio, a higher
     ratio is better exactly when higher values are better), red when worse. Rows present in
     only one file are listed as "only in A" / "only in B". A line before the table names the
-    env differences (git_commit, pin, offloads, kernel, cpus), if any.
+    env differences (git_commit, pin, offloads, fastpath, poll_us, kernel, cpus), if any.
 
     Each returned row: {"scenario", "test", "tool", "size", "metric", "path" ("kernel",
-    "adapter" or "ratio"), "a", "b", "change" (a fraction: 1.0 is +100 %), "only" (None, or
-    "A"/"B" for a row in one file only, whose metric/path/a/b/change are None)}.
+    "adapter", "ratio", "software" or "ratio_software"), "a", "b", "change" (a fraction: 1.0 is
+    +100 %), "only" (None, or "A"/"B" for a row in one file only, whose metric/path/a/b/change
+    are None)}.
     """
     diffs = _env_differences(a, b)
     if diffs:

@@ -15,6 +15,12 @@ For iperf3 and sockperf the application's CPU is the whole process's, from
 wait4. The adapter's CPU (the daemon's) is read from its inspection API before
 and after each adapter-path run, with the per-unit counters that moved.
 
+An adapter-path job names the adapter's `--fastpath` setting ("on": the hybrid,
+"off": software-only); with several settings the plan interleaves kernel, on,
+off (reversed every other repetition). Each sample records its `path`, its
+`fastpath` (None on the kernel path), its `variant` ("kernel", "adapter" or
+"software"; `bench.report.VARIANTS`) and the `poll_us` the client ran with.
+
 A sample is a flat dict (see `bench.report` for the fields); a failed run
 raises `BenchError` with the client's last stderr line.
 """
@@ -29,7 +35,7 @@ from typing import Any
 
 from . import perf, report
 from .errors import BenchError
-from .testbed import PATHS, Testbed
+from .testbed import FASTPATHS, PATHS, Testbed
 
 TESTS = ("stream-send", "stream-recv", "rr", "crr", "calls-send", "calls-recv")
 TOOLS = ("builtin", "iperf3", "sockperf")
@@ -47,11 +53,13 @@ UNIT_COUNTERS = {
     "ack_gen": ("pure_acks",),
     "buffer_pool": ("allocations", "dma_mappings"),
 }
+# totals of the adapter whose change is kept too: data segments through the units vs the software
+TOTAL_COUNTERS = ("data_segments_fast", "data_segments_software")
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One measurement to make: test × size on one path, repetition `rep`."""
+    """One measurement to make: test × size on one path (on the adapter: with `fastpath`), repetition `rep`."""
 
     scenario: str
     test: str
@@ -60,6 +68,11 @@ class Job:
     path: str
     rep: int
     duration_s: float
+    fastpath: str | None = None  # the adapter's --fastpath ("on"/"off"); None on the kernel path
+
+    @property
+    def variant(self) -> str:
+        return report.variant_name(self.path, self.fastpath)
 
 
 def check_job(tool: str, test: str, size: int) -> None:
@@ -75,16 +88,31 @@ def check_job(tool: str, test: str, size: int) -> None:
         raise BenchError(f"message size {size} is out of range 1..1048576")
 
 
+def legs(paths: tuple[str, ...], fastpath: tuple[str, ...] = ("on",)) -> tuple[tuple[str, str | None], ...]:
+    """(path, fastpath) of each run per repetition: the adapter path once per fastpath setting."""
+    bad = [f for f in fastpath if f not in FASTPATHS]
+    if bad or not fastpath:
+        raise BenchError(f"unknown fastpath setting {', '.join(bad) or '(none)'} (choose on, off)")
+    out: list[tuple[str, str | None]] = []
+    for path in paths:
+        if path not in PATHS:
+            raise BenchError(f"unknown path {path!r}")
+        out += [(path, fp) for fp in dict.fromkeys(fastpath)] if path == "adapter" else [(path, None)]
+    return tuple(out)
+
+
 def jobs(scenario: str, tool: str, tests: list[str], sizes: list[int], paths: tuple[str, ...],
-         repeat: int, duration_s: float) -> Iterator[Job]:
+         repeat: int, duration_s: float, fastpath: tuple[str, ...] = ("on",)) -> Iterator[Job]:
     """Every run of a plan, interleaved: for each repetition, test and size, one run per path
-    (the order of the paths alternates between repetitions, so drift hits both alike)."""
+    and, on the adapter path, per fastpath setting (kernel, on, off; the order reverses
+    between repetitions, so drift hits all alike)."""
+    each = legs(paths, fastpath)
     for rep in range(repeat):
         for test in tests:
             for size in sizes:
-                order = paths if rep % 2 == 0 else tuple(reversed(paths))
-                for path in order:
-                    yield Job(scenario, test, tool, size, path, rep, duration_s)
+                order = each if rep % 2 == 0 else tuple(reversed(each))
+                for path, fp in order:
+                    yield Job(scenario, test, tool, size, path, rep, duration_s, fp)
 
 
 class Runner:
@@ -112,19 +140,22 @@ class Runner:
         check_job(job.tool, job.test, job.size)
         if job.path not in PATHS:
             raise BenchError(f"unknown path {job.path!r}")
+        fp = (job.fastpath or self.tb.fastpaths[0]) if job.path == "adapter" else None
+        job = dataclasses.replace(job, fastpath=fp)
+        where = f"the {job.path} path" + (f" (fastpath {fp})" if fp else "")
         port = self._server(job.tool)
-        argv, parse = DRIVERS[job.tool](self.tb.peer_addr(job.path), port, job)
-        before = self._adapter_snapshot() if job.path == "adapter" else None
-        res = self.tb.run_app(job.path, argv, timeout=job.duration_s * 3 + 30)
-        after = self._adapter_snapshot() if before is not None else None
+        argv, parse = DRIVERS[job.tool](self.tb.peer_addr(job.path, fp), port, job)
+        before = self._adapter_snapshot(fp) if job.path == "adapter" else None
+        res = self.tb.run_app(job.path, argv, timeout=job.duration_s * 3 + 30, fastpath=fp)
+        after = self._adapter_snapshot(fp) if before is not None else None
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["no output"])[-1]
-            raise BenchError(f"{argv[0].rsplit('/', 1)[-1]} {job.test} {job.size} B on the {job.path} path "
+            raise BenchError(f"{argv[0].rsplit('/', 1)[-1]} {job.test} {job.size} B on {where} "
                              f"failed (exit {res.returncode}): {last}")
         try:
             m = parse(res.stdout)
         except (ValueError, KeyError, TypeError) as e:
-            raise BenchError(f"{job.tool} {job.test} on the {job.path} path: cannot read its output ({e})") from None
+            raise BenchError(f"{job.tool} {job.test} on {where}: cannot read its output ({e})") from None
         if m.get("app_cpu_s") is None:
             m["app_cpu_s"] = res.cpu_s
         extra = m.setdefault("extra", {})
@@ -134,20 +165,25 @@ class Runner:
             for k, v in after.items():
                 if k != "cpu":
                     extra[f"adapter.{k}"] = v - before[k]
-        return make_sample(job, m)
+        return make_sample(job, m, poll_us=self.tb.poll_us if job.path == "adapter" else None)
 
-    def _adapter_snapshot(self) -> dict[str, float]:
-        st = self.tb.stat()
+    def _adapter_snapshot(self, fastpath: str | None = None) -> dict[str, float]:
+        st = self.tb.stat(fastpath)
         snap = {"cpu": float(st["cpu"]["user_s"] + st["cpu"]["system_s"])}
         for unit, names in UNIT_COUNTERS.items():
             for n in names:
                 snap[f"{unit}.{n}"] = float(st["units"][unit].get(n, 0))
+        totals = st.get("totals") or {}
+        for n in TOTAL_COUNTERS:
+            if isinstance(totals.get(n), int | float):
+                snap[f"totals.{n}"] = float(totals[n])
         return snap
 
 
-def make_sample(job: Job, m: dict[str, Any]) -> dict[str, Any]:
+def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None) -> dict[str, Any]:
     """The sample for `job` from a driver's measurement `m` (bytes, elapsed_s, transactions,
-    lat_us, app_cpu_s, optional throughput_bps, adapter_cpu_s, extra): derived rates filled in."""
+    lat_us, app_cpu_s, optional throughput_bps, adapter_cpu_s, extra): derived rates filled in.
+    `fastpath`, `variant` and `poll_us` say which adapter (and client polling) it measured."""
     elapsed = float(m["elapsed_s"])
     nbytes = int(m.get("bytes") or 0)
     tx = m.get("transactions")
@@ -157,6 +193,8 @@ def make_sample(job: Job, m: dict[str, Any]) -> dict[str, Any]:
         thr = nbytes * 8 / elapsed
     return {
         "scenario": job.scenario, "test": job.test, "tool": job.tool, "path": job.path,
+        "fastpath": job.fastpath if job.path == "adapter" else None, "variant": job.variant,
+        "poll_us": poll_us if job.path == "adapter" else None,
         "size": job.size, "rep": job.rep, "duration_s": job.duration_s,
         "elapsed_s": elapsed, "bytes": nbytes, "transactions": tx,
         "throughput_bps": thr,
@@ -268,8 +306,8 @@ def run_jobs(tb: Testbed, plan: list[Job], console: Any) -> list[dict[str, Any]]
                   console=console, transient=True) as progress:
         task = progress.add_task("bench", total=len(plan))
         for job in plan:
-            progress.update(task, description=f"{job.test} {report.fmt_size(job.size)} {job.path} "
-                            f"(rep {job.rep + 1})")
+            progress.update(task, description=f"{job.test} {report.fmt_size(job.size)} "
+                            f"{report.VARIANT_LABELS[job.variant]} (rep {job.rep + 1})")
             samples.append(r.run(job))
             progress.advance(task)
     return samples

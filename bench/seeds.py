@@ -8,6 +8,11 @@
 Every scenario takes a `Context` (the testbed and the run's options) and
 returns its samples, notes (the paper's number, ours, and why they differ, one
 line each) and plot paths. Scenarios print their own table.
+
+Seed 003 compares a software-only TOE with the hybrid one: it runs every
+size through the kernel, the adapter with its fast path on (the hybrid) and
+with it off (software-only), interleaved (`SEED003_FASTPATH`; the testbed has
+both adapters when 003 runs). The other scenarios use the hybrid only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SIZES = {"000": [64, 256, 1024, 4096, 16384, 65536], "003": [64, 256, 1024, 4096
 ETH_HDR_BYTES = 14
 IP_TCP_HDR_BYTES = 40          # IPv4 + TCP without options, the paper's accounting
 WIRE_EXTRA_BYTES = 4 + 8 + 12  # FCS, preamble + SFD, inter-frame gap
+SEED003_FASTPATH = ("on", "off")  # seed 003: hybrid and software-only
 
 
 @dataclasses.dataclass
@@ -60,9 +66,13 @@ def parse_only(text: str | None) -> list[str]:
 
 
 def _measure(ctx: Context, tb: Testbed, scenario: str, tests: list[str], paths: tuple[str, ...] = PATHS,
-             sizes: list[int] | None = None) -> list[dict[str, Any]]:
+             sizes: list[int] | None = None, fastpath: tuple[str, ...] = ("on",)) -> list[dict[str, Any]]:
+    missing = [f for f in fastpath if f not in tb.fastpaths]
+    if missing:
+        raise BenchError(f"{scenario} needs an adapter with fastpath {', '.join(missing)}; the testbed has "
+                         f"{', '.join(tb.fastpaths)}")
     plan = list(runner.jobs(scenario, "builtin", tests, sizes or ctx.sizes or SIZES[scenario[4:]], paths,
-                            ctx.repeat, ctx.duration))
+                            ctx.repeat, ctx.duration, fastpath))
     return runner.run_jobs(tb, plan, ctx.progress_console)
 
 
@@ -89,6 +99,11 @@ def _get(row: dict[str, Any], metric: str, path: str) -> float | None:
 
 def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "—" if v is None else fmt.format(v)
+
+
+def _times(v: float | None, base: float | None) -> str:
+    """" (0.44×)" for v / base, "" when either is missing."""
+    return f" ({v / base:.2f}×)" if v and base else ""
 
 
 # ------------------------------------------------------------------ seed 000
@@ -126,16 +141,19 @@ def seed000(ctx: Context) -> Result:
 # ------------------------------------------------------------------ seed 003
 
 def seed003(ctx: Context) -> Result:
-    """Minimum latency, host CPU and bandwidth vs message size (seed 003, figures 5-7)."""
+    """Minimum latency, host CPU and bandwidth vs message size (seed 003, figures 5-7):
+    the kernel, the software-only adapter (fastpath off) and the hybrid (fastpath on)."""
     res = Result()
-    ctx.console.rule("seed 003, figures 5-7: latency, host CPU, bandwidth vs message size")
-    res.samples = _measure(ctx, ctx.tb, "seed003", ["rr", "stream-send"])
+    ctx.console.rule("seed 003, figures 5-7: latency, host CPU, bandwidth vs message size "
+                     "(software-only vs hybrid)")
+    res.samples = _measure(ctx, ctx.tb, "seed003", ["rr", "stream-send"], fastpath=SEED003_FASTPATH)
     summary = report.summarize(res.samples)
     report.render_summary(ctx.console, [r for r in summary if r["test"] == "rr"], ["lat_us.min", "lat_us.p50"],
-                          title="fig. 5: round-trip latency, µs")
+                          title="fig. 5: round-trip latency, µs (hybrid: fastpath on; software-only: off)")
     report.render_summary(ctx.console, [r for r in summary if r["test"] == "stream-send"],
                           ["app_cpu_util", "throughput_bps", "app_cpu_s_per_gb"],
-                          title="figs. 6-7: host (application) CPU and bandwidth, stream-send")
+                          title="figs. 6-7: host (application) CPU and bandwidth, stream-send "
+                          "(hybrid: fastpath on; software-only: off)")
     _plot(ctx, res, summary, "seed003-fig5-latency.png", scenario="seed003", metric="lat_us.min", tests=["rr"],
           title="seed 003 fig. 5: minimum round-trip latency", ylabel="µs",
           paper=[("paper: GbE NIC 43 µs", None, 43.0), ("paper: hybrid TOE 19 µs", None, 19.0)])
@@ -147,29 +165,32 @@ def seed003(ctx: Context) -> Result:
           paper=[("paper: TOE max 675 Mbit/s", None, 0.675)])
     sizes = sorted({r["size"] for r in summary})
     rr0 = _row(summary, "rr", sizes[0])
-    kmin, amin = _get(rr0, "lat_us.min", "kernel"), _get(rr0, "lat_us.min", "adapter")
+    kmin, amin, smin = (_get(rr0, "lat_us.min", v) for v in ("kernel", "adapter", "software"))
     _say(ctx, res, "minimum latency: GbE NIC 43 µs, hybrid TOE 19 µs (0.44×)",
-         f"minimum round trip at {report.fmt_size(sizes[0])}: kernel/veth {_num(kmin)} µs, adapter {_num(amin)} µs"
-         + (f" ({amin / kmin:.2f}×)" if kmin and amin else ""),
-         "the paper's TOE is hardware that builds and checks packets itself; ours is a Python process "
-         "woken through the host's scheduler, so every round trip pays two extra wake-ups and the "
-         "daemon's per-event work; the kernel path is veth (no wire)")
+         f"minimum round trip at {report.fmt_size(sizes[0])}: kernel/veth {_num(kmin)} µs, hybrid "
+         f"{_num(amin)} µs{_times(amin, kmin)}, software-only {_num(smin)} µs{_times(smin, kmin)}",
+         "the paper's TOE is hardware that builds and checks packets itself; ours is a user-space "
+         "process woken through the host's scheduler, so every round trip pays extra wake-ups; the "
+         "hybrid's established-connection packets run in compiled units, the software-only adapter's "
+         "through the Python daemon; the kernel path is veth (no wire)")
     big = _row(summary, "stream-send", sizes[-1])
-    kc, ac = _get(big, "app_cpu_util", "kernel"), _get(big, "app_cpu_util", "adapter")
-    kpg, apg = _get(big, "app_cpu_s_per_gb", "kernel"), _get(big, "app_cpu_s_per_gb", "adapter")
+    kc, ac, sc = (_get(big, "app_cpu_util", v) for v in ("kernel", "adapter", "software"))
+    kpg, apg, spg = (_get(big, "app_cpu_s_per_gb", v) for v in ("kernel", "adapter", "software"))
     _say(ctx, res, "host CPU with the TOE stays under 6 %, about 10× below the NIC's",
-         f"sending {report.fmt_size(sizes[-1])} messages: application CPU kernel {_num(_pct(kc))} %, adapter "
-         f"{_num(_pct(ac))} %; per GB {_num(kpg, '{:.3f}')} s vs {_num(apg, '{:.3f}')} s"
-         + (f" ({apg / kpg:.2f}×)" if kpg and apg else ""),
+         f"sending {report.fmt_size(sizes[-1])} messages: application CPU kernel {_num(_pct(kc))} %, hybrid "
+         f"{_num(_pct(ac))} %, software-only {_num(_pct(sc))} %; per GB {_num(kpg, '{:.3f}')} s vs "
+         f"{_num(apg, '{:.3f}')} s{_times(apg, kpg)} vs {_num(spg, '{:.3f}')} s{_times(spg, kpg)}",
          "the application still copies every byte into the ring and spins through the shim's wake-ups; "
-         "the TCP/IP work itself moved to the daemon (its CPU is reported apart, as the adapter's)")
-    best = {p: max((_get(r, "throughput_bps", p) or 0.0) for r in summary if r["test"] == "stream-send")
-            for p in PATHS}
+         "the TCP/IP work itself moved to the adapter (its CPU is reported apart, as the adapter's)")
+    best = {v: max((_get(r, "throughput_bps", v) or 0.0) for r in summary if r["test"] == "stream-send")
+            for v in report.VARIANTS}
     _say(ctx, res, "maximum bandwidth of the TOE about 675 Mbit/s on GbE (above the NIC below 16 KB messages)",
-         f"maximum bandwidth: kernel/veth {best['kernel'] / 1e9:.2f} Gbit/s, adapter {best['adapter'] / 1e9:.2f} "
-         f"Gbit/s ({best['adapter'] / best['kernel']:.2f}×)" if best["kernel"] else "no bandwidth measured",
+         f"maximum bandwidth: kernel/veth {best['kernel'] / 1e9:.2f} Gbit/s, hybrid {best['adapter'] / 1e9:.2f} "
+         f"Gbit/s ({best['adapter'] / best['kernel']:.2f}×), software-only {best['software'] / 1e9:.2f} Gbit/s "
+         f"({best['software'] / best['kernel']:.2f}×)" if best["kernel"] else "no bandwidth measured",
          "no 1 Gbit/s wire limits either path here; the kernel path is bounded by memory copies, the "
-         "adapter by the Python daemon's per-segment cost")
+         "software-only adapter by the Python daemon's per-segment cost, the hybrid by its compiled units' "
+         "and the wake-ups'")
     return res
 
 
@@ -215,7 +236,7 @@ def seed001(ctx: Context) -> Result:
     ctx.console.rule("seed 001, table 1: protocol efficiency vs payload size (Ethernet path)")
     sizes = ctx.sizes or SIZES["001"]
     if ctx.tb.offloads:
-        with Testbed(pin=ctx.pin, offloads=False, tag=ctx.tb.tag + "n") as tb:
+        with Testbed(pin=ctx.pin, offloads=False, tag=ctx.tb.tag + "n", poll_us=ctx.tb.poll_us) as tb:
             samples = _measure(ctx, tb, "seed001", ["rr"], paths=("adapter",), sizes=sizes)
     else:
         samples = _measure(ctx, ctx.tb, "seed001", ["rr"], paths=("adapter",), sizes=sizes)

@@ -21,6 +21,14 @@ Placement (`--pin`): `none` leaves the scheduler alone; `split` puts the
 application on CPU 0 and the peer and the adapter's daemon on CPU 1 (the
 adapter is a separate processor, as a card would be); `same` puts all three on
 CPU 0.
+
+Fastpath (`fastpath`): the adapter's `--fastpath` setting, one adapter per
+setting asked for. ("on",) is the default; ("on", "off") runs two adapters side
+by side in the peer namespace, the hybrid on TAP <tag>t (198.18.0.0/24) and the
+software-only one on TAP <tag>u (198.18.2.0/24), so that one run interleaves
+kernel, hybrid and software-only; ("off",) is one software-only adapter on
+<tag>t. `poll_us` goes to every adapter (`toe up --poll-us`) and, as
+TOE_POLL_US, to the application on the adapter path.
 """
 
 from __future__ import annotations
@@ -47,6 +55,21 @@ PEER_VETH_ADDR = "198.18.1.1"
 APP_VETH_ADDR = "198.18.1.2"
 PATHS = ("kernel", "adapter")
 PLACEMENTS = ("none", "split", "same")
+FASTPATHS = ("on", "off")
+# the adapters' subnets, in the order of the fastpath settings asked for (198.18.1.0/24 is the veth)
+ADAPTER_NETS = ("198.18.0", "198.18.2")
+
+
+@dataclasses.dataclass
+class AdapterInfo:
+    """One adapter of the testbed: its --fastpath setting, TAP, addresses and daemon."""
+
+    fastpath: str
+    tap: str
+    host_addr: str       # the kernel side of its TAP (the peer as the application reaches it)
+    addr: str            # the adapter's own address
+    daemon_pid: int | None = None
+    fastpath_active: bool | None = None  # what the daemon says it runs (--pcap would turn it off)
 
 
 @dataclasses.dataclass
@@ -81,18 +104,30 @@ def _taskset(cpus: list[int] | None) -> list[str]:
 class Testbed:
     """Namespaces, veth, adapter and peer processes for one benchmark run (a context manager)."""
 
-    def __init__(self, pin: str = "none", offloads: bool = True, tag: str | None = None):
+    def __init__(self, pin: str = "none", offloads: bool = True, tag: str | None = None,
+                 fastpath: Sequence[str] = ("on",), poll_us: int = 0):
         self.pin = pin
         self.cpus = placement(pin)
         self.offloads = offloads
+        fastpaths = tuple(dict.fromkeys(fastpath))
+        bad = [f for f in fastpaths if f not in FASTPATHS]
+        if bad or not fastpaths:
+            raise BenchError(f"unknown fastpath setting {', '.join(bad) or '(none)'} (choose on, off)")
+        if not 0 <= poll_us <= 1_000_000:
+            raise BenchError(f"poll_us {poll_us} is out of range 0..1000000")
+        self.fastpaths: tuple[str, ...] = fastpaths
+        self.poll_us = poll_us
         self.tag = tag or f"tb{os.getpid() % 100000}"
         self.peer_ns, self.kernel_ns, self.adapter_ns = (f"{self.tag}-p", f"{self.tag}-k", f"{self.tag}-a")
-        self.tap = f"{self.tag}t"
+        self.adapters: dict[str, AdapterInfo] = {
+            fp: AdapterInfo(fp, f"{self.tag}{'tu'[i]}", f"{ADAPTER_NETS[i]}.1", f"{ADAPTER_NETS[i]}.2")
+            for i, fp in enumerate(self.fastpaths)}
+        self.tap = self.adapters[self.fastpaths[0]].tap  # the first adapter's (the only one by default)
         self.daemon_pid: int | None = None
         self._procs: list[subprocess.Popen] = []
         self.servers: set[str] = set()  # the tools whose server runs on the peer (bench.runner)
         self._made: list[str] = []
-        self._up = False
+        self._up_taps: list[str] = []  # adapters started, in order (torn down in reverse)
 
     # ------------------------------------------------------------ set-up
 
@@ -108,22 +143,31 @@ class Testbed:
         self.close()
 
     def _setup(self) -> None:
-        cfg = AdapterConfig(tap=self.tap, netns=self.peer_ns, offloads=self.offloads)
-        try:
-            state = adapter.adapter_up(cfg, quiet=True)
-        except CLIError as e:
-            raise BenchError(f"cannot start the adapter: {e}") from None
-        self._up = True
-        self.daemon_pid = int(state["pid"])
-        if self.cpus["adapter"]:
-            os.sched_setaffinity(self.daemon_pid, self.cpus["adapter"])
+        # the first adapter creates the peer namespace (its `toe down` deletes it); the second joins it
+        for fp in self.fastpaths:
+            a = self.adapters[fp]
+            cfg = AdapterConfig(tap=a.tap, netns=self.peer_ns, offloads=self.offloads, addr=f"{a.addr}/24",
+                                host_addr=f"{a.host_addr}/24", fastpath=fp == "on", poll_us=self.poll_us)
+            try:
+                state = adapter.adapter_up(cfg, quiet=True)
+            except CLIError as e:
+                raise BenchError(f"cannot start the adapter (fastpath {fp}): {e}") from None
+            self._up_taps.append(a.tap)
+            a.daemon_pid = int(state["pid"])
+            a.fastpath_active = bool(state.get("fastpath", fp == "on"))
+            if a.fastpath_active != (fp == "on"):
+                raise BenchError(f"adapter {a.tap} was asked for fastpath {fp} but runs it "
+                                 f"{'on' if a.fastpath_active else 'off'}")
+            if self.cpus["adapter"]:
+                os.sched_setaffinity(a.daemon_pid, self.cpus["adapter"])
+        self.daemon_pid = self.adapters[self.fastpaths[0]].daemon_pid
         for ns in (self.kernel_ns, self.adapter_ns):
             netns.create_loopback_only(ns)
             self._made.append(ns)
-        a, b = f"{self.tag}v0", f"{self.tag}v1"
-        self._ip(["link", "add", a, "netns", self.peer_ns, "type", "veth", "peer", "name", b,
+        v0, v1 = f"{self.tag}v0", f"{self.tag}v1"
+        self._ip(["link", "add", v0, "netns", self.peer_ns, "type", "veth", "peer", "name", v1,
                   "netns", self.kernel_ns])
-        for ns, dev, addr in ((self.peer_ns, a, PEER_VETH_ADDR), (self.kernel_ns, b, APP_VETH_ADDR)):
+        for ns, dev, addr in ((self.peer_ns, v0, PEER_VETH_ADDR), (self.kernel_ns, v1, APP_VETH_ADDR)):
             self._ip(["-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
             self._ip(["-n", ns, "link", "set", dev, "up"])
 
@@ -150,29 +194,45 @@ class Testbed:
                 netns.stop_pids(netns.pids(ns))
                 netns.delete(ns)
         self._made.clear()
-        if self._up:
+        if self._up_taps:
+            daemons = {a.daemon_pid for a in self.adapters.values()}
             with contextlib.suppress(netns.NetnsError):
-                netns.stop_pids([p for p in netns.pids(self.peer_ns) if p != self.daemon_pid])
-            with contextlib.suppress(CLIError):
-                adapter.adapter_down(self.tap, quiet=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(log_path(self.tap))  # the adapter was this run's own
-            self._up = False
+                netns.stop_pids([p for p in netns.pids(self.peer_ns) if p not in daemons])
+            for tap in reversed(self._up_taps):  # the first one made the namespace: it goes last
+                with contextlib.suppress(CLIError):
+                    adapter.adapter_down(tap, quiet=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(log_path(tap))  # the adapter was this run's own
+            self._up_taps.clear()
 
     # ------------------------------------------------------------ addresses and processes
 
-    def peer_addr(self, path: str) -> str:
-        """The peer's address as the application on `path` reaches it."""
-        return PEER_VETH_ADDR if path == "kernel" else PEER_TAP_ADDR
+    def adapter(self, fastpath: str | None = None) -> AdapterInfo:
+        """The adapter with `fastpath` (None: the first one)."""
+        fp = fastpath or self.fastpaths[0]
+        if fp not in self.adapters:
+            raise BenchError(f"this testbed has no adapter with fastpath {fp} "
+                             f"(it has {', '.join(self.fastpaths)})")
+        return self.adapters[fp]
 
-    def app_argv(self, path: str, argv: Sequence[str]) -> list[str]:
+    def peer_addr(self, path: str, fastpath: str | None = None) -> str:
+        """The peer's address as the application on `path` (and adapter `fastpath`) reaches it."""
+        return PEER_VETH_ADDR if path == "kernel" else self.adapter(fastpath).host_addr
+
+    def app_env(self, fastpath: str | None = None) -> dict[str, str]:
+        """What the application on the adapter path gets: `toe run`'s LD_PRELOAD/TOE_SOCK, TOE_POLL_US."""
+        env = adapter.preload_env(self.adapter(fastpath).tap, {})
+        if self.poll_us:
+            env["TOE_POLL_US"] = str(self.poll_us)
+        return env
+
+    def app_argv(self, path: str, argv: Sequence[str], fastpath: str | None = None) -> list[str]:
         """argv that runs the application on `path`: its namespace, its CPU, and the shim for the adapter."""
         if path not in PATHS:
             raise BenchError(f"unknown path {path!r}")
         env: list[str] = []
         if path == "adapter":
-            pre = adapter.preload_env(self.tap, {})
-            env = ["env", *(f"{k}={v}" for k, v in sorted(pre.items()))]
+            env = ["env", *(f"{k}={v}" for k, v in sorted(self.app_env(fastpath).items()))]
         ns = self.kernel_ns if path == "kernel" else self.adapter_ns
         return netns.exec_argv(ns, [*_taskset(self.cpus["app"]), *env, *argv])
 
@@ -203,9 +263,9 @@ class Testbed:
             time.sleep(0.05)
         raise BenchError(f"nothing listens on port {port} in the peer namespace after {timeout:.0f} s")
 
-    def run_app(self, path: str, argv: Sequence[str], timeout: float) -> AppRun:
+    def run_app(self, path: str, argv: Sequence[str], timeout: float, fastpath: str | None = None) -> AppRun:
         """Run the application to completion on `path`; its CPU comes from wait4 (user + system)."""
-        full = self.app_argv(path, argv)
+        full = self.app_argv(path, argv, fastpath)
         t0 = time.perf_counter()
         p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -223,17 +283,23 @@ class Testbed:
 
     # ------------------------------------------------------------ the adapter's state
 
-    def stat(self) -> dict[str, Any]:
-        return inspection.api_call(self.tap, {"cmd": "stat"})
+    def stat(self, fastpath: str | None = None) -> dict[str, Any]:
+        return inspection.api_call(self.adapter(fastpath).tap, {"cmd": "stat"})
 
-    def adapter_cpu_s(self) -> float:
-        cpu = self.stat()["cpu"]
+    def adapter_cpu_s(self, fastpath: str | None = None) -> float:
+        cpu = self.stat(fastpath)["cpu"]
         return float(cpu["user_s"] + cpu["system_s"])
 
+    def adapter_options(self) -> dict[str, Any]:
+        """The adapters' own options for this run: fastpath ("on", "off" or "both") and poll_us."""
+        fp = "both" if len(self.fastpaths) > 1 else self.fastpaths[0]
+        return {"fastpath": fp, "poll_us": self.poll_us}
+
     def describe(self) -> dict[str, Any]:
-        """Names of what this testbed made (every name starts with `tag`) and the daemon's pid."""
+        """Names of what this testbed made (every name starts with `tag`) and the daemons' pids."""
         return {"tag": self.tag, "peer_ns": self.peer_ns, "kernel_ns": self.kernel_ns,
-                "adapter_ns": self.adapter_ns, "tap": self.tap, "daemon_pid": self.daemon_pid}
+                "adapter_ns": self.adapter_ns, "tap": self.tap, "daemon_pid": self.daemon_pid,
+                "adapters": [dataclasses.asdict(self.adapters[fp]) for fp in self.fastpaths]}
 
 
 def _communicate_raw(p: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:

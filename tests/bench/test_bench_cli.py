@@ -67,8 +67,10 @@ def test_stream_both_directions(tmp_path):
             went_through_adapter(s)
             assert s["extra"]["adapter.buffer_pool.allocations"] == 0  # seed 002: nothing per packet
     assert doc["env"]["pin"] == "none" and doc["env"]["cpus"] >= 1 and "kernel" in doc["env"]
-    assert {c["name"] for c in doc["targets"]} == {"stream throughput ≥ 0.15× kernel",
+    assert {c["name"] for c in doc["targets"]} == {"stream throughput ≥ 0.8× kernel",
                                                   "app CPU per GB ≤ 0.2× kernel"}
+    assert (doc["env"]["fastpath"], doc["env"]["poll_us"]) == ("on", 0)
+    assert {s["fastpath"] for s in by(doc, path="adapter")} == {"on"}
     assert len(doc["plots"]) == 2
     assert "stream-send" in res.stdout and "×" in res.stdout
 
@@ -83,7 +85,27 @@ def test_rr_sizes_and_pinning(tmp_path):
         assert s["transactions"] > 0 and s["bytes"] == s["transactions"] * 2 * s["size"]
         assert 0 < lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"]
     went_through_adapter(by(doc, path="adapter")[0])
-    assert [c["name"] for c in doc["targets"]] == ["RR p50 latency ≤ 1.5× kernel"] * 2
+    assert [c["name"] for c in doc["targets"]] == ["RR 1 B p50 latency ≤ 1.0× kernel"]  # the 1 B row only
+
+
+@integration
+def test_rr_fastpath_both_and_poll(tmp_path):
+    doc, res = bench(tmp_path, "rr", "--fastpath", "both", "--poll-us", "5", *TINY)
+    assert (doc["env"]["fastpath"], doc["env"]["poll_us"]) == ("both", 5)
+    assert [a["fastpath_active"] for a in doc["env"]["testbed"]["adapters"]] == [True, False]
+    for a in doc["env"]["testbed"]["adapters"]:
+        assert not psutil.pid_exists(a["daemon_pid"])
+    assert [s["variant"] for s in doc["samples"]] == ["kernel", "adapter", "software"]
+    on, off = by(doc, variant="adapter")[0], by(doc, variant="software")[0]
+    for s in (on, off):
+        went_through_adapter(s)
+        assert s["poll_us"] == 5
+    assert on["extra"]["adapter.totals.data_segments_fast"] > 0
+    assert off["extra"]["adapter.totals.data_segments_fast"] == 0
+    assert off["extra"]["adapter.totals.data_segments_software"] > 0
+    assert "fastpath on and off, poll 5 µs" in res.stdout
+    assert "software-only" in res.stdout and "hybrid" in res.stdout
+    assert [c["name"] for c in doc["targets"]] == ["RR 1 B p50 latency ≤ 1.0× kernel"]
 
 
 @integration
@@ -121,6 +143,8 @@ def test_sockperf_driver(tmp_path):
 def test_seeds_all_four(tmp_path):
     doc, res = bench(tmp_path, "seeds", "--sizes", "64,256", *TINY, timeout=600)
     assert {s["scenario"] for s in doc["samples"]} == {"seed000", "seed003", "seed002", "seed001"}
+    assert {s["variant"] for s in by(doc, scenario="seed003")} == {"kernel", "adapter", "software"}
+    assert {s["variant"] for s in doc["samples"] if s["scenario"] != "seed003"} <= {"kernel", "adapter"}
     assert {s["test"] for s in by(doc, scenario="seed000")} == {"calls-send", "calls-recv"}
     for s in by(doc, scenario="seed000"):
         assert s["lat_us"]["p50"] > 0 and s["transactions"] > 0
