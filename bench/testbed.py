@@ -105,8 +105,9 @@ class Testbed:
     """Namespaces, veth, adapter and peer processes for one benchmark run (a context manager)."""
 
     def __init__(self, pin: str = "none", offloads: bool = True, tag: str | None = None,
-                 fastpath: Sequence[str] = ("on",), poll_us: int = 0):
+                 fastpath: Sequence[str] = ("on",), poll_us: int = 0, buffer_reuse: bool = True):
         self.pin = pin
+        self.buffer_reuse = buffer_reuse
         self.cpus = placement(pin)
         self.offloads = offloads
         fastpaths = tuple(dict.fromkeys(fastpath))
@@ -147,7 +148,8 @@ class Testbed:
         for fp in self.fastpaths:
             a = self.adapters[fp]
             cfg = AdapterConfig(tap=a.tap, netns=self.peer_ns, offloads=self.offloads, addr=f"{a.addr}/24",
-                                host_addr=f"{a.host_addr}/24", fastpath=fp == "on", poll_us=self.poll_us)
+                                host_addr=f"{a.host_addr}/24", fastpath=fp == "on", poll_us=self.poll_us,
+                                buffer_reuse=self.buffer_reuse)
             try:
                 state = adapter.adapter_up(cfg, quiet=True)
             except CLIError as e:

@@ -79,6 +79,7 @@ class PoolCounters(UnitCounters):
     buffers: int = 0
     buffer_bytes: int = 0
     dma_mappings: int = 0
+    dma_unmaps: int = 0
     allocations: int = 0
     in_use: int = 0
     exhausted: int = 0

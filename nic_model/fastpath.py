@@ -75,6 +75,11 @@ class FastPathUnits:
         return {"pure_acks": k.pure_acks, "piggybacked": k.piggybacked, "delayed_acks": k.delayed_acks,
                 "window_updates": k.window_updates}
 
+    def pool_counters(self) -> dict[str, int]:
+        """Per-packet buffers the units mapped (only with buffer reuse off, seed 002)."""
+        k = self.counters
+        return {"allocations": k.dma_maps, "dma_mappings": k.dma_maps, "dma_unmaps": k.dma_unmaps}
+
     def own_counters(self) -> dict[str, int]:
         """The fast path's own unit: what it took, what it handed back and why."""
         k = self.counters

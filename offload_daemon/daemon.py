@@ -115,7 +115,7 @@ class Adapter:
         except TapError as e:
             raise SetupError(str(e)) from None
         _configure_kernel_side(cfg)
-        self.pool = BufferPool(POOL_BUFFERS, POOL_BUF_BYTES, mapper=ffi.from_buffer)
+        self.pool = BufferPool(POOL_BUFFERS, POOL_BUF_BYTES, mapper=ffi.from_buffer, reuse=cfg.buffer_reuse)
         self.rx = rxmod.RxChecker(self.my_mac, self.my_ip, csum)
         # frames the compiled RX checker classified (and counted) before punting them are
         # parsed again for the software path by this one, whose counters are not shown
@@ -159,6 +159,7 @@ class Adapter:
             except fpmod.FastPathError as e:
                 raise SetupError(str(e)) from None
             units.st.poll_us = cfg.poll_us
+            units.st.no_reuse = int(not cfg.buffer_reuse)
             self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
             self.tcp.fast = self.tcp.env.fast = self.fp
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
@@ -712,6 +713,7 @@ class Adapter:
             units["tx_hdrgen"] = fpmod.merge(units["tx_hdrgen"], u.tx_counters())
             units["ack_gen"] = fpmod.merge(units["ack_gen"], u.ack_counters())
             units["host_if"]["doorbells"] += u.counters.doorbells
+            units["buffer_pool"] = fpmod.merge(units["buffer_pool"], u.pool_counters())
             units["fast_path"] = u.own_counters()
             frames_in, frames_out = units["tap_port"]["rx_frames"], units["tap_port"]["tx_frames"]
         procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets,

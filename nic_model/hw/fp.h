@@ -221,6 +221,9 @@ struct fp_counters {
     uint64_t sw_events;        /* records handed to software */
     uint64_t scans;
     uint64_t table_full;
+    /* buffers (seed 002): with no_reuse, one mapping per packet each way */
+    uint64_t dma_maps;
+    uint64_t dma_unmaps;
 };
 
 struct fp_state {
@@ -241,7 +244,7 @@ struct fp_state {
     double ato_s;              /* reply within this of data received: interactive */
     double wnd_poll_s;
     uint32_t poll_us;          /* busy-poll this long before sleeping (0: sleep at once) */
-    uint32_t pad1;
+    uint32_t no_reuse;         /* seed 002's other side: map and unmap a buffer per packet */
     double next_scan;          /* earliest deadline the scan may find (0: none) */
     double now;                /* the clock at the last wait */
     uint32_t nevents;
@@ -338,6 +341,8 @@ void fp_build_template(struct fp_state *st, struct fp_ccb *c);
 void fp_punt_conn(struct fp_state *st, struct fp_ccb *c, int slot, uint32_t reason); /* fp_engine.c */
 void fp_deadline(struct fp_state *st, double when);
 void fp_owe_ack(struct fp_state *st, struct fp_ccb *c);
+uint8_t *fp_map_buffer(struct fp_state *st, size_t len);
+void fp_unmap_buffer(struct fp_state *st, uint8_t *p, size_t len);
 #endif
 
 #endif /* FP_H */

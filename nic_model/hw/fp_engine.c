@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -281,16 +282,48 @@ static void punt_frame(struct fp_state *st, uint32_t buf, uint32_t len, uint32_t
     }
 }
 
+/* A fresh "DMA-mapped" buffer for one packet (no_reuse), or NULL. */
+uint8_t *fp_map_buffer(struct fp_state *st, size_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    st->counters.dma_maps++;
+    return p;
+}
+
+void fp_unmap_buffer(struct fp_state *st, uint8_t *p, size_t len)
+{
+    munmap(p, len);
+    st->counters.dma_unmaps++;
+}
+
+static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_t buf, double now);
+
 /* One frame in buffer `buf`. Returns 1 when the frame went to software (its buffer is lent). */
 int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now)
 {
     if (buf >= st->nbufs || len > st->buf_size)
         return 0;
-    const uint8_t *f = (const uint8_t *)(uintptr_t)st->bufs[buf];
+    return rx_frame(st, (const uint8_t *)(uintptr_t)st->bufs[buf], len, buf, now);
+}
+
+/* A frame for software goes into its buffer `buf` (where it is unless it came in a
+ * buffer of its own: no_reuse). */
+static void lend(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_t buf)
+{
+    uint8_t *dst = (uint8_t *)(uintptr_t)st->bufs[buf];
+    if (dst != f)
+        memcpy(dst, f, len);
+}
+
+static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_t buf, double now)
+{
     struct fp_seg g;
     int cls = fp_rx_parse(f, len, st->my_ip, st->my_mac, &g);
     struct fp_counters *k = &st->counters;
     if (cls == FP_CLS_UNPARSED) {
+        lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_UNPARSED, -1);
         return 1;
     }
@@ -304,16 +337,19 @@ int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now)
     else
         k->csum_verified++;
     if (cls == FP_CLS_TCP_SYN) {
+        lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_SYN, -1);
         return 1;
     }
     int slot = fp_find(st, g.src, g.sport, g.dport);
     if (slot < 0) {
+        lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_NO_CCB, -1);
         return 1;
     }
     struct fp_ccb *c = &st->ccbs[slot];
     if (c->punted) {
+        lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_FOLLOWS, slot);
         return 1;
     }
@@ -321,6 +357,7 @@ int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now)
     if (why >= 0) {
         c->punted = 1;                         /* its later frames follow it to software */
         c->punt_reason = (uint32_t)why;
+        lend(st, f, len, buf);
         punt_frame(st, buf, len, (uint32_t)why, slot);
         return 1;
     }
@@ -408,16 +445,25 @@ static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
         if (*next_buf >= st->nbufs || st->nevents + 4 >= FP_MAX_EVENTS)
             return;                            /* the TAP stays readable: the next wait sees it */
         uint8_t *buf = (uint8_t *)(uintptr_t)st->bufs[*next_buf];
-        ssize_t n = read(st->tap_fd, buf, st->buf_size);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
+        if (st->no_reuse && !(buf = fp_map_buffer(st, st->buf_size)))
             return;
+        ssize_t n = read(st->tap_fd, buf, st->buf_size);
+        if (n <= 0) {
+            int again = n < 0 && errno == EINTR;
+            if (st->no_reuse)
+                fp_unmap_buffer(st, buf, st->buf_size);
+            if (again)
+                continue;
+            return;
+        }
         k->rx_frames++;
         k->rx_bytes += (uint64_t)n - (n >= FP_VNET_LEN ? FP_VNET_LEN : (uint64_t)n);
         if (n > 1 && buf[1])
             k->rx_gso_frames++;
-        if (fp_rx_frame(st, *next_buf, (uint32_t)n, now))
+        int lent = rx_frame(st, buf, (uint32_t)n, *next_buf, now);
+        if (st->no_reuse)
+            fp_unmap_buffer(st, buf, st->buf_size);
+        if (lent)
             (*next_buf)++;
     }
 }

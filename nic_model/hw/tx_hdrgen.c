@@ -113,16 +113,26 @@ void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags
             iov[niov++] = (struct iovec){(void *)p1, n1};
         if (n2)
             iov[niov++] = (struct iovec){(void *)p2, n2};
-    } else {
-        uint8_t *fr = st->txbuf;
+    }
+    if (!st->offloads || st->no_reuse) {
+        /* one contiguous frame: its checksum is computed here (offloads off), or it goes
+         * out of a buffer mapped for this packet alone (no_reuse, seed 002's other side) */
+        uint8_t *fr = st->no_reuse ? fp_map_buffer(st, FP_TMPL_LEN + n) : st->txbuf;
+        if (!fr) {
+            k->tx_errors++;
+            return;
+        }
         memcpy(fr, hdr, FP_TMPL_LEN);
         if (n1)
             memcpy(fr + FP_TMPL_LEN, p1, n1);
         if (n2)
             memcpy(fr + FP_TMPL_LEN + n1, p2, n2);
-        put16(fr + FP_TCP_OFF + 16, toe_csum_fold(fr + FP_TCP_OFF, tcp_len, c->pseudo_base + tcp_len));
-        k->sw_checksums++;
+        if (!st->offloads) {
+            put16(fr + FP_TCP_OFF + 16, toe_csum_fold(fr + FP_TCP_OFF, tcp_len, c->pseudo_base + tcp_len));
+            k->sw_checksums++;
+        }
         iov[0] = (struct iovec){fr, FP_TMPL_LEN + n};
+        niov = 1;
     }
     k->segments++;
     k->ccb_cache_hits++;
@@ -136,6 +146,8 @@ void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags
     do
         r = writev(st->tap_fd, iov, niov);
     while (r < 0 && errno == EINTR);
+    if (st->no_reuse)
+        fp_unmap_buffer(st, iov[0].iov_base, iov[0].iov_len);
     if (r < 0) {
         k->tx_errors++;
         return;

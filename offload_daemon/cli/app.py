@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on (default): established connections' packets run in the compiled units "
                          "(seed 003's hardware path); off: every packet through the software path. "
                          "--pcap implies off")
+    up.add_argument("--no-buffer-reuse", action="store_true",
+                    help="seed 002's comparison: map and unmap a frame buffer per packet instead of "
+                         "reusing the pre-mapped pool (counted as dma_mappings in toe stat)")
     up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
                     help="the fast path busy-polls N µs for more work before it sleeps (default 0; "
                          "see docs/fastpath.md for what it costs and buys on 2 CPUs)")

@@ -82,6 +82,21 @@ def limits_line(lim: dict[str, Any]) -> str:
     return "[bold]limits[/]  " + ("  ".join(parts) if parts else "-")
 
 
+def share(fast: Any, software: Any) -> str:
+    """The fast path's share of data segments, as a percentage ("—" when there were none)."""
+    if not isinstance(fast, int) or not isinstance(software, int) or fast + software == 0:
+        return "—"
+    return f"{100 * fast / (fast + software):.1f}"
+
+
+def fastpath_line(tot: dict[str, Any]) -> str:
+    if not tot.get("fastpath"):
+        return "fast path off: every packet through the software path"
+    f, s = tot.get("data_segments_fast"), tot.get("data_segments_software")
+    return (f"fast path on: {fmt(f)} data segments in the compiled units, {fmt(s)} in software "
+            f"({share(f, s)} % fast)")
+
+
 def render_stat(data: dict[str, Any], console: Any = None) -> None:
     """Render a `stat` answer for people; every key is optional."""
     from rich.columns import Columns
@@ -105,15 +120,18 @@ def render_stat(data: dict[str, Any], console: Any = None) -> None:
         console.print("  ".join(bits), highlight=False)
     if isinstance(data.get("limits"), dict):
         console.print(limits_line(data["limits"]), highlight=False)
+    if "fastpath" in tot:
+        console.print(fastpath_line(tot), highlight=False)
 
     conns = _rows(data.get("connections"))
     t = Table(title=f"connections ({len(conns)})", title_justify="left")
     cols = [("id", "id"), ("local", "local"), ("remote", "remote"), ("state", "state"), ("in", "bytes_in"),
             ("out", "bytes_out"), ("cwnd", "cwnd"), ("srtt µs", "srtt_us"), ("rto ms", "rto_ms"),
-            ("retrans", "retransmits"), ("pid", "pid")]
+            ("retrans", "retransmits"), ("path", "path"), ("fast %", "fast_share"), ("pid", "pid")]
     for title, _ in cols:
-        t.add_column(title, justify="left" if title in ("local", "remote", "state") else "right")
+        t.add_column(title, justify="left" if title in ("local", "remote", "state", "path") else "right")
     for c in conns:
+        c = {**c, "fast_share": share(c.get("data_fast"), c.get("data_software"))}
         t.add_row(*[fmt_bytes(c.get(k)) if k in ("bytes_in", "bytes_out") else fmt(c.get(k)) for _, k in cols])
     console.print(t)
     if conns:

@@ -75,6 +75,8 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     )
     if args.poll_us is not None:
         kw["poll_us"] = args.poll_us
+    if args.no_buffer_reuse:
+        kw["buffer_reuse"] = False
     if args.mtu is not None:
         kw["mtu"] = args.mtu
     if args.syn_retries is not None:

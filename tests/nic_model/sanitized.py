@@ -1,0 +1,495 @@
+"""The hardware units compiled with AddressSanitizer and UBSan, and the child process that
+drives them.
+
+Parent side (tests/nic_model/test_fastpath_sanitize.py): `runtime()` finds the sanitizer
+runtimes, `build(tmpdir)` compiles nic_model/hw/*.c as the module `_fastpath_san`,
+`run(tmpdir, ...)` runs this file as a child Python with the runtimes preloaded.
+
+Child side (`python sanitized.py SEED PARSE_FRAMES ENGINE_FRAMES`): imports `_fastpath_san`
+and (a) runs fp_rx_parse on random and mutated frames, each in a buffer of exactly its
+length (PYTHONMALLOC=malloc: cffi's buffers are then ASan's own allocations, with redzones
+right after the last byte); (b) drives the engine (fp_push / fp_rx_frame / fp_doorbell /
+fp_scan / fp_end_burst / fp_pull) with one connection whose shared mapping sits between
+PROT_NONE guard pages and whose header is overwritten with garbage between frames.  It
+prints a line starting with DONE when everything ran; a sanitizer report aborts it.
+This file imports nothing from the project, so the child loads no uninstrumented units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import random
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+MODULE = "_fastpath_san"
+SAN_CFLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+SAN_LDFLAGS = ["-fsanitize=address,undefined"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# ---------------------------------------------------------------- parent side
+
+
+def runtime() -> tuple[str | None, str]:
+    """(LD_PRELOAD value, "") or (None, why the sanitizers cannot run here)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return None, "gcc not found"
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        out = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(out) or not os.path.exists(out):
+            return None, f"{name} not installed (gcc -print-file-name={name} gave {out!r})"
+        libs.append(out)
+    return " ".join(libs), ""
+
+
+def build(tmpdir: str, hw_dir: str | None = None, extra_cflags: list[str] | None = None) -> str:
+    """Compile the units with the sanitizers into tmpdir; returns the module's path.
+    `hw_dir`: another copy of nic_model/hw (fp.h and the units), for checking that the tests
+    catch a deliberately broken unit."""
+    from nic_model import _fp_build
+
+    saved = _fp_build.FP_DIR
+    try:
+        if hw_dir is not None:
+            _fp_build.FP_DIR = hw_dir
+        ffi = _fp_build.make_ffi(MODULE, cflags=SAN_CFLAGS + (extra_cflags or []), ldflags=SAN_LDFLAGS,
+                                 relative=False)
+        return ffi.compile(tmpdir=tmpdir)
+    finally:
+        _fp_build.FP_DIR = saved
+
+
+def run(tmpdir: str, preload: str, seed: int, parse_frames: int, engine_frames: int, mode: str = "bursts",
+        watchdog_s: float = 30, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update({
+        "LD_PRELOAD": preload,
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+        "PYTHONMALLOC": "malloc",
+        "PYTHONPATH": os.pathsep.join([tmpdir, ROOT]),
+    })
+    return subprocess.run([sys.executable, os.path.abspath(__file__), str(seed), str(parse_frames),
+                           str(engine_frames), mode, str(watchdog_s)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- frames
+
+MY_MAC = b"\x02\x00\x00\x00\x00\x02"
+PEER_MAC = b"\x02\x00\x00\x00\x00\x01"
+ME = 0xC6120002
+PEER = 0xC6120001
+LPORT, RPORT = 80, 4000
+
+
+def inet_sum(data: bytes, initial: int = 0) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = initial + sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def frame(src: int = PEER, dst: int = ME, sport: int = RPORT, dport: int = LPORT, seq: int = 0, ack: int = 0,
+          flags: int = 0x10, window: int = 65535, options: bytes = b"", payload: bytes = b"", vflags: int = 0,
+          good_csum: bool = True, doff: int | None = None, ip_total: int | None = None) -> bytes:
+    if doff is None:
+        doff = (20 + len(options)) // 4
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, doff << 4, flags,
+                      window, 0, 0) + options + payload
+    if vflags & 1:
+        c = 0
+    else:
+        c = inet_sum(seg, (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 6 + len(seg))
+        if not good_csum:
+            c ^= 0x00FF
+    seg = seg[:16] + struct.pack("!H", c) + seg[18:]
+    total = 20 + len(seg) if ip_total is None else ip_total
+    ip = struct.pack("!BBHHHBBHII", 0x45, 0, total & 0xFFFF, 7, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", inet_sum(ip)) + ip[12:]
+    vnet = struct.pack("<BBHHHHH", vflags, 0, 0, 0, 0, 0, 0)
+    return vnet + MY_MAC + PEER_MAC + b"\x08\x00" + ip + seg
+
+
+def random_frame(r: random.Random) -> bytes:
+    """Random bytes, a valid frame mutated, or a valid frame with random header fields."""
+    kind = r.randrange(4)
+    if kind == 0:
+        return r.randbytes(r.randrange(0, 2001))
+    opts = r.choice([b"", bytes((2, 4, 5, 0xB4)), r.randbytes(r.randrange(0, 41)), bytes((1, 1, 8, 10) * 3)])
+    opts += b"\x01" * (-len(opts) % 4)
+    base = frame(seq=r.getrandbits(32), ack=r.getrandbits(32), flags=r.getrandbits(8), options=opts,
+                 payload=r.randbytes(r.choice([0, 1, 7, 100, r.randrange(0, 1500)])),
+                 vflags=r.choice([0, 0, 1, 2]), doff=r.choice([None, None, r.randrange(16)]),
+                 ip_total=r.choice([None, None, r.randrange(0, 0x10000), r.randrange(30, 120)]))
+    if kind == 1:
+        return base
+    b = bytearray(base)
+    if kind == 2:
+        for _ in range(r.randrange(1, 6)):
+            b[r.randrange(len(b))] ^= r.randrange(1, 256)
+    if r.random() < 0.7:
+        del b[r.randrange(0, len(b) + 1):]
+    return bytes(b)
+
+
+# ---------------------------------------------------------------- child side
+
+PAGE = mmap.PAGESIZE
+HDR = 4096
+RING = 65536
+SHM_BYTES = HDR + RING + RING
+# word index (byte offset / 4) of the fields of struct toe_sock_shm the child plays the application with
+SHM_WORD = {"magic": 0, "abi_version": 1, "tx_size": 10, "rx_size": 11, "tx_tail": 16, "tx_full_wait": 17,
+            "tx_push": 18, "tx_head": 32, "tx_sent": 34, "rx_tail": 48, "tok_sent": 49, "rx_head": 64,
+            "tok_taken": 65, "opt_flags": 80, "sndbuf": 86, "rcvbuf": 87, "notsent_lowat": 88}
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def guarded_mapping(size: int) -> int:
+    """An anonymous mapping of `size` bytes with a PROT_NONE page on either side: its address."""
+    libc = _libc()
+    total = size + 2 * PAGE
+    base = libc.mmap(None, total, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    assert libc.mprotect(base, PAGE, 0) == 0
+    assert libc.mprotect(base + PAGE + size, PAGE, 0) == 0
+    return base + PAGE
+
+
+def child_parse(ffi, lib, r: random.Random, n: int) -> dict:
+    mac = ffi.new("uint8_t[]", MY_MAC)
+    out = ffi.new("struct fp_seg *")
+    classes = [0] * 7
+    for _ in range(n):
+        data = random_frame(r)
+        buf = ffi.new("uint8_t[]", data) if data else ffi.new("uint8_t[]", 1)
+        cls = lib.fp_rx_parse(buf, len(data), ME, mac, out)
+        assert 0 <= cls <= 6, cls
+        if cls in (0, 5):
+            assert out.drop < lib.FP_NDROPS
+        if cls in (3, 4):
+            assert out.payload_off + out.payload_len <= len(data), (data.hex(), out.payload_off, out.payload_len)
+        classes[cls] += 1
+    return {"parse_classes": classes}
+
+
+class Engine:
+    """One fp_state with one connection, its guarded shared mapping and its descriptors."""
+
+    NBUFS = 8
+    BUF_SIZE = 65536 + 256
+
+    def __init__(self, ffi, lib, r: random.Random, offloads: int, bursts_of_one: bool):
+        self.ffi, self.lib, self.r = ffi, lib, r
+        self.bursts_of_one = bursts_of_one
+        self.tap_mine, self.tap_units = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (self.tap_mine, self.tap_units):
+            s.setblocking(False)
+        self.ep = select.epoll()
+        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.a.setblocking(False)
+        self.b.setblocking(False)
+        self.mac = ffi.new("uint8_t[]", MY_MAC)
+        st = lib.fp_new(16, self.tap_units.fileno(), self.ep.fileno(), ME, self.mac, offloads, 65000, self.NBUFS,
+                        self.BUF_SIZE)
+        assert st != ffi.NULL
+        assert st.offloads == offloads
+        self.st = st
+        self.bufs = [ffi.new("uint8_t[]", self.BUF_SIZE) for _ in range(self.NBUFS)]
+        for i, b in enumerate(self.bufs):
+            assert lib.fp_set_buf(st, i, int(ffi.cast("uintptr_t", b))) == 0
+        assert lib.fp_set_buf(st, self.NBUFS, 0) == -1
+        self.shm_addr = guarded_mapping(SHM_BYTES)
+        self.hdr = (ctypes.c_char * HDR).from_address(self.shm_addr)
+        self.shm = ffi.cast("uint32_t *", self.shm_addr)
+        self.ccb = ffi.new("struct fp_ccb *")
+        c = self.ccb
+        c.conn_id = 1
+        c.local_ip, c.remote_ip, c.local_port, c.remote_port = ME, PEER, LPORT, RPORT
+        c.b_fd = self.b.fileno()
+        c.tx_size = c.rx_size = RING
+        c.shm_addr = self.shm_addr
+        c.peer_mac = list(PEER_MAC) + [0, 0]
+        c.mss = 1460
+        c.max_seg = 1460 if not offloads else r.choice([1460, 1460 * 44])
+        c.snd_una = c.snd_nxt = c.snd_max = 1000
+        c.snd_wnd = 65535
+        c.cwnd = 14600
+        c.ssthresh = 1 << 30
+        c.rcv_nxt = 5000
+        c.rcv_adv = 5000
+        c.rto = 0.2
+        self.sane_header()
+        self.slot = lib.fp_push(st, c)
+        assert self.slot >= 0, self.slot
+        self.now = 1000.0
+        self.stats = {"frames": 0, "punted": 0, "repush": 0, "tx_frames": 0, "garbage": 0,
+                      "doorbells": 0, "scans": 0}
+
+    # the shared header (struct toe_sock_shm of shim/toe_abi.h; not in fp.h's cdef) ----
+    def set(self, field: str, value: int) -> None:
+        self.shm[SHM_WORD[field]] = value & 0xFFFFFFFF
+
+    def get(self, field: str) -> int:
+        return int(self.shm[SHM_WORD[field]])
+
+    def sane_header(self) -> None:
+        ctypes.memset(self.shm_addr, 0, HDR)
+        self.set("magic", 1414481200)
+        self.set("abi_version", 3)
+        self.set("tx_size", RING)
+        self.set("rx_size", RING)
+        tail = self.ccb.tx_head + self.r.randrange(0, RING + 1)
+        self.set("tx_head", self.ccb.tx_head)
+        self.set("tx_tail", tail)
+        self.set("tx_push", tail if self.r.random() < 0.8 else self.r.getrandbits(32))
+        self.set("opt_flags", self.r.choice([0, 0, 1, 16, 0xFFFFFFFF]))
+
+    def garbage_header(self) -> None:
+        self.hdr[:] = self.r.randbytes(HDR)
+        self.stats["garbage"] += 1
+
+    def tweak_header(self) -> None:
+        """A plausible application: consumes the RX ring, writes more into the TX ring."""
+        r = self.r
+        if r.random() < 0.5:
+            self.set("rx_head", self.get("rx_tail"))
+            self.set("tok_taken", self.get("tok_sent"))
+        if r.random() < 0.5:
+            self.set("tx_tail", self.get("tx_tail") + r.randrange(0, 20000))
+            if r.random() < 0.7:
+                self.set("tx_push", self.get("tx_tail"))
+        if r.random() < 0.1:
+            self.set("rcvbuf", r.choice([0, 1, 1000, 100000, 0xFFFFFFFF]))
+        if r.random() < 0.1:
+            self.set("tx_full_wait", r.getrandbits(1))
+        if r.random() < 0.05:
+            self.set("notsent_lowat", r.choice([0, 1, 1000, 0xFFFFFFFF]))
+        if r.random() < 0.05:
+            self.set("sndbuf", r.choice([0, 1, 1000, 0xFFFFFFFF]))
+        if r.random() < 0.05:      # single words of nonsense
+            self.shm[r.randrange(HDR // 4)] = r.getrandbits(32)
+
+    # the wire ----------------------------------------------------------
+    def drain(self) -> None:
+        for sock in (self.tap_mine, self.a):
+            while True:
+                try:
+                    d = sock.recv(70000)
+                except BlockingIOError:
+                    break
+                if not d:
+                    break
+                if sock is self.tap_mine:
+                    self.stats["tx_frames"] += 1
+                    assert len(d) >= 66, len(d)
+
+    def peek(self):
+        c = self.ffi.new("struct fp_ccb *")
+        return c if self.lib.fp_peek(self.st, self.slot, c) == 0 else None
+
+    def next_frame(self) -> bytes:
+        r = self.r
+        c = self.peek()
+        rcv_nxt = c.rcv_nxt if c is not None else r.getrandbits(32)
+        una = c.snd_una if c is not None else 0
+        smax = c.snd_max if c is not None else 0
+        good = r.random() < 0.8
+        seq = rcv_nxt if good else r.choice([r.getrandbits(32), rcv_nxt + r.randrange(-3000, 3000)])
+        span = (smax - una) & 0xFFFFFFFF
+        if good:
+            ack = una + (r.randrange(0, span + 1) if span < 1 << 20 else 0)
+        else:
+            ack = r.choice([r.getrandbits(32), una - 1, smax + 1, una])
+        flags = 0x10 | (0x08 if r.random() < 0.5 else 0)
+        if not good or r.random() < 0.05:
+            flags = r.getrandbits(8)
+        payload = r.randbytes(r.choice([0, 0, 1, 100, 1460, r.randrange(0, 9000)]))
+        window = r.choice([65535, 65535, 0, r.randrange(0, 65536)])
+        vflags = r.choice([0, 1, 1, 2])
+        options = b"" if r.random() < 0.95 else bytes((1, 1, 8, 10)) + r.randbytes(8)
+        return frame(seq=seq, ack=ack, flags=flags, window=window, payload=payload, vflags=vflags,
+                     options=options, good_csum=r.random() < 0.98)
+
+    def feed(self, data: bytes) -> None:
+        lib, ffi = self.lib, self.ffi
+        i = self.r.randrange(self.NBUFS)
+        ffi.memmove(self.bufs[i], data, len(data))
+        self.op(f"fp_rx_frame(buf={i}, len={len(data)}, now={self.now:.4f}) frame={data[:80].hex()}...")
+        lib.fp_rx_frame(self.st, i, len(data), self.now)
+        self.stats["frames"] += 1
+        self.maybe_end_burst()
+
+    def op(self, what: str) -> None:
+        OPS.append(what)
+        del OPS[:-8]
+
+    def maybe_end_burst(self) -> None:
+        if self.bursts_of_one:
+            self.op("fp_end_burst")
+            self.lib.fp_end_burst(self.st)
+
+    def check_events(self) -> None:
+        st = self.st
+        n = st.nevents
+        assert n <= self.lib.FP_MAX_EVENTS
+        for k in range(n):
+            e = st.events[k]
+            assert e.kind in (1, 2, 3), e.kind
+            if e.kind == 2:
+                assert e.buf < self.NBUFS and e.len <= self.BUF_SIZE
+            assert e.slot == -1 or 0 <= e.slot < 16, e.slot
+        st.nevents = 0                      # software took the records (fp_poll would reset it)
+
+    def repush(self) -> None:
+        lib, ffi, r = self.lib, self.ffi, self.r
+        c = ffi.new("struct fp_ccb *")
+        self.op(f"fp_pull/fp_push(slot={self.slot})")
+        assert lib.fp_pull(self.st, self.slot, c) == 0
+        assert lib.fp_pull(self.st, self.slot, c) == -1
+        if r.random() < 0.3:                # software moved the connection on
+            c.rcv_nxt = r.getrandbits(32)
+            c.snd_una = r.getrandbits(32)
+            c.snd_nxt = (c.snd_una + r.randrange(0, 70000)) & 0xFFFFFFFF
+            c.snd_max = (c.snd_nxt + r.randrange(0, 10)) & 0xFFFFFFFF
+            c.tx_head = r.getrandbits(32)
+            c.snd_wnd = r.choice([0, 1, 65535, 1 << 20])
+            c.psh_n = r.choice([0, 3, 64, 1000])
+            c.rto_deadline = r.choice([0.0, self.now + 0.1])
+            c.dack_deadline = r.choice([0.0, self.now + 0.01])
+            c.wnd_wait = r.getrandbits(1)
+            c.pingpong = r.getrandbits(1)
+            c.snd_wscale = r.randrange(0, 15)
+            c.rcv_wscale = r.randrange(0, 15)
+            c.cwnd = r.choice([1, 1460, 14600, 0x7FFFFFFF])
+        c.punted = 0
+        self.slot = lib.fp_push(self.st, c)
+        assert self.slot >= 0, self.slot
+        self.ccb = c
+        self.stats["repush"] += 1
+
+    def step(self) -> None:
+        r, lib = self.r, self.lib
+        self.now += r.choice([0.0, 0.0001, 0.001, 0.01, 0.05, 0.3])
+        roll = r.random()
+        if roll < 0.03:
+            self.garbage_header()
+        elif roll < 0.06:
+            self.sane_header()
+        else:
+            self.tweak_header()
+        for _ in range(r.randrange(1, 5)):
+            self.feed(self.next_frame())
+        if r.random() < 0.3:
+            if r.random() < 0.5:
+                with contextlib.suppress(BlockingIOError):
+                    self.a.send(b"\x01" * r.randrange(1, 50))
+            slot = self.slot if r.random() < 0.95 else r.randrange(-2, 20)
+            self.op(f"fp_doorbell(slot={slot}, now={self.now:.4f})")
+            lib.fp_doorbell(self.st, slot, self.now)
+            self.stats["doorbells"] += 1
+            self.maybe_end_burst()
+        if r.random() < 0.2:
+            self.op(f"fp_scan(now={self.now:.4f})")
+            lib.fp_scan(self.st, self.now)
+            self.stats["scans"] += 1
+            self.maybe_end_burst()
+        self.op("fp_end_burst")
+        lib.fp_end_burst(self.st)
+        self.check_events()
+        self.drain()
+        c = self.peek()
+        assert c is not None
+        if c.punted:
+            self.stats["punted"] += 1
+        if c.punted or r.random() < 0.02:
+            self.repush()
+
+    def close(self) -> dict:
+        k = self.st.counters
+        self.stats.update(rx_segments=k.rx_segments, rx_payload=k.rx_payload_bytes, tx_segments=k.segments,
+                          pure_acks=k.pure_acks, tx_errors=k.tx_errors)
+        self.lib.fp_free(self.st)
+        for s in (self.tap_mine, self.tap_units, self.a, self.b):
+            s.close()
+        self.ep.close()
+        return self.stats
+
+
+def child_engine(ffi, lib, r: random.Random, n: int, offloads: int, bursts_of_one: bool) -> dict:
+    eng = Engine(ffi, lib, r, offloads, bursts_of_one)
+    steps = 0
+    while eng.stats["frames"] < n:
+        eng.step()
+        steps += 1
+    return eng.close()
+
+
+OPS: list[str] = []          # the last calls into the units, for the watchdog's report
+
+
+def watchdog(seconds: float) -> threading.Timer:
+    """cffi releases the GIL in C calls: a unit that never returns is reported from here."""
+    def fire() -> None:
+        sys.stderr.write(f"STUCK: no progress for {seconds:.0f} s; the last calls into the units, latest last:\n  "
+                         + "\n  ".join(OPS) + "\n")
+        sys.stderr.flush()
+        os._exit(3)
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def child_main(argv: list[str]) -> int:
+    """argv: SEED PARSE_FRAMES ENGINE_FRAMES MODE (bursts: several calls per fp_end_burst, as
+    fp_poll's bursts are; single: fp_end_burst after every call) [WATCHDOG_SECONDS]."""
+    import importlib
+
+    seed, parse_frames, engine_frames = (int(a) for a in argv[:3])
+    mode = argv[3]
+    limit = float(argv[4]) if len(argv) > 4 else 30.0
+    assert mode in ("bursts", "single"), mode
+    mod = importlib.import_module(MODULE)
+    ffi, lib = mod.ffi, mod.lib
+    dog = watchdog(limit)
+    t0 = time.monotonic()
+    r = random.Random(seed)
+    report = child_parse(ffi, lib, r, parse_frames)
+    t1 = time.monotonic()
+    one = mode == "single"
+    e0 = child_engine(ffi, lib, random.Random(seed * 4 + 1), engine_frames // 2, offloads=1, bursts_of_one=one)
+    e1 = child_engine(ffi, lib, random.Random(seed * 4 + 2), engine_frames - engine_frames // 2, offloads=0,
+                      bursts_of_one=one)
+    t2 = time.monotonic()
+    dog.cancel()
+    print(f"DONE parse={parse_frames} {report} in {t1 - t0:.1f}s; engine ({mode}) offloads=1 {e0}; "
+          f"offloads=0 {e1}; in {t2 - t1:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

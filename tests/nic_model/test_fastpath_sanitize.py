@@ -1,0 +1,59 @@
+"""The hardware units under AddressSanitizer and UBSan (tests/nic_model/sanitized.py).
+
+The units are compiled a second time with -fsanitize=address,undefined as `_fastpath_san`
+(once per module); then a child Python with the sanitizer runtimes preloaded
+  - parses tens of thousands of random and mutated frames, each in a buffer of exactly its
+    length (a read past the frame is a heap-buffer-overflow report);
+  - drives the engine (fp_push, fp_rx_frame, fp_doorbell, fp_scan, fp_end_burst, fp_pull)
+    with one connection whose shared header is rewritten with garbage between frames and
+    whose mapping sits between PROT_NONE guard pages (a write outside the rings faults),
+    once with fp_end_burst after every call and once in bursts of several calls, as
+    fp_poll runs them.
+A sanitizer report, a fault, or a unit that never returns (the child's watchdog) fails
+the test with the child's stderr.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import sanitized
+
+SEED = 20240601
+
+
+@pytest.fixture(scope="module")
+def san_module(tmp_path_factory):
+    preload, why = sanitized.runtime()
+    if preload is None:
+        pytest.skip(f"sanitizers unavailable: {why}")
+    tmp = tmp_path_factory.mktemp("fastpath_san")
+    path = sanitized.build(str(tmp))
+    with open(path, "rb") as f:
+        blob = f.read()
+    # the module is really instrumented (not the plain build under another name)
+    assert b"__asan_report_load" in blob and b"__ubsan_handle" in blob
+    return str(tmp), preload
+
+
+def _run(san_module, parse_frames: int, engine_frames: int, mode: str, watchdog_s: float = 20) -> str:
+    tmp, preload = san_module
+    p = sanitized.run(tmp, preload, SEED, parse_frames, engine_frames, mode=mode, watchdog_s=watchdog_s,
+                      timeout=watchdog_s + 30)
+    report = f"exit status {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-20000:]}"
+    assert p.returncode == 0, report
+    assert p.stdout.startswith("DONE"), report
+    return p.stdout
+
+
+def test_rx_parse_reads_nothing_past_the_frame(san_module):
+    out = _run(san_module, parse_frames=20000, engine_frames=0, mode="single")
+    assert "parse=20000" in out
+
+
+def test_engine_with_a_lying_header(san_module):
+    _run(san_module, parse_frames=0, engine_frames=30000, mode="single")
+
+
+def test_engine_in_bursts_with_a_lying_header(san_module):
+    _run(san_module, parse_frames=0, engine_frames=20000, mode="bursts")
