@@ -23,8 +23,8 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from nic_model._fastpath import lib as fp_lib
+
 from nic_model.fastpath import FastPathUnits
 from nic_model.rx import TCP_DATA, TCP_SYN, RxChecker
 from nic_model.wire import tcp as T
@@ -225,7 +225,7 @@ class Pair:
 
 def test_request_response_rides_acks_on_replies():
     p = Pair()
-    for i in range(20):
+    for _ in range(20):
         p.peer_data(b"q" * 7)
         p.step("write", b"r" * 11)
         p.peer_ack()
@@ -267,7 +267,7 @@ def test_bursts_of_data_and_acks_while_sending():
     application writes: replies carry the ACKs, one ACK at most is owed per burst."""
     p = Pair()
     p.step("write", b"w" * 200000)                      # more than cwnd: each ACK sends more
-    for i in range(10):
+    for _ in range(10):
         s = p.s.state()
         rcv, una, top = s["rcv_nxt"], s["snd_una"], s["snd_max"]
         half = (una + ((top - una) & 0xFFFFFFFF) // 2) & 0xFFFFFFFF
