@@ -289,6 +289,9 @@ struct fp_seg {
     uint32_t drop;             /* FP_DROP_* when the class is ERROR or OTHER */
     uint32_t has_options;
     uint32_t csum_offloaded;
+    uint32_t has_ts;           /* a well-formed timestamp option (RFC 7323): */
+    uint32_t tsval;
+    uint32_t tsecr;
 };
 int fp_rx_parse(const uint8_t *frame, uint32_t len, uint32_t my_ip, const uint8_t *my_mac,
                 struct fp_seg *out);

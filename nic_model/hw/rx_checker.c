@@ -26,8 +26,10 @@ static int drop(struct fp_seg *out, uint32_t reason)
     return reason == FP_DROP_NOT_OUR_IP ? FP_CLS_OTHER : FP_CLS_ERROR;
 }
 
-/* TCP options between p and end: well formed (kind, length within the header)? */
-static int options_ok(const uint8_t *p, const uint8_t *end)
+/* TCP options between p and end: well formed (kind, length within the header)?  The
+ * timestamp option's values are extracted on the way (for the units to come: PAWS and
+ * RTT from TSecr; today a segment with options goes to software). */
+static int options_ok(const uint8_t *p, const uint8_t *end, struct fp_seg *out)
 {
     while (p < end) {
         uint8_t kind = p[0];
@@ -42,6 +44,11 @@ static int options_ok(const uint8_t *p, const uint8_t *end)
         uint8_t l = p[1];
         if (l < 2 || l > end - p)
             return 0;
+        if (kind == 8 && l == 10) {
+            out->has_ts = 1;
+            out->tsval = be32(p + 2);
+            out->tsecr = be32(p + 6);
+        }
         p += l;
     }
     return 1;
@@ -90,7 +97,7 @@ int fp_rx_parse(const uint8_t *f, uint32_t len, uint32_t my_ip, const uint8_t *m
             return drop(out, FP_DROP_TCP_CHECKSUM);
     }
     if (hlen > 20) {
-        if (!options_ok(t + 20, t + hlen))
+        if (!options_ok(t + 20, t + hlen, out))
             return drop(out, FP_DROP_TCP_OPTION);
         out->has_options = 1;
     }

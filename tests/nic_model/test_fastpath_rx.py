@@ -332,3 +332,22 @@ def test_hypothesis_cases_reach_every_class():
         if cls in (ERR, OTH):
             reasons.add(DROP_NAMES[out.drop])
     assert reasons == set(DROP_NAMES)
+
+
+@pytest.mark.parametrize("options", [
+    b"\x01\x01\x08\x0a" + struct.pack("!II", 0x01020304, 0xA0B0C0D0),           # NOP NOP TS
+    b"\x02\x04\x05\xb4\x08\x0a" + struct.pack("!II", 7, 0xFFFFFFFF) + b"\x00\x00",  # MSS, TS, END
+    b"\x01\x01\x05\x0a" + struct.pack("!II", 100, 200) + b"\x01\x01\x08\x0a" + struct.pack("!II", 5, 6),
+])
+def test_the_timestamp_option_is_extracted_as_the_software_parser_reads_it(options):
+    data = tcp_frame(options=options, payload=b"x" * 10)
+    cls, out = c_parse(data)
+    pcls, seg, _ = py_check(data)
+    assert cls == pcls == lib.FP_CLS_TCP_DATA
+    assert out.has_options == 1
+    assert out.has_ts == 1 and (out.tsval, out.tsecr) == seg.options.timestamp
+
+
+def test_no_timestamp_without_the_option():
+    cls, out = c_parse(tcp_frame(options=b"\x02\x04\x05\xb4"))
+    assert cls == lib.FP_CLS_TCP_DATA and out.has_ts == 0
