@@ -51,6 +51,7 @@ uint32_t toe_rx_space(struct toe_sock_shm *s);
 int toe_rx_push(struct toe_sock_shm *s, const uint8_t *src, uint32_t len);
 void toe_rx_token_sent(struct toe_sock_shm *s);
 uint32_t toe_rx_arm_window(struct toe_sock_shm *s);
+uint32_t toe_rx_arm_window_at(struct toe_sock_shm *s, uint32_t at);
 uint32_t toe_ring_load(uint32_t *p);
 uint16_t toe_csum_fold(const uint8_t *buf, size_t len, uint32_t initial);
 int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uint32_t rx_size);

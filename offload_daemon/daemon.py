@@ -237,7 +237,8 @@ class Adapter:
         poll = fp_lib.fp_poll
         while self.running:
             d = timers.next_deadline()
-            timeout = -1 if d is None else max(0, math.ceil((d - time.monotonic()) * 1000.0))
+            # ms, at most an hour (a deadline far away, e.g. a keepalive of 2^32 s, still fits)
+            timeout = -1 if d is None else min(max(0, math.ceil((d - time.monotonic()) * 1000.0)), 3_600_000)
             n = poll(st, timeout)
             now = time.monotonic()
             for i in range(n):

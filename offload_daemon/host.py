@@ -217,9 +217,12 @@ class HostSocket:
         """Ask the shim to ring when it writes more; returns the TX tail seen after arming."""
         return lib.toe_tx_arm_doorbell(self.shm)
 
-    def arm_rx_window(self) -> None:
+    def arm_rx_window(self, at: int | None = None) -> None:
         """Ask the shim to ring when the application frees RX space."""
-        lib.toe_rx_arm_window(self.shm)
+        if at is None:
+            lib.toe_rx_arm_window(self.shm)
+        else:
+            lib.toe_rx_arm_window_at(self.shm, at)
 
     def shut_rd(self) -> None:
         """shutdown(SHUT_RD): a blocked reader wakes up at EOF."""

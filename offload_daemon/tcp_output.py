@@ -88,10 +88,18 @@ class TcpOutput(TcpStackBase):
         c.rcv_adv = edge
         s = c.sock
         if s is not None and s.mapped and space < self._rcv_buf(s) // 2 and not c.wnd_wait:
-            c.wnd_wait = True
-            self.wnd_watch.add(c)
-            s.arm_rx_window()
+            self._wait_for_window(c, s, space)
         return w
+
+    def _wait_for_window(self, c: Ccb, s: Sock, space: int) -> None:
+        """Ask the shim for a doorbell once the application has freed enough RX space for a
+        window update to be worth sending: the window doubled (Linux's tcp_cleanup_rbuf), or,
+        from a closed or sub-MSS window, one MSS open. One doorbell per update, not per read."""
+        adv = (c.rcv_adv - c.rcv_nxt) & M32
+        want = c.mss if adv < c.mss else 2 * adv
+        c.wnd_wait = True
+        self.wnd_watch.add(c)
+        s.arm_rx_window((s.shm.rx_head + max(want - space, 1)) & M32)
 
     def _maybe_window_update(self, c: Ccb, now: float, force: bool = False) -> None:
         """The application freed RX space: advertise it if it grew enough (RFC 9293 3.8.6.2.2)."""
@@ -102,13 +110,11 @@ class TcpOutput(TcpStackBase):
         buf = self._rcv_buf(s)
         adv = (c.rcv_adv - c.rcv_nxt) & M32
         c.wnd_wait = False
-        if force or space - adv >= min(buf // 4, 8 * c.mss) or (adv < c.mss <= space):
+        if force or (adv < c.mss <= space) or (adv >= c.mss and space >= 2 * adv):
             self.ackgen.window_updates += 1
             self.send_ack(c)
         elif space < buf // 2:
-            c.wnd_wait = True
-            self.wnd_watch.add(c)
-            s.arm_rx_window()
+            self._wait_for_window(c, s, space)
 
     def _emit(self, c: Ccb, seq: int, flags: int, options: bytes = b"", payload=(), n: int = 0) -> None:
         if flags & T.ACK:

@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define TOE_ABI_VERSION 3
+#define TOE_ABI_VERSION 4
 #define TOE_SHM_MAGIC 1414481200
 
 /* Sizes checked on both sides (_Static_assert below, ffi.sizeof in Python). */
@@ -163,8 +163,9 @@ struct toe_sock_shm {
     /* line 3: RX producer (daemon) */
     uint32_t rx_tail;
     uint32_t tok_sent;           /* readiness tokens written into B */
-    uint32_t rx_wnd_wait;        /* daemon: "ring a doorbell when you free RX space" */
-    uint32_t pad3[13];
+    uint32_t rx_wnd_wait;        /* daemon: "ring a doorbell when you free RX space" ... */
+    uint32_t rx_wnd_at;          /* ... once rx_head has reached this (written before rx_wnd_wait) */
+    uint32_t pad3[12];
 
     /* line 4: RX consumer (shim) */
     uint32_t rx_head;

@@ -241,7 +241,7 @@ static inline int toe_rx_consumed(struct toe_sock_shm *s, uint32_t n)
 {
     TOE_STORE_REL(&s->rx_head, s->rx_head + n);
     TOE_FENCE();
-    if (TOE_LOAD_RLX(&s->rx_wnd_wait) &&
+    if (TOE_LOAD_RLX(&s->rx_wnd_wait) && (int32_t)(s->rx_head - TOE_LOAD_ACQ(&s->rx_wnd_at)) >= 0 &&
         __atomic_exchange_n(&s->rx_wnd_wait, 0, __ATOMIC_SEQ_CST))
         return 1;
     return 0;
@@ -271,9 +271,20 @@ static inline int toe_tokens_taken(struct toe_sock_shm *s, uint32_t n)
            TOE_LOAD_ACQ(&s->accept_pending) != 0;
 }
 
-/* Daemon: set the RX-window-wait flag, then re-read the consumer index. */
+/* Daemon: ask for a doorbell once rx_head reaches `at` (the mark is stored before the
+ * flag), then re-read the consumer index. */
+static inline uint32_t toe_rx_arm_window_at(struct toe_sock_shm *s, uint32_t at)
+{
+    TOE_STORE_REL(&s->rx_wnd_at, at);
+    __atomic_store_n(&s->rx_wnd_wait, 1, __ATOMIC_SEQ_CST);
+    TOE_FENCE();
+    return TOE_LOAD_ACQ(&s->rx_head);
+}
+
+/* ... ring on the next read, whatever it frees. */
 static inline uint32_t toe_rx_arm_window(struct toe_sock_shm *s)
 {
+    TOE_STORE_REL(&s->rx_wnd_at, s->rx_head);
     __atomic_store_n(&s->rx_wnd_wait, 1, __ATOMIC_SEQ_CST);
     TOE_FENCE();
     return TOE_LOAD_ACQ(&s->rx_head);

@@ -28,10 +28,16 @@ uint32_t fp_rcv_space(const struct fp_ccb *c)
     return buf > used ? buf - used : 0;
 }
 
-static void wait_for_window(struct fp_state *st, struct fp_ccb *c)
+/* A doorbell once the application has freed enough for an update to be worth sending:
+ * the window doubled (Linux's tcp_cleanup_rbuf) or, from under an MSS, one MSS open. */
+static void wait_for_window(struct fp_state *st, struct fp_ccb *c, uint32_t space)
 {
+    uint32_t adv = c->rcv_adv - c->rcv_nxt;
+    uint64_t want = adv < c->mss ? c->mss : 2 * (uint64_t)adv;
+    uint64_t need = want > space ? want - space : 1;
+    struct toe_sock_shm *shm = fp_shm(c);
     c->wnd_wait = 1;
-    toe_rx_arm_window(fp_shm(c));
+    toe_rx_arm_window_at(shm, TOE_LOAD_RLX(&shm->rx_head) + (uint32_t)need);
     c->wnd_poll_at = st->now + st->wnd_poll_s;     /* the doorbell can be lost while A is stuffed */
     fp_deadline(st, c->wnd_poll_at);
 }
@@ -52,7 +58,7 @@ uint32_t fp_window(struct fp_state *st, struct fp_ccb *c)
     }
     c->rcv_adv = edge;
     if (space < fp_rcv_buf(c) / 2 && !c->wnd_wait)
-        wait_for_window(st, c);
+        wait_for_window(st, c, space);
     return w;
 }
 
@@ -92,13 +98,12 @@ void fp_window_update(struct fp_state *st, struct fp_ccb *c, double now)
     (void)now;
     int64_t space = fp_rcv_space(c), buf = fp_rcv_buf(c);
     int64_t adv = (uint32_t)(c->rcv_adv - c->rcv_nxt), mss = c->mss;
-    int64_t enough = buf / 4 < 8 * mss ? buf / 4 : 8 * mss;
     c->wnd_wait = 0;
     c->wnd_poll_at = 0;
-    if (space - adv >= enough || (adv < mss && mss <= space)) {
+    if ((adv < mss && mss <= space) || (adv >= mss && space >= 2 * adv)) {
         st->counters.window_updates++;
         fp_send_ack(st, c);
     } else if (space < buf / 2) {
-        wait_for_window(st, c);
+        wait_for_window(st, c, (uint32_t)space);
     }
 }
