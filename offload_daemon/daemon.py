@@ -17,7 +17,6 @@ import ipaddress
 import json
 import math
 import os
-import resource
 import secrets
 import select
 import signal
@@ -37,7 +36,7 @@ from nic_model.tap import TapError, TapPort
 from nic_model.tx import MAX_TSO_BYTES, TxEngine
 from nic_model.wire import ethernet, vnet
 
-from . import access
+from . import access, stat_answer
 from .abi import csum, ffi, lib
 from .api import ApiServer, Peer, RequestError
 from .arp import ArpTable
@@ -45,7 +44,8 @@ from .byteorder import from_be16, from_be32, to_be16, to_be32
 from .config import RUN_DIR, AdapterConfig, log_path
 from .fastpath import FastPath
 from .host import ControlServer, HostIfCounters, HostSocket, ProcessCtx, unix_listener
-from .tcp import SEND_STATES, TcpEnv, TcpStack, ip_str
+from .host_setup import SetupError, configure_kernel_side, enter_netns, raise_fd_limit
+from .tcp import SEND_STATES, TcpEnv, TcpStack
 from .timers import Timers
 
 RX_BATCH = 128
@@ -55,10 +55,6 @@ POOL_BUFFERS = 256
 POOL_BUF_BYTES = 65536 + 256
 EP_B = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP
 MAX_CHANNELS = 4096                 # control channels (processes) at once
-
-
-class SetupError(Exception):
-    """A reason the adapter cannot start, as one readable line."""
 
 
 class BadCommand(Exception):
@@ -107,14 +103,14 @@ class Adapter:
         if os.geteuid() != 0:
             raise SetupError("the adapter needs root (CAP_NET_ADMIN) to create a TAP device")
         if cfg.netns:
-            _enter_netns(cfg.netns)
+            enter_netns(cfg.netns)
         if not os.path.exists("/dev/net/tun"):
             raise SetupError("/dev/net/tun is missing (load the tun module: modprobe tun)")
         try:
             self.tap = TapPort(cfg.tap, cfg.offloads, pcap=cfg.pcap)
         except TapError as e:
             raise SetupError(str(e)) from None
-        _configure_kernel_side(cfg)
+        configure_kernel_side(cfg)
         self.pool = BufferPool(POOL_BUFFERS, POOL_BUF_BYTES, mapper=ffi.from_buffer, reuse=cfg.buffer_reuse)
         self.rx = rxmod.RxChecker(self.my_mac, self.my_ip, csum)
         # frames the compiled RX checker classified (and counted) before punting them are
@@ -127,7 +123,7 @@ class Adapter:
                                    arp=self.arp, ackgen=self.ackgen, offloads=self.offloads,
                                    tx_max_payload=self.tx_max_payload))
         # per socket: B, the memfd (for ADOPT) and the dup CPython's mmap keeps of it
-        _raise_fd_limit(3 * cfg.max_sockets + MAX_CHANNELS + 1024)
+        raise_fd_limit(3 * cfg.max_sockets + MAX_CHANNELS + 1024)
         try:
             for note in access.ensure_run_dir(RUN_DIR):
                 print(f"toe: {RUN_DIR}: {note}", file=sys.stderr)
@@ -165,7 +161,8 @@ class Adapter:
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
-                 "offloads": cfg.offloads, "fastpath": self.fp is not None}
+                 "offloads": cfg.offloads, "fastpath": self.fp is not None,
+                 "poll_us": cfg.poll_us if self.fp is not None else 0}
         tmp = cfg.state_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -673,83 +670,8 @@ class Adapter:
         raise RequestError(f"unknown command {cmd!r}")
 
     def stat(self, uid: int | None = None) -> dict:
-        """`toe stat`'s data; with `uid`, only what belongs to that user."""
-        now = time.monotonic()
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        fp = self.fp
-        if fp is not None:
-            for c in self.tcp.conns.values():
-                fp.refresh(c)
-        every = [c.info() for c in self.tcp.conns.values()]
-        conns = every if uid is None else [c for c in every if c.get("uid") == uid]
-        closed = [c for c in self.tcp.closed if uid is None or c.get("uid") == uid]
-        listeners = []
-        for lsts in self.tcp.listeners.values():
-            for lst in lsts:
-                if uid is not None and lst.sock.uid != uid:
-                    continue
-                listeners.append({"id": lst.sock.id, "local": f"{ip_str(lst.ip)}:{lst.port}",
-                                  "backlog": lst.backlog, "pending": len(lst.queue),
-                                  "embryonic": len(lst.embryonic), "pid": lst.sock.pid})
-        tapc = self.tap.counters  # type: ignore[union-attr]
-        bytes_in = sum(c["bytes_in"] for c in every) + self.tcp.closed_bytes_in
-        bytes_out = sum(c["bytes_out"] for c in every) + self.tcp.closed_bytes_out
-        data_fast = sum(c["data_fast"] for c in every) + self.tcp.closed_data_fast
-        data_sw = sum(c["data_software"] for c in every) + self.tcp.closed_data_sw
-        units = {
-            "tap_port": tapc.snapshot(),
-            "rx_checker": self.rx.counters.snapshot(),
-            "tx_hdrgen": self.tx.counters.snapshot(),
-            "ack_gen": self.ackgen.snapshot(),
-            "buffer_pool": self.pool.counters.snapshot(),
-            "host_if": self.counters_host.snapshot(),
-            "tcp": self.tcp.stats.snapshot(),
-            "arp_icmp": self.arp.counters.snapshot(),
-        }
-        frames_in, frames_out = tapc.rx_frames, tapc.tx_frames
-        if fp is not None:
-            u = fp.units
-            units["tap_port"] = fpmod.merge(units["tap_port"], u.tap_counters())
-            units["rx_checker"] = fpmod.merge(units["rx_checker"], u.rx_checker_counters())
-            units["tx_hdrgen"] = fpmod.merge(units["tx_hdrgen"], u.tx_counters())
-            units["ack_gen"] = fpmod.merge(units["ack_gen"], u.ack_counters())
-            units["host_if"]["doorbells"] += u.counters.doorbells
-            units["buffer_pool"] = fpmod.merge(units["buffer_pool"], u.pool_counters())
-            units["fast_path"] = u.own_counters()
-            frames_in, frames_out = units["tap_port"]["rx_frames"], units["tap_port"]["tx_frames"]
-        procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets,
-                  "offloaded": p.offloaded, "handovers": p.handovers, "refused": p.refused,
-                  "handover_reasons": dict(p.handover_reasons), "alive": p.alive,
-                  "forked_from": p.parent_pid or None}
-                 for p in [*self.ctl.procs.values(), *self.exited]  # type: ignore[union-attr]
-                 if p.allowed and (p.commands or p.sockets) and (uid is None or p.uid == uid)]
-        return {
-            "ok": True,
-            "adapter": {"tap": self.cfg.tap, "addr": self.cfg.addr, "host_addr": self.cfg.host_addr,
-                        "mac": ethernet.mac_str(self.my_mac), "pid": os.getpid(),
-                        "uptime_s": round(now - self.started, 3), "offloads": self.offloads,
-                        "mtu": self.cfg.mtu, "netns": self.cfg.netns},
-            "cpu": {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "max_rss_kb": ru.ru_maxrss},
-            "totals": {"connections": len(every), "closed_connections": self.tcp.closed_count,
-                       "bytes_in": bytes_in, "bytes_out": bytes_out,
-                       "frames_in": frames_in, "frames_out": frames_out,
-                       "fastpath": fp is not None, "data_segments_fast": data_fast,
-                       "data_segments_software": data_sw,
-                       "fast_share": round(data_fast / (data_fast + data_sw), 4) if data_fast + data_sw else None,
-                       "handovers": self.counters_host.handovers,
-                       "sockets_open": len(self.socks)},
-            "limits": {"max_sockets": self.cfg.max_sockets,
-                       "max_process_sockets": self.cfg.max_process_sockets,
-                       "max_ring_bytes": self.ring_limit, "sockets": len(self.socks),
-                       "ring_bytes": HostSocket.mapped_bytes,
-                       "channels": len(self.ctl.procs)},  # type: ignore[union-attr]
-            "connections": conns,
-            "closed": closed,
-            "listeners": listeners,
-            "units": units,
-            "arp": self.arp.info(now),
-            "processes": procs,
-        }
+        """`toe stat`'s data; with `uid`, only what belongs to that user (stat_answer.py)."""
+        return stat_answer.adapter_stat(self, uid)
 
     # ------------------------------------------------------------------ teardown
 
@@ -782,66 +704,6 @@ class Adapter:
             os.unlink(self.cfg.state_path)
         except FileNotFoundError:
             pass
-
-
-def _raise_fd_limit(want: int) -> None:
-    """Make room for the sockets the limits allow (root may raise the hard limit up to
-    fs.nr_open)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
-    except (OSError, ValueError):
-        ceiling = hard
-    target = min(max(want, soft), max(ceiling, hard))
-    if target <= soft:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
-    except (OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _enter_netns(name: str) -> None:
-    path = f"/run/netns/{name}"
-    if not os.path.exists(path):
-        raise SetupError(f"network namespace {name!r} does not exist")
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:        # CLONE_NEWNET
-            err = ctypes.get_errno()
-            raise SetupError(f"cannot enter network namespace {name!r}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def _configure_kernel_side(cfg: AdapterConfig) -> None:
-    """Give the kernel's end of the TAP its address and bring it (and lo) up."""
-    from pyroute2 import IPRoute
-
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{cfg.tap}/disable_ipv6", "w") as f:
-            f.write("1")
-    except OSError:
-        pass
-    host = cfg.host_iface
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=cfg.tap)
-        if not idx:
-            raise SetupError(f"TAP {cfg.tap} vanished during setup")
-        ipr.link("set", index=idx[0], mtu=cfg.mtu)
-        try:
-            ipr.addr("add", index=idx[0], address=str(host.ip), prefixlen=host.network.prefixlen)
-        except Exception as e:  # pyroute2 NetlinkError
-            if getattr(e, "code", None) != errno.EEXIST:
-                raise SetupError(f"cannot give {cfg.tap} address {host}: {e}") from None
-        ipr.link("set", index=idx[0], state="up")
-        lo = ipr.link_lookup(ifname="lo")
-        if lo:
-            ipr.link("set", index=lo[0], state="up")
 
 
 def run(cfg: AdapterConfig) -> int:

@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seed 002's comparison: map and unmap a frame buffer per packet instead of "
                          "reusing the pre-mapped pool (counted as dma_mappings in toe stat)")
     up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
-                    help="the fast path busy-polls N µs for more work before it sleeps (default 0; "
-                         "see docs/fastpath.md for what it costs and buys on 2 CPUs)")
+                    help="the fast path busy-polls N µs for more work before it sleeps, and programs "
+                         "under toe run spin as long in blocking receives (TOE_POLL_US); default 0. "
+                         "20 is the latency profile: docs/fastpath.md has what it costs and buys")
     up.add_argument("--syn-retries", type=ranged(1, 127), metavar="N",
                     help=f"SYN retransmissions before ETIMEDOUT (default {AdapterConfig.syn_retries})")
     up.add_argument("--mtu", type=ranged(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")

@@ -9,11 +9,13 @@ it: with the fast path on, a loss-free bulk transfer is all but entirely the uni
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from offload_daemon.config import state_path
 from tests.conftest import BIG_BYTES, require_tools, sha256_file, unique_port, wait_for_line
 
 pytestmark = pytest.mark.integration
@@ -78,6 +80,23 @@ def test_buffer_reuse_maps_nothing_per_packet(adapter, client_ns, big_blob, tmp_
     stat = _download(adapter, client_ns, blob, want, tmp_path)
     pool = stat["units"]["buffer_pool"]
     assert pool["dma_mappings"] == pool["buffers"] and pool["dma_unmaps"] == 0, pool
+
+
+def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_factory, client_ns):
+    adapter = adapter_factory("--poll-us", "20")
+    with open(state_path(adapter.tap)) as f:
+        assert json.load(f)["poll_us"] == 20
+    res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=$TOE_POLL_US"], text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "poll=20", (res.stdout, res.stderr)
+    # and a transfer still works while the adapter and the program spin
+    port = unique_port()
+    server = adapter.popen([sys.executable, "-u", "-c", ECHO, adapter.host_ip, str(port)],
+                           stdout=subprocess.PIPE, text=True)
+    wait_for_line(server, "listening")
+    res = client_ns.toe_run(adapter, [sys.executable, "-c", PINGPONG, adapter.host_ip, str(port), "500"],
+                            text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok 500", res.stderr
+    assert adapter.stat()["units"]["fast_path"]["spins"] > 0
 
 
 def test_request_response_rides_acks_on_replies(adapter, client_ns, tmp_path):
