@@ -43,13 +43,9 @@ void fp_drain(struct fp_ccb *c, int limit)
     }
 }
 
-/* n in-order bytes at p (the caller checked the receive space). */
-void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now)
+static void delivered(struct fp_state *st, struct fp_ccb *c, int r, uint32_t n, double now)
 {
     struct toe_sock_shm *shm = fp_shm(c);
-    /* r < 0: the application moved its index to nonsense; nothing is written and its
-     * stream has a hole, as in the software path (HostSocket.push) */
-    int r = toe_d_rx_push(shm, c->tx_size, c->rx_size, p, n);
     if (r > 0 && c->b_fd >= 0) {
         token(c);
         st->counters.tokens++;
@@ -59,4 +55,25 @@ void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_
     c->bytes_in += n;
     st->counters.rx_payload_bytes += n;
     fp_ack_policy(st, c, n, now);
+}
+
+/* n in-order bytes the TAP read already placed at the ring's tail (the caller checked
+ * that they fit the ring's free space when it placed them): publish them. */
+void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now)
+{
+    struct toe_sock_shm *shm = fp_shm(c);
+    TOE_STORE_REL(&shm->rx_tail, shm->rx_tail + n);
+    TOE_FENCE();
+    delivered(st, c, TOE_LOAD_ACQ(&shm->tok_taken) == shm->tok_sent, n, now);
+    st->counters.rx_placed++;
+}
+
+/* n in-order bytes at p (the caller checked the receive space). */
+void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now)
+{
+    struct toe_sock_shm *shm = fp_shm(c);
+    /* r < 0: the application moved its index to nonsense; nothing is written and its
+     * stream has a hole, as in the software path (HostSocket.push) */
+    delivered(st, c, toe_d_rx_push(shm, c->tx_size, c->rx_size, p, n), n, now);
+    st->place_slot = (int32_t)(c - st->ccbs);    /* its next frame goes straight into its ring */
 }

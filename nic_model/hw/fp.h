@@ -196,6 +196,8 @@ struct fp_counters {
     uint64_t rx_segments;      /* segments the units took */
     uint64_t rx_data_segments;
     uint64_t rx_payload_bytes;
+    uint64_t rx_placed;        /* payloads the TAP read placed straight into an RX ring (no copy) */
+    uint64_t rx_misplaced;     /* ... read there for a guess that was wrong, copied out again */
     uint64_t tokens;
     /* ACK generator */
     uint64_t pure_acks;
@@ -245,6 +247,8 @@ struct fp_state {
     double wnd_poll_s;
     uint32_t poll_us;          /* busy-poll this long before sleeping (0: sleep at once) */
     uint32_t no_reuse;         /* seed 002's other side: map and unmap a buffer per packet */
+    int32_t place_slot;        /* the connection whose RX ring the next frame's payload is read into */
+    uint32_t pad2;
     double next_scan;          /* earliest deadline the scan may find (0: none) */
     double now;                /* the clock at the last wait */
     uint32_t nevents;
@@ -333,6 +337,7 @@ void fp_send_ack(struct fp_state *st, struct fp_ccb *c);
 void fp_ack_policy(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_window_update(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
+void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_wake(struct fp_ccb *c);
 void fp_drain(struct fp_ccb *c, int limit);
 int fp_ack_check(const struct fp_ccb *c, const struct fp_seg *g);    /* tx_hdrgen.c */

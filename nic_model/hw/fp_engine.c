@@ -24,6 +24,7 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +68,7 @@ struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip
     st->ato_s = 0.040;
     st->wnd_poll_s = 0.005;
     st->ack_head = -1;
+    st->place_slot = -1;
     st->fd_map_len = 1024;
     st->ccbs = calloc(capacity, sizeof(struct fp_ccb));
     st->hash = malloc(hsize * sizeof(int32_t));
@@ -208,6 +210,8 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
         st->fd_map[c->b_fd] = -1;
     c->in_use = 0;
     c->ack_now = 0;
+    if (st->place_slot == slot)
+        st->place_slot = -1;
     st->active--;
     st->counters.pulls++;
     return 0;
@@ -437,6 +441,78 @@ void fp_scan(struct fp_state *st, double now)
     st->next_scan = next;
 }
 
+/*
+ * Header split with direct placement, as a NIC's DMA engine does it: the frame is read
+ * with its headers into a small buffer and its payload straight into the free part of
+ * the RX ring of the connection that got the last in-order data (a guess: during a bulk
+ * transfer, the right one), the rest into frame buffer `buf`.  If the frame is in-order
+ * data for that connection the units take, the payload is already where it belongs:
+ * publishing rx_tail delivers it, one copy fewer.  Otherwise the frame is put together in
+ * `buf` and goes the usual way.  0: no frame; 1: a frame, its buffer kept; 2: lent.
+ */
+static int rx_placed(struct fp_state *st, struct fp_ccb *c, uint32_t buf, double now)
+{
+    struct toe_sock_shm *shm = fp_shm(c);
+    uint8_t hdr[FP_TMPL_LEN];
+    uint8_t *ring = toe_tx_base(shm) + c->tx_size;
+    uint8_t *rest = (uint8_t *)(uintptr_t)st->bufs[buf];
+    uint32_t space = toe_d_rx_space(shm, c->rx_size), off = shm->rx_tail & (c->rx_size - 1);
+    uint32_t first = c->rx_size - off < space ? c->rx_size - off : space;
+    struct iovec iov[4] = {{hdr, sizeof(hdr)}, {ring + off, first}, {ring, space - first},
+                           {rest, st->buf_size - sizeof(hdr)}};
+    ssize_t n;
+    do
+        n = readv(st->tap_fd, iov, 4);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return 0;
+    struct fp_counters *k = &st->counters;
+    k->rx_frames++;
+    k->rx_bytes += (uint64_t)n - (n >= FP_VNET_LEN ? FP_VNET_LEN : (uint64_t)n);
+    if (n > 1 && hdr[1])
+        k->rx_gso_frames++;
+    uint32_t payload = n > FP_TMPL_LEN ? (uint32_t)n - FP_TMPL_LEN : 0;
+    /* the parse below reads only the 66 header bytes: a frame whose checksum the kernel
+     * vouches for, without IP or TCP options, of which the payload is all in the ring */
+    if (n > FP_TMPL_LEN && payload <= space && (hdr[0] & 3) && hdr[FP_IP_OFF] == 0x45 &&
+        (hdr[FP_TCP_OFF + 12] >> 4) == 5) {
+        struct fp_seg g;
+        int cls = fp_rx_parse(hdr, (uint32_t)n, st->my_ip, st->my_mac, &g);
+        if (cls == FP_CLS_TCP_DATA && g.payload_len == payload &&
+            fp_find(st, g.src, g.sport, g.dport) == (int)(c - st->ccbs) && fp_rx_fast_ok(c, &g) < 0) {
+            k->cls[cls]++;
+            k->csum_offloaded++;
+            k->rx_segments++;
+            c->segs_in++;
+            c->last_rx = now;
+            fp_ack_process(st, c, &g, now);
+            if (payload) {
+                k->rx_data_segments++;
+                c->data_fast++;
+                fp_deliver_placed(st, c, payload, now);
+            }
+            return 1;
+        }
+    }
+    /* not for the guess: the frame together in `buf`, then the usual way */
+    if ((size_t)n > st->buf_size) {
+        k->rx_misplaced++;
+        return 1;                              /* longer than any frame buffer: dropped */
+    }
+    uint32_t in_ring = payload < space ? payload : space;
+    uint32_t tail = payload - in_ring;
+    memmove(rest + FP_TMPL_LEN + in_ring, rest, tail);
+    memcpy(rest, hdr, (size_t)n < sizeof(hdr) ? (size_t)n : sizeof(hdr));
+    if (in_ring) {
+        uint32_t a = in_ring < first ? in_ring : first;
+        memcpy(rest + FP_TMPL_LEN, ring + off, a);
+        memcpy(rest + FP_TMPL_LEN + a, ring, in_ring - a);
+    }
+    if (payload)
+        k->rx_misplaced++;
+    return rx_frame(st, rest, (uint32_t)n, buf, now) ? 2 : 1;
+}
+
 static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
 {
     struct fp_counters *k = &st->counters;
@@ -444,6 +520,15 @@ static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
         /* room for what this frame may hand back (a frame, a connection) */
         if (*next_buf >= st->nbufs || st->nevents + 4 >= FP_MAX_EVENTS)
             return;                            /* the TAP stays readable: the next wait sees it */
+        int ps = st->place_slot;
+        if (!st->no_reuse && ps >= 0 && st->ccbs[ps].in_use && !st->ccbs[ps].punted) {
+            int r = rx_placed(st, &st->ccbs[ps], *next_buf, now);
+            if (r == 0)
+                return;
+            if (r == 2)
+                (*next_buf)++;
+            continue;
+        }
         uint8_t *buf = (uint8_t *)(uintptr_t)st->bufs[*next_buf];
         if (st->no_reuse && !(buf = fp_map_buffer(st, st->buf_size)))
             return;
