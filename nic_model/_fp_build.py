@@ -10,8 +10,8 @@ AddressSanitizer and UBSan under another module name.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
-import re
 
 from cffi import FFI
 
@@ -21,26 +21,19 @@ SHIM = os.path.join(os.path.dirname(HERE), "shim")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-D_GNU_SOURCE", "-std=gnu11"]
 
 
+def _reducer():
+    """offload_daemon/_abi_build.py's header reduction, loaded by path (a build script runs
+    before the packages are importable)."""
+    spec = importlib.util.spec_from_file_location(
+        "_toe_abi_build", os.path.join(os.path.dirname(HERE), "offload_daemon", "_abi_build.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.reduce_to_cdef
+
+
 def fp_cdef() -> str:
-    with open(os.path.join(FP_DIR, "fp.h")) as f:
-        text = f.read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    out, skip = [], 0
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("#ifndef FP_CDEF"):
-            skip = 1
-            continue
-        if skip:
-            if s.startswith("#endif"):
-                skip = 0
-            continue
-        if s.startswith("#"):
-            if re.match(r"#define\s+\w+\s+-?\d+\s*$", s):
-                out.append(s)
-            continue
-        out.append(line)
-    return "\n".join(out)
+    return _reducer()(os.path.join(FP_DIR, "fp.h"), "FP_CDEF")
 
 
 def sources() -> list[str]:

@@ -18,13 +18,20 @@ SHIM = os.path.join(os.path.dirname(HERE), "shim")
 
 def abi_cdef() -> str:
     """The ABI header reduced to what cffi's cdef accepts."""
-    with open(os.path.join(SHIM, "toe_abi.h")) as f:
+    return reduce_to_cdef(os.path.join(SHIM, "toe_abi.h"), "TOE_CDEF")
+
+
+def reduce_to_cdef(path: str, guard: str) -> str:
+    """A C header reduced to what cffi's cdef accepts: comments and preprocessor lines go,
+    except `#define NAME <integer>`, and so does everything inside `#ifndef <guard>`.
+    (nic_model/_fp_build.py uses it too, for nic_model/hw/fp.h.)"""
+    with open(path) as f:
         text = f.read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     out, skip = [], 0
     for line in text.splitlines():
         s = line.strip()
-        if s.startswith("#ifndef TOE_CDEF"):
+        if s.startswith(f"#ifndef {guard}"):
             skip = 1
             continue
         if skip:

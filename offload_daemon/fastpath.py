@@ -29,6 +29,13 @@ _U32 = ("snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "tx_he
         "ssthresh", "retries", "rcv_nxt", "rcv_adv", "rcv_unacked")
 _FLOAT = ("rtt_time", "srtt", "rttvar", "rto", "last_rx", "last_data_rx")
 _COUNTS = ("bytes_in", "bytes_out", "segs_in", "segs_out")
+_SAME = _U32 + _FLOAT + _COUNTS
+
+
+def _copy_same(src, dst) -> None:
+    """The fields a Ccb and a struct fp_ccb share under the same name and meaning."""
+    for name in _SAME:
+        setattr(dst, name, getattr(src, name))
 
 
 class FastPath:
@@ -77,12 +84,7 @@ class FastPath:
 
     @staticmethod
     def _copy_out(f, c: Ccb, base: int) -> None:
-        for name in _U32:
-            setattr(c, name, getattr(f, name))
-        for name in _FLOAT:
-            setattr(c, name, getattr(f, name))
-        for name in _COUNTS:
-            setattr(c, name, getattr(f, name))
+        _copy_same(f, c)
         c.cwnd = f.cwnd
         c.rtt_seq = f.rtt_seq if f.rtt_valid else None
         c.psh_ends = list(f.psh_ends[0:f.psh_n])
@@ -126,12 +128,7 @@ class FastPath:
         f.mss = c.mss
         f.snd_wscale, f.rcv_wscale = c.snd_wscale, c.rcv_wscale
         f.max_seg = (self.max_payload // c.mss) * c.mss if self.offloads and self.max_payload >= c.mss else c.mss
-        for name in _U32:
-            setattr(f, name, getattr(c, name))
-        for name in _FLOAT:
-            setattr(f, name, getattr(c, name))
-        for name in _COUNTS:
-            setattr(f, name, getattr(c, name))
+        _copy_same(c, f)
         f.cwnd = min(c.cwnd, CWND_MAX)
         if c.rtt_seq is not None:
             f.rtt_valid, f.rtt_seq = 1, c.rtt_seq

@@ -82,6 +82,16 @@ def test_buffer_reuse_maps_nothing_per_packet(adapter, client_ns, big_blob, tmp_
     assert pool["dma_mappings"] == pool["buffers"] and pool["dma_unmaps"] == 0, pool
 
 
+def _pingpong(adapter, client_ns, n: int):
+    """n one-byte exchanges: a kernel echo server (+1 per byte), the client under toe run."""
+    port = unique_port()
+    server = adapter.popen([sys.executable, "-u", "-c", ECHO, adapter.host_ip, str(port)],
+                           stdout=subprocess.PIPE, text=True)
+    wait_for_line(server, "listening")
+    return client_ns.toe_run(adapter, [sys.executable, "-c", PINGPONG, adapter.host_ip, str(port), str(n)],
+                             text=True)
+
+
 def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_factory, client_ns):
     adapter = adapter_factory("--poll-us", "20")
     with open(state_path(adapter.tap)) as f:
@@ -89,12 +99,7 @@ def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_fact
     res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=$TOE_POLL_US"], text=True)
     assert res.returncode == 0 and res.stdout.strip() == "poll=20", (res.stdout, res.stderr)
     # and a transfer still works while the adapter and the program spin
-    port = unique_port()
-    server = adapter.popen([sys.executable, "-u", "-c", ECHO, adapter.host_ip, str(port)],
-                           stdout=subprocess.PIPE, text=True)
-    wait_for_line(server, "listening")
-    res = client_ns.toe_run(adapter, [sys.executable, "-c", PINGPONG, adapter.host_ip, str(port), "500"],
-                            text=True)
+    res = _pingpong(adapter, client_ns, 500)
     assert res.returncode == 0 and res.stdout.strip() == "ok 500", res.stderr
     assert adapter.stat()["units"]["fast_path"]["spins"] > 0
 
@@ -102,12 +107,7 @@ def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_fact
 def test_request_response_rides_acks_on_replies(adapter, client_ns, tmp_path):
     """A 1-byte ping-pong through the units: one frame each way per exchange, no pure ACKs
     in between (they ride on the replies), and the byte stream exact both ways."""
-    port = unique_port()
-    server = adapter.popen([sys.executable, "-u", "-c", ECHO, adapter.host_ip, str(port)],
-                           stdout=subprocess.PIPE, text=True)
-    wait_for_line(server, "listening")
-    res = client_ns.toe_run(adapter, [sys.executable, "-c", PINGPONG, adapter.host_ip, str(port), "2000"],
-                            text=True)
+    res = _pingpong(adapter, client_ns, 2000)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok 2000"
     stat = adapter.stat()
