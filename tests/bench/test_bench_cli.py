@@ -153,7 +153,14 @@ def test_seeds_all_four(tmp_path):
         assert s["path"] == "adapter"
         assert 0 < x["eff_wire_pct"] < x["eff_ip_pct"] < 100, x
     assert sum(1 for n in doc["notes"] if n.strip().startswith("paper:")) >= 6
-    assert any("SKIPPED" in n for n in doc["notes"])  # seed 002's reuse-off side, until the switch exists
+    # seed 002: both sides, the pool mapped once (reuse on) or a buffer mapped per packet (off)
+    s002 = by(doc, scenario="seed002")
+    off = [s for s in s002 if s["extra"].get("buffer_reuse") is False]
+    on = [s for s in s002 if s not in off]
+    assert on and off
+    assert all(s["extra"].get("adapter.buffer_pool.dma_mappings", 0) == 0 for s in on), on
+    assert all(s["extra"].get("adapter.buffer_pool.dma_mappings", 0) > 0 for s in off), off
+    assert any("reuse on:" in n and "reuse off:" in n for n in doc["notes"])
     names = {Path(p).name for p in doc["plots"]}
     assert {"seed000-call-time.png", "seed003-fig5-latency.png", "seed003-fig6-cpu.png",
             "seed003-fig7-bandwidth.png", "seed001-efficiency.png"} <= names
