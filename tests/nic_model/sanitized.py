@@ -10,8 +10,11 @@ and (a) runs fp_rx_parse on random and mutated frames, each in a buffer of exact
 length (PYTHONMALLOC=malloc: cffi's buffers are then ASan's own allocations, with redzones
 right after the last byte); (b) drives the engine (fp_push / fp_rx_frame / fp_doorbell /
 fp_scan / fp_end_burst / fp_pull) with one connection whose shared mapping sits between
-PROT_NONE guard pages and whose header is overwritten with garbage between frames.  It
-prints a line starting with DONE when everything ran; a sanitizer report aborts it.
+PROT_NONE guard pages and whose header is overwritten with garbage between frames; or, in
+mode "poll", (c) lets fp_poll read the frames itself from a datagram socketpair standing in
+for the TAP (rx_burst and its header split with direct placement, rx_placed), and fails
+unless payloads were both placed into the RX ring and misplaced there.  It prints a line
+starting with DONE when everything ran; a sanitizer report aborts it.
 This file imports nothing from the project, so the child loads no uninstrumented units.
 """
 
@@ -272,10 +275,11 @@ class Engine:
         self.hdr[:] = self.r.randbytes(HDR)
         self.stats["garbage"] += 1
 
-    def tweak_header(self) -> None:
-        """A plausible application: consumes the RX ring, writes more into the TX ring."""
+    def tweak_header(self, consume: bool = True) -> None:
+        """A plausible application: consumes the RX ring (unless not `consume`), writes more
+        into the TX ring."""
         r = self.r
-        if r.random() < 0.5:
+        if r.random() < 0.5 and consume:
             self.set("rx_head", self.get("rx_tail"))
             self.set("tok_taken", self.get("tok_sent"))
         if r.random() < 0.5:
@@ -345,14 +349,14 @@ class Engine:
 
     def op(self, what: str) -> None:
         OPS.append(what)
-        del OPS[:-8]
+        del OPS[:-OPS_KEEP]
 
     def maybe_end_burst(self) -> None:
         if self.bursts_of_one:
             self.op("fp_end_burst")
             self.lib.fp_end_burst(self.st)
 
-    def check_events(self) -> None:
+    def check_events(self, reset: bool = True) -> None:
         st = self.st
         n = st.nevents
         assert n <= self.lib.FP_MAX_EVENTS
@@ -362,7 +366,8 @@ class Engine:
             if e.kind == 2:
                 assert e.buf < self.NBUFS and e.len <= self.BUF_SIZE
             assert e.slot == -1 or 0 <= e.slot < 16, e.slot
-        st.nevents = 0                      # software took the records (fp_poll would reset it)
+        if reset:
+            st.nevents = 0                  # software took the records (fp_poll would reset it)
 
     def repush(self) -> None:
         lib, ffi, r = self.lib, self.ffi, self.r
@@ -439,6 +444,191 @@ class Engine:
         return self.stats
 
 
+class PollEngine(Engine):
+    """The engine as the daemon runs it: fp_poll waits on an epoll set holding the TAP end the
+    units own (A), reads the frames sent into the other end (B) itself (rx_burst; with a
+    placement guess, rx_placed's header split into the guessed connection's RX ring) and
+    sends its own frames back out through A, to B."""
+
+    def __init__(self, ffi, lib, r: random.Random, offloads: int):
+        super().__init__(ffi, lib, r, offloads, bursts_of_one=False)
+        self.ep.register(self.tap_units.fileno(), select.EPOLLIN)
+        self.now = time.monotonic()         # fp_poll's clock: deadlines set by repush are real
+        self.hold = 0                       # batches left in which the application reads nothing
+        self.stats.update(polls=0, sent=0, send_full=0, ev_frames=0, ev_conns=0, guessed=0, held=0)
+        self.kinds: dict[str, int] = {}
+
+    def rx_space(self) -> int:
+        used = (self.get("rx_tail") - self.get("rx_head")) & 0xFFFFFFFF
+        return 0 if used > RING else RING - used
+
+    def rcv_space(self) -> int:
+        """fp_rcv_space(): the ring's free space, less when the application set a small rcvbuf."""
+        space, rcvbuf = self.rx_space(), self.get("rcvbuf")
+        if not rcvbuf or rcvbuf >= RING:
+            return space
+        used = RING - space
+        return max(rcvbuf // 2 - used, 0)
+
+    def batch_frame(self, expect: int, c, clean: bool) -> tuple[bytes, int, str]:
+        """One frame of a batch and the rcv_nxt the units should have after it.  A `clean`
+        batch holds only frames that leave the connection with the units (in-order data,
+        pure ACKs, frames for other ports, runts and bad checksums, which are dropped), so
+        that the placement guess holds for a while."""
+        r = self.r
+        una = c.snd_una if c is not None else 0
+        smax = c.snd_max if c is not None else 0
+        if (smax - una) & 0xFFFFFFFF < 1 << 20:
+            una = self.ack_floor if ((self.ack_floor - una) & 0xFFFFFFFF) <= ((smax - una) & 0xFFFFFFFF) else una
+            span = (smax - una) & 0xFFFFFFFF
+            ack = (una + r.randrange(0, span + 1)) & 0xFFFFFFFF
+        else:
+            ack = una
+        self.ack_floor = ack                # the units' snd_una moves within the batch
+        flags = 0x10 | (0x08 if r.random() < 0.5 else 0)
+        vflags = r.choice([0, 1, 1, 2, 2])
+        size = r.choice([1, 100, 536, 1460, 1460, 1460, r.randrange(1, 9000)])
+        roll = r.random()
+        if clean:
+            roll = r.choice([0.0] * 14 + [0.6, 0.6, 0.7, 0.75, 0.8])
+            if roll == 0.0 and size > self.room:
+                size = self.room
+                roll = roll if size else 0.6
+        kw = {"seq": expect, "ack": ack, "flags": flags, "vflags": vflags, "window": 65535}
+        if roll < 0.50:
+            kind = "in-order"
+            data = frame(payload=r.randbytes(size), **kw)
+            self.room -= size
+            return data, expect + size, kind
+        if roll < 0.58:
+            kind = "out-of-order"
+            kw["seq"] = expect + r.choice([r.randrange(1, 3000), -r.randrange(1, 3000), r.getrandbits(32)])
+            data = frame(payload=r.randbytes(size), **kw)
+        elif roll < 0.66:
+            kind = "pure-ack"
+            data = frame(**kw)
+        elif roll < 0.72:
+            kind = "other-port"
+            if r.random() < 0.5:
+                kw["dport"] = LPORT + r.randrange(1, 100)
+            else:
+                kw["sport"] = RPORT + r.randrange(1, 100)
+            data = frame(payload=r.randbytes(r.choice([0, size])), **kw)
+        elif roll < 0.77:
+            kind = "runt"
+            full = frame(payload=r.randbytes(size), **kw)
+            data = r.choice([r.randbytes(r.randrange(0, 67)), full[:r.randrange(0, 67)],
+                             full[:r.randrange(66, len(full))]])
+        elif roll < 0.82:
+            kind = "bad-csum"
+            kw["vflags"] = 0 if clean else r.choice([0, 0, 1, 2])
+            data = frame(payload=r.randbytes(size), good_csum=False, **kw)
+            if kw["vflags"]:                # the kernel vouches for it: in-order data after all
+                return data, expect + size, kind
+        elif roll < 0.86:
+            kind = "options"
+            opts = r.choice([bytes((1, 1, 8, 10)) + r.randbytes(8), bytes((2, 4, 5, 0xB4)), b"\x01" * 4])
+            data = frame(payload=r.randbytes(r.choice([0, size])), options=opts, **kw)
+        elif roll < 0.93:
+            kind = "beyond-ring"
+            space = self.rx_space()
+            big = space + r.choice([1, r.randrange(1, 3000), r.randrange(1, 70000)])
+            if r.random() < 0.2:
+                big = self.BUF_SIZE - 66 + r.randrange(-2, 400)
+            big = min(big, 69000)
+            # an IP total length past 64 KiB wraps: the checker drops that one
+            data = frame(payload=r.randbytes(big), **kw)
+        else:
+            kind = "random"
+            data = random_frame(r)
+        return data, expect, kind
+
+    def send(self, data: bytes) -> None:
+        for _ in range(3):
+            try:
+                self.tap_mine.send(data)
+                self.stats["sent"] += 1
+                return
+            except BlockingIOError:
+                self.stats["send_full"] += 1
+                self.poll()
+        # still full: the frame is lost, as on a wire
+
+    def readable(self) -> bool:
+        return bool(select.select([self.tap_units], [], [], 0)[0])
+
+    def poll(self) -> int:
+        lib, st = self.lib, self.st
+        if st.place_slot >= 0:
+            self.stats["guessed"] += 1
+        self.op(f"fp_poll(0) place_slot={st.place_slot} rx_head={self.get('rx_head')} "
+                f"rx_tail={self.get('rx_tail')}")
+        n = lib.fp_poll(st, 0)
+        assert 0 <= n <= lib.FP_MAX_EVENTS, n
+        assert n == st.nevents, (n, st.nevents)
+        for k in range(n):
+            kind = st.events[k].kind
+            self.stats["ev_frames"] += kind == 2
+            self.stats["ev_conns"] += kind == 3
+        self.check_events(reset=False)      # fp_poll resets st->nevents itself
+        self.stats["polls"] += 1
+        self.drain()
+        return n
+
+    def step(self) -> None:
+        r = self.r
+        self.now = time.monotonic()
+        if self.hold == 0 and r.random() < 0.08:
+            self.hold = r.randrange(3, 25)  # the application stops reading: its RX ring fills
+        roll = r.random()
+        if roll < 0.03:
+            self.garbage_header()
+        elif roll < 0.06:
+            self.sane_header()
+        else:
+            self.tweak_header(consume=self.hold == 0)
+        if self.hold:
+            self.hold -= 1
+            self.stats["held"] += 1
+        c = self.peek()
+        expect = c.rcv_nxt if c is not None else r.getrandbits(32)
+        self.ack_floor = c.snd_una if c is not None else 0
+        self.room = self.rcv_space()
+        clean = r.random() < 0.6
+        for _ in range(r.randint(1, 20)):
+            data, expect, kind = self.batch_frame(expect, c, clean)
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+            self.op(f"B.send {kind} len={len(data)} {data[:80].hex()}")
+            self.send(data)
+            self.stats["frames"] += 1
+        self.poll()
+        for _ in range(20):                 # what one wake-up left in A (buffers lent, batch done)
+            if not self.readable():
+                break
+            self.poll()
+        c = self.peek()
+        if c is None or c.punted:
+            self.stats["punted"] += 1
+        if c is None or c.punted or r.random() < 0.02:
+            self.repush()
+
+    def close(self) -> dict:
+        k = self.st.counters
+        placed, misplaced = k.rx_placed, k.rx_misplaced
+        self.stats.update(rx_frames=k.rx_frames, rx_placed=placed, rx_misplaced=misplaced, kinds=self.kinds,
+                          punts=[int(k.punts[i]) for i in range(self.lib.FP_NPUNTS)])
+        stats = super().close()
+        assert placed > 0 and misplaced > 0, f"direct placement not exercised: {stats}"
+        return stats
+
+
+def child_poll(ffi, lib, r: random.Random, n: int, offloads: int) -> dict:
+    eng = PollEngine(ffi, lib, r, offloads)
+    while eng.stats["frames"] < n:
+        eng.step()
+    return eng.close()
+
+
 def child_engine(ffi, lib, r: random.Random, n: int, offloads: int, bursts_of_one: bool) -> dict:
     eng = Engine(ffi, lib, r, offloads, bursts_of_one)
     steps = 0
@@ -449,6 +639,7 @@ def child_engine(ffi, lib, r: random.Random, n: int, offloads: int, bursts_of_on
 
 
 OPS: list[str] = []          # the last calls into the units, for the watchdog's report
+OPS_KEEP = 48
 
 
 def watchdog(seconds: float) -> threading.Timer:
@@ -466,13 +657,14 @@ def watchdog(seconds: float) -> threading.Timer:
 
 def child_main(argv: list[str]) -> int:
     """argv: SEED PARSE_FRAMES ENGINE_FRAMES MODE (bursts: several calls per fp_end_burst, as
-    fp_poll's bursts are; single: fp_end_burst after every call) [WATCHDOG_SECONDS]."""
+    fp_poll's bursts are; single: fp_end_burst after every call; poll: fp_poll reads the
+    frames from a TAP socketpair) [WATCHDOG_SECONDS]."""
     import importlib
 
     seed, parse_frames, engine_frames = (int(a) for a in argv[:3])
     mode = argv[3]
     limit = float(argv[4]) if len(argv) > 4 else 30.0
-    assert mode in ("bursts", "single"), mode
+    assert mode in ("bursts", "single", "poll"), mode
     mod = importlib.import_module(MODULE)
     ffi, lib = mod.ffi, mod.lib
     dog = watchdog(limit)
@@ -480,6 +672,14 @@ def child_main(argv: list[str]) -> int:
     r = random.Random(seed)
     report = child_parse(ffi, lib, r, parse_frames)
     t1 = time.monotonic()
+    if mode == "poll":
+        e0 = child_poll(ffi, lib, random.Random(seed * 4 + 3), engine_frames // 2, offloads=1)
+        e1 = child_poll(ffi, lib, random.Random(seed * 4 + 4), engine_frames - engine_frames // 2, offloads=0)
+        t2 = time.monotonic()
+        dog.cancel()
+        print(f"DONE parse={parse_frames} {report} in {t1 - t0:.1f}s; engine (poll) offloads=1 {e0}; "
+              f"offloads=0 {e1}; in {t2 - t1:.1f}s", flush=True)
+        return 0
     one = mode == "single"
     e0 = child_engine(ffi, lib, random.Random(seed * 4 + 1), engine_frames // 2, offloads=1, bursts_of_one=one)
     e1 = child_engine(ffi, lib, random.Random(seed * 4 + 2), engine_frames - engine_frames // 2, offloads=0,

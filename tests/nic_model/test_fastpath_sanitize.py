@@ -8,7 +8,12 @@ The units are compiled a second time with -fsanitize=address,undefined as `_fast
     with one connection whose shared header is rewritten with garbage between frames and
     whose mapping sits between PROT_NONE guard pages (a write outside the rings faults),
     once with fp_end_burst after every call and once in bursts of several calls, as
-    fp_poll runs them.
+    fp_poll runs them;
+  - runs fp_poll itself on an epoll set holding one end of a datagram socketpair as the
+    TAP, with batches of frames sent into the other end: the units read them (rx_burst)
+    and, with a placement guess, split them between a header buffer, the connection's RX
+    ring and a frame buffer (rx_placed), also while the RX ring is full; the child fails
+    unless payloads were both placed and misplaced.
 A sanitizer report, a fault, or a unit that never returns (the child's watchdog) fails
 the test with the child's stderr.
 """
@@ -57,3 +62,8 @@ def test_engine_with_a_lying_header(san_module):
 
 def test_engine_in_bursts_with_a_lying_header(san_module):
     _run(san_module, parse_frames=0, engine_frames=20000, mode="bursts")
+
+
+def test_engine_polling_the_tap_with_direct_placement(san_module):
+    out = _run(san_module, parse_frames=0, engine_frames=20000, mode="poll")
+    assert "engine (poll)" in out
