@@ -85,11 +85,10 @@ class FastPathUnits:
         k = self.counters
         out = {"rx_segments": k.rx_segments, "rx_data_segments": k.rx_data_segments,
                "rx_payload_bytes": k.rx_payload_bytes, "rx_placed": k.rx_placed, "rx_misplaced": k.rx_misplaced,
-               "tx_data_segments": k.data_segments,
-               "ring_frees": k.ring_frees, "writer_wakeups": k.writer_wakeups, "tokens": k.tokens,
-               "doorbells": k.doorbells, "waits": k.waits, "spins": k.spins, "handed_back": k.sw_events,
-               "pushes": k.pushes, "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full,
-               "connections": self.st.active}
+               "tx_data_segments": k.data_segments, "ring_frees": k.ring_frees,
+               "writer_wakeups": k.writer_wakeups, "tokens": k.tokens, "doorbells": k.doorbells, "waits": k.waits,
+               "spins": k.spins, "spin_misses": k.spin_misses, "handed_back": k.sw_events, "pushes": k.pushes,
+               "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
         return out
 

@@ -203,6 +203,11 @@ static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int 
         /* The wait itself honours A's O_NONBLOCK (EAGAIN at once): no fcntl() to ask,
          * so a sandboxed process that may only read/recv/send/poll keeps working. */
         int w = nb > 0 ? (errno = EAGAIN, -1) : wait_readable(fd);
+        if (w < 0 && errno == ECONNRESET) {
+            /* B was closed with bytes unread in it (a doorbell, a kick): the daemon died;
+             * the kernel reports that once on A, the shim reports it once too */
+            lstate_set(s, TOE_LS_GONE);
+        }
         if (w < 0) {
             if (got)
                 break;

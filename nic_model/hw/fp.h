@@ -220,6 +220,7 @@ struct fp_counters {
     uint64_t doorbells;
     uint64_t waits;            /* epoll waits that slept (wake-ups of the adapter) */
     uint64_t spins;            /* busy-poll looks (poll_us) */
+    uint64_t spin_misses;      /* spins that found nothing before poll_us ran out */
     uint64_t sw_events;        /* records handed to software */
     uint64_t scans;
     uint64_t table_full;
@@ -248,6 +249,8 @@ struct fp_state {
     uint32_t poll_us;          /* busy-poll this long before sleeping (0: sleep at once) */
     uint32_t no_reuse;         /* seed 002's other side: map and unmap a buffer per packet */
     int32_t place_slot;        /* the connection whose RX ring the next frame's payload is read into */
+    uint32_t spin_misses;      /* busy-poll spins in a row that found nothing ... */
+    uint32_t spin_skip;        /* ... and the waits that sleep at once because of them */
     uint32_t pad2;
     double next_scan;          /* earliest deadline the scan may find (0: none) */
     double now;                /* the clock at the last wait */

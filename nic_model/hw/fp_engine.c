@@ -565,14 +565,26 @@ static int wait_once(struct fp_state *st, int timeout_ms)
             timeout_ms = t;
     }
     int n = 0;
-    if (st->poll_us && timeout_ms != 0) {
+    if (st->poll_us && timeout_ms != 0 && st->spin_skip) {
+        st->spin_skip--;
+    } else if (st->poll_us && timeout_ms != 0) {
         /* busy-poll before sleeping (Onload's EF_POLL_USEC): a reply that comes within
-         * poll_us finds the adapter awake, with no wake-up to pay */
+         * poll_us finds the adapter awake, with no wake-up to pay.  Only while it pays: a
+         * spin that found nothing makes the next 1, 3, 7 ... 63 waits sleep at once (idle
+         * links, or CPUs so busy that replies come late: spinning would only take the CPU
+         * the peer needs) */
         double spin_until = now + st->poll_us * 1e-6;
         do {
             n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, 0);
             st->counters.spins++;
         } while (n == 0 && mono() < spin_until);
+        if (n == 0) {
+            st->counters.spin_misses++;
+            st->spin_misses = st->spin_misses < 6 ? st->spin_misses + 1 : 6;
+            st->spin_skip = (1u << st->spin_misses) - 1;
+        } else {
+            st->spin_misses = 0;
+        }
     }
     if (n == 0) {
         n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, timeout_ms);
