@@ -70,36 +70,23 @@ void take_tokens(struct toe_sock *s, int fd)
  */
 int spin_readable(struct toe_sock_shm *m)
 {
-    /* only while it pays, as the adapter's spin: one that found nothing makes the next
-     * 1, 3, 7 ... 63 blocking receives of this process sleep at once */
-    static unsigned misses, skip;
+    /* no back-off here, unlike the adapter's spin: measured, a receive that sleeps after a
+     * missed spin cost more on a quiet machine (16 -> 30 µs p50) than it saved under load */
     if (!toe_poll_us)
         return 0;
-    unsigned k = __atomic_load_n(&skip, __ATOMIC_RELAXED);
-    if (k) {
-        __atomic_store_n(&skip, k - 1, __ATOMIC_RELAXED);
-        return 0;
-    }
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         for (int i = 0; i < 64; i++) {
-            if (toe_rx_avail(m) || (TOE_LOAD_ACQ(&m->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET))) {
-                __atomic_store_n(&misses, 0, __ATOMIC_RELAXED);
+            if (toe_rx_avail(m) || (TOE_LOAD_ACQ(&m->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET)))
                 return 1;
-            }
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
         }
         clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000 >= (long)toe_poll_us) {
-            unsigned n = __atomic_load_n(&misses, __ATOMIC_RELAXED);
-            n = n < 6 ? n + 1 : 6;
-            __atomic_store_n(&misses, n, __ATOMIC_RELAXED);
-            __atomic_store_n(&skip, (1u << n) - 1, __ATOMIC_RELAXED);
+        if ((t.tv_sec - t0.tv_sec) * 1000000 + (t.tv_nsec - t0.tv_nsec) / 1000 >= (long)toe_poll_us)
             return 0;
-        }
     }
 }
 
