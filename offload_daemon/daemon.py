@@ -327,7 +327,6 @@ class Adapter:
     def _tap_rx(self, now: float) -> None:
         pool = self.pool
         check = self.rx.check
-        tcp_input = self.tcp.input
         for _ in range(RX_BATCH):
             i = pool.get()
             try:
@@ -336,12 +335,7 @@ class Adapter:
                 if n < 0:
                     return
                 cls, obj = check(buf, n)
-                if cls == rxmod.TCP_DATA or cls == rxmod.TCP_SYN:
-                    obj.handle = pool.handles[i]
-                    obj.buf = pool.bufs[i]
-                    tcp_input(obj, now)
-                else:
-                    self._rx_classified(cls, obj, i, now)
+                self._rx_classified(cls, obj, i, now)
             finally:
                 pool.put(i)
         # more frames may be waiting: the TAP stays readable, epoll reports it again

@@ -30,6 +30,7 @@ _U32 = ("snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "tx_he
 _FLOAT = ("rtt_time", "srtt", "rttvar", "rto", "last_rx", "last_data_rx")
 _COUNTS = ("bytes_in", "bytes_out", "segs_in", "segs_out")
 _SAME = _U32 + _FLOAT + _COUNTS
+_ZERO_CCB = bytes(fp_ffi.sizeof("struct fp_ccb"))
 
 
 def _copy_same(src, dst) -> None:
@@ -117,7 +118,7 @@ class FastPath:
         s = c.sock
         assert s is not None
         f = self._f
-        fp_ffi.memmove(f, b"\0" * fp_ffi.sizeof("struct fp_ccb"), fp_ffi.sizeof("struct fp_ccb"))
+        fp_ffi.memmove(f, _ZERO_CCB, len(_ZERO_CCB))
         f.conn_id = c.id
         f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
         f.local_port, f.remote_port = c.local_port, c.remote_port

@@ -321,6 +321,25 @@ static void lend(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_t b
         memcpy(dst, f, len);
 }
 
+/* A segment the units take (fp_rx_fast_ok said so): its ACK, then its payload, which is at
+ * `payload` or, when NULL, already at the RX ring's tail (direct placement). */
+static void take(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, const uint8_t *payload,
+                 double now)
+{
+    st->counters.rx_segments++;
+    c->segs_in++;
+    c->last_rx = now;
+    fp_ack_process(st, c, g, now);
+    if (!g->payload_len)
+        return;
+    st->counters.rx_data_segments++;
+    c->data_fast++;
+    if (payload)
+        fp_deliver(st, c, payload, g->payload_len, now);
+    else
+        fp_deliver_placed(st, c, g->payload_len, now);
+}
+
 static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_t buf, double now)
 {
     struct fp_seg g;
@@ -365,15 +384,7 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
         punt_frame(st, buf, len, (uint32_t)why, slot);
         return 1;
     }
-    k->rx_segments++;
-    c->segs_in++;
-    c->last_rx = now;
-    fp_ack_process(st, c, &g, now);
-    if (g.payload_len) {
-        k->rx_data_segments++;
-        c->data_fast++;
-        fp_deliver(st, c, f + g.payload_off, g.payload_len, now);
-    }
+    take(st, c, &g, f + g.payload_off, now);
     return 0;
 }
 
@@ -482,15 +493,7 @@ static int rx_placed(struct fp_state *st, struct fp_ccb *c, uint32_t buf, double
             fp_find(st, g.src, g.sport, g.dport) == (int)(c - st->ccbs) && fp_rx_fast_ok(c, &g) < 0) {
             k->cls[cls]++;
             k->csum_offloaded++;
-            k->rx_segments++;
-            c->segs_in++;
-            c->last_rx = now;
-            fp_ack_process(st, c, &g, now);
-            if (payload) {
-                k->rx_data_segments++;
-                c->data_fast++;
-                fp_deliver_placed(st, c, payload, now);
-            }
+            take(st, c, &g, NULL, now);
             return 1;
         }
     }
@@ -619,8 +622,7 @@ static int wait_once(struct fp_state *st, int timeout_ms)
     }
     fp_end_burst(st);
     if (st->next_scan && now >= st->next_scan)
-        fp_scan(st, now);
-    fp_end_burst(st);
+        fp_scan(st, now);                      /* its ACKs go out directly: nothing owed after */
     return n;
 }
 

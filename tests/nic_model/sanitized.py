@@ -396,16 +396,21 @@ class Engine:
         self.ccb = c
         self.stats["repush"] += 1
 
-    def step(self) -> None:
-        r, lib = self.r, self.lib
-        self.now += r.choice([0.0, 0.0001, 0.001, 0.01, 0.05, 0.3])
-        roll = r.random()
+    def mangle_header(self, consume: bool = True) -> None:
+        """What the application does to its shared header between frames: garbage (3 %),
+        a sane reset (3 %), or the usual index moves."""
+        roll = self.r.random()
         if roll < 0.03:
             self.garbage_header()
         elif roll < 0.06:
             self.sane_header()
         else:
-            self.tweak_header()
+            self.tweak_header(consume=consume)
+
+    def step(self) -> None:
+        r, lib = self.r, self.lib
+        self.now += r.choice([0.0, 0.0001, 0.001, 0.01, 0.05, 0.3])
+        self.mangle_header()
         for _ in range(r.randrange(1, 5)):
             self.feed(self.next_frame())
         if r.random() < 0.3:
@@ -580,13 +585,7 @@ class PollEngine(Engine):
         self.now = time.monotonic()
         if self.hold == 0 and r.random() < 0.08:
             self.hold = r.randrange(3, 25)  # the application stops reading: its RX ring fills
-        roll = r.random()
-        if roll < 0.03:
-            self.garbage_header()
-        elif roll < 0.06:
-            self.sane_header()
-        else:
-            self.tweak_header(consume=self.hold == 0)
+        self.mangle_header(consume=self.hold == 0)
         if self.hold:
             self.hold -= 1
             self.stats["held"] += 1
