@@ -535,13 +535,18 @@ class Adapter:
                 self.counters_host.handovers += 1
             return 0
         if op not in (lib.TOE_OP_BIND, lib.TOE_OP_LISTEN, lib.TOE_OP_CONNECT, lib.TOE_OP_ACCEPT,
-                      lib.TOE_OP_SHUTDOWN, lib.TOE_OP_SETSOCKOPT):
+                      lib.TOE_OP_SHUTDOWN, lib.TOE_OP_SETSOCKOPT, lib.TOE_OP_WAKE):
             raise BadCommand(errno.EOPNOTSUPP)
         named = ctx.socks.get(cmd.sock_id)
         if named is None or not named.mapped:
             self.counters_host.foreign_ids += 1
             return -errno.EBADF                 # not a socket of this channel
         s = named
+        if op == lib.TOE_OP_WAKE:
+            # the kick of a shim whose A is stuffed: look at the socket as for a doorbell
+            self.counters_host.wakes += 1
+            self.tcp.doorbell(s, now)
+            return 0
         if op == lib.TOE_OP_BIND:
             ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
             if ip not in (0, self.my_ip):

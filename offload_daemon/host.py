@@ -43,6 +43,7 @@ class HostIfCounters(UnitCounters):
     handovers: int = 0
     handovers_refused: int = 0
     doorbells: int = 0
+    wakes: int = 0                    # WAKE: kicks that could not go through a stuffed A
     app_closes: int = 0
     bad_commands: int = 0
     foreign_ids: int = 0

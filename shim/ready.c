@@ -35,6 +35,31 @@ void bell(int fd)
     errno = saved;
 }
 
+/*
+ * The daemon may have skipped a token: have it look at the socket again.  The byte goes
+ * into A, as a doorbell does; but a stuffed A (a listener always, a writer waiting for
+ * space) refuses it, and a dropped kick is a lost wake-up: a listener's next connection
+ * would wait for the one after it.  Then the kick goes through the control channel (WAKE,
+ * a round trip; only in that race).
+ */
+void kick(struct toe_sock *s, int fd)
+{
+    int saved = errno;
+    ssize_t r;
+    do
+        r = toe_real_send(fd, toe_filler, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        struct toe_cmd cmd;
+        struct toe_rsp rsp;
+        memset(&cmd, 0, sizeof(cmd));
+        cmd.op = TOE_OP_WAKE;
+        cmd.sock_id = s->sock_id;
+        toe_ctl_call(&cmd, NULL, 0, &rsp); /* nothing to do if it fails: the daemon is gone */
+    }
+    errno = saved;
+}
+
 /* Read the outstanding token bytes out of A (those that arrived: a counted
  * token may still be on its way).  Returns how many were read. */
 uint32_t read_tokens(struct toe_sock_shm *m, int fd)
@@ -59,7 +84,7 @@ void take_tokens(struct toe_sock *s, int fd)
     int saved = errno;
     uint32_t got = read_tokens(m, fd);
     if (toe_tokens_taken(m, got))
-        bell(fd);
+        kick(s, fd);
     errno = saved;
 }
 

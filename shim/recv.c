@@ -99,7 +99,7 @@ static int peek_wait_prepare(struct toe_sock *s, int fd, uint32_t seen)
 static void peek_wait_done(struct toe_sock *s, int fd)
 {
     if (toe_rx_avail(s->shm) && toe_tokens_outstanding(s->shm) == 0)
-        bell(fd);
+        kick(s, fd);
 }
 
 static ssize_t do_recv(struct toe_sock *s, int fd, const struct iovec *iov, int iovcnt, size_t total,

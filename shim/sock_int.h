@@ -129,6 +129,8 @@ static inline int nonblocking(int fd)
 void stuff(int fd, struct toe_sock_shm *tx) TOE_INTERNAL;
 /* One byte into A: a doorbell or a kick.  EAGAIN (A stuffed) is dropped. */
 void bell(int fd) TOE_INTERNAL;
+/* A kick that must arrive: through A, or through the control channel when A is stuffed. */
+void kick(struct toe_sock *s, int fd) TOE_INTERNAL;
 /* Read the outstanding token bytes that arrived out of A; how many were read. */
 uint32_t read_tokens(struct toe_sock_shm *m, int fd) TOE_INTERNAL;
 /* The token dance: called (under rx_lock) when the socket is not readable. */

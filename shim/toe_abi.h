@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define TOE_ABI_VERSION 4
+#define TOE_ABI_VERSION 5
 #define TOE_SHM_MAGIC 1414481200
 
 /* Sizes checked on both sides (_Static_assert below, ffi.sizeof in Python). */
@@ -41,6 +41,7 @@
 #define TOE_OP_HANDOVER 9
 #define TOE_OP_ADOPT 10
 #define TOE_OP_FORK 11
+#define TOE_OP_WAKE 12 /* a kick that cannot go through A (A is stuffed) */
 
 /* struct toe_cmd.arg0 of HANDOVER: why a socket went to the kernel */
 #define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */

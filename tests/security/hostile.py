@@ -72,12 +72,13 @@ class OP:
     SETSOCKOPT = lib.TOE_OP_SETSOCKOPT
     HANDOVER = lib.TOE_OP_HANDOVER
     ADOPT = lib.TOE_OP_ADOPT
-    FORK = getattr(lib, "TOE_OP_FORK", 11)
+    FORK = lib.TOE_OP_FORK
+    WAKE = lib.TOE_OP_WAKE
 
 
 OP_NAMES = {v: k for k, v in vars(OP).items() if not k.startswith("_")}
 KNOWN_OPS = sorted(OP_NAMES)
-UNKNOWN_OPS = [0, 12, 0xFFFF_FFFF]
+UNKNOWN_OPS = [0, 13, 0xFFFF_FFFF]
 CMD_SIZE = lib.TOE_CMD_SIZE
 RSP_SIZE = lib.TOE_RSP_SIZE
 HDR_SIZE = lib.TOE_SHM_HDR_SIZE

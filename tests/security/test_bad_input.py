@@ -52,7 +52,7 @@ pytestmark = pytest.mark.integration
 ALLOW_NOBODY = ("--allow-users", "nobody")
 E = {name: -getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOENT", "EPROTO", "EOPNOTSUPP", "EMFILE",
                                                 "ENFILE", "ENOBUFS", "EPERM", "EACCES", "EINPROGRESS")}
-ID_OPS = (OP.BIND, OP.LISTEN, OP.CONNECT, OP.SHUTDOWN, OP.SETSOCKOPT, OP.HANDOVER, OP.ACCEPT)
+ID_OPS = (OP.BIND, OP.LISTEN, OP.CONNECT, OP.SHUTDOWN, OP.SETSOCKOPT, OP.HANDOVER, OP.ACCEPT, OP.WAKE)
 ANY = None            # the protocol does not fix the answer (only: no crash, nothing back)
 
 
@@ -716,7 +716,7 @@ def test_hello_answers_adapter_info(ad):
     """HELLO (no descriptors): the adapter's address, ring sizes, daemon pid and ABI version."""
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, hello_fields, hostile.ctl_path(ad.tap))
     assert got["result"] == 0 and got["nfds"] == 0, got
-    assert got["abi_version"] == hostile.ABI_VERSION == 4, got
+    assert got["abi_version"] == hostile.ABI_VERSION == 5, got
     for key in ("tx_ring_bytes", "rx_ring_bytes"):
         n = got[key]
         assert n >= 4096 and n & (n - 1) == 0, f"{key} {n} is not a power of two >= 4096"

@@ -80,7 +80,8 @@ class Tally:
 
 
 def id_commands(sid: int, host_ip: str, port: int) -> list[tuple[str, int, dict[str, Any]]]:
-    """Every command that names a socket, aimed at `sid` (all harmful if obeyed). HANDOVER
+    """Every command that names a socket, aimed at `sid` (harmful if obeyed; WAKE only makes
+    the daemon work for another's socket, but is refused all the same). HANDOVER
     is not one: it is a statistic of the sender about itself and ignores sock_id
     (docs/abi.md), so nothing of another's socket can change through it."""
     return [
@@ -90,6 +91,7 @@ def id_commands(sid: int, host_ip: str, port: int) -> list[tuple[str, int, dict[
         ("BIND", OP.BIND, {"sock_id": sid, "addr_be32": 0, "port_be16": socket.htons(port)}),
         ("CONNECT", OP.CONNECT, {"sock_id": sid, "addr_be32": be32(host_ip), "port_be16": socket.htons(port)}),
         ("LISTEN", OP.LISTEN, {"sock_id": sid, "arg0": 16}),
+        ("WAKE", OP.WAKE, {"sock_id": sid}),
     ]
 
 

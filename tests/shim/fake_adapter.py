@@ -257,6 +257,8 @@ class FakeSock:
                 return
             if self.mode in ("echo", "hold", "sink"):
                 self.pump()
+        elif s.state == lib.TOE_SS_LISTEN and not self.drain_b():
+            return  # kicks: read them, or B fills and later kicks are lost
         if self.readable():
             self.token_if_needed()
 
@@ -277,6 +279,7 @@ class FakeAdapter:
         self.cookies: list[int] = []          # SO_COOKIEs seen in SOCKET/ACCEPT
         self.adopts: list[tuple[int, int]] = []  # (cookie, result)
         self.forks = 0                        # FORK channels handed out
+        self.wakes = 0                        # WAKE commands (kicks from a stuffed A)
         self.refuse_fork = False              # answer FORK -ENFILE (the child reconnects)
         self.channels_used: set[int] = set()  # channels that sent a command
         self._close_after: list[int] = []
@@ -354,6 +357,21 @@ class FakeAdapter:
             return s
         raise KeyError(f"no socket local={local_port} remote={remote_port} mode={mode}")
 
+    def describe(self, remote_port: int) -> str:
+        """One line of a socket's shared state, for a failing test's message."""
+        def run() -> str:
+            try:
+                s = self.find(remote_port=remote_port)
+            except KeyError:
+                listeners = [(x.shm.accept_pending, x.shm.tok_sent, x.shm.tok_taken)
+                             for x in self.socks.values() if x.mode == "listen"]
+                return f"no socket (listeners: pending, tok_sent, tok_taken = {listeners})"
+            m = s.shm
+            return (f"mode={s.mode} state={m.state} flags={m.flags:#x} tx head={m.tx_head} "
+                    f"tail={m.tx_tail} full_wait={m.tx_full_wait} B queued={s.queued_b()} "
+                    f"rx head={m.rx_head} tail={m.rx_tail} tok {m.tok_sent}/{m.tok_taken}")
+        return str(self.call(run))
+
     def inject_connection(self, listen_port: int, peer: tuple[str, int], mode: str = "echo",
                           data: bytes = b"") -> None:
         """A connection from `peer` arrives on the listener at listen_port; the peer
@@ -391,7 +409,7 @@ class FakeAdapter:
     def stats(self) -> dict:
         return self.call(lambda: {
             "ops": dict(self.ops), "hellos": list(self.hello_pids),
-            "forks": self.forks, "channels_used": len(self.channels_used),
+            "forks": self.forks, "wakes": self.wakes, "channels_used": len(self.channels_used),
             "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
             "live": len(self.socks), "errors": list(self.errors), "cookies": list(self.cookies),
             "adopts": list(self.adopts),
@@ -498,7 +516,7 @@ class FakeAdapter:
             lib.TOE_OP_CONNECT: self._connect, lib.TOE_OP_ACCEPT: self._accept,
             lib.TOE_OP_SHUTDOWN: self._shutdown, lib.TOE_OP_SETSOCKOPT: self._setsockopt,
             lib.TOE_OP_HANDOVER: self._handover, lib.TOE_OP_ADOPT: self._adopt_op,
-            lib.TOE_OP_FORK: self._fork,
+            lib.TOE_OP_FORK: self._fork, lib.TOE_OP_WAKE: self._wake,
         }.get(cmd.op)
         out_fds: list[int] = []
         if handler is None:
@@ -636,6 +654,10 @@ class FakeAdapter:
         rsp.sock_id = c.sid
         rsp.addr_be32 = addr
         rsp.port_be16 = port
+
+    def _wake(self, cmd, fds, rsp) -> None:
+        self.wakes += 1
+        self.socks[cmd.sock_id].process()
 
     def _shutdown(self, cmd, fds, rsp) -> None:
         s = self.socks[cmd.sock_id]

@@ -169,8 +169,11 @@ def test_nginx_sendfile_on(env, fake, tmp_path):
                                data=b"GET /big.bin HTTP/1.0\r\nHost: t\r\n\r\n")
         fake.inject_connection(8080, ("198.18.0.51", 40002), mode="sink",
                                data=b"GET /big.bin HTTP/1.0\r\nHost: t\r\nRange: bytes=100000-1099999\r\n\r\n")
-        assert wait_until(lambda: http_response(fake.sunk(40001)) is not None, 20)
-        assert wait_until(lambda: http_response(fake.sunk(40002)) is not None, 20)
+        for port in (40001, 40002):
+            if not wait_until(lambda p=port: http_response(fake.sunk(p)) is not None, 20):
+                log = (tmp_path / "error.log").read_text()[-2000:]
+                pytest.fail(f"no whole response to {port}: {len(fake.sunk(port))} bytes; "
+                            f"{fake.describe(port)}; errors {fake.stats()['errors']}; log:\n{log}")
         head, got = http_response(fake.sunk(40001))
         assert head.startswith("HTTP/1.1 200 ") and got == body
         head, got = http_response(fake.sunk(40002))
