@@ -143,6 +143,9 @@ def _common(p: argparse.ArgumentParser, duration: float = 2.0, repeat: int = 3) 
     p.add_argument("--poll-us", type=ranged(0, POLL_US_MAX), default=0, metavar="N",
                    help="busy-poll N µs before sleeping: the adapter (toe up --poll-us N) and the "
                    "client's blocking receives (TOE_POLL_US=N); default 0")
+    p.add_argument("--fastpath-procs", type=int, choices=(1, 2), default=1, metavar="{1,2}",
+                   help="the hybrid adapter's processors (toe up --fastpath-procs): 2 runs TX on a "
+                   "thread of its own (seed 003's two processors); default 1")
     p.add_argument("--no-offloads", action="store_true", help="adapter without TSO/checksum offloads")
     p.add_argument("--out", metavar="DIR", help="where results go (default results/bench-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -255,7 +258,8 @@ def cmd_kind(args: argparse.Namespace) -> int:
     out, con, err = out_dir(args), *_consoles()
     started = _now()
     plan = list(runner.jobs(kind, args.tool, tests, sizes, PATHS, args.repeat, args.duration, fastpath))
-    with Testbed(pin=args.pin, offloads=not args.no_offloads, fastpath=fastpath, poll_us=args.poll_us) as tb:
+    with Testbed(pin=args.pin, offloads=not args.no_offloads, fastpath=fastpath, poll_us=args.poll_us,
+                 procs=args.fastpath_procs) as tb:
         env = environment(tb)
         con.print(header_line(kind, len(plan), args.duration, args.tool, tb))
         samples = runner.run_jobs(tb, plan, err)
@@ -283,11 +287,15 @@ def fastpath_text(fastpath: tuple[str, ...]) -> str:
     return "fastpath " + " and ".join(fastpath)
 
 
+def procs_text(tb: Testbed) -> str:
+    return " (2 processors)" if tb.procs == 2 and "on" in tb.fastpaths else ""
+
+
 def header_line(kind: str, runs: int, duration: float, tool: str, tb: Testbed) -> str:
     """The line before a run: what runs, where, and the adapter's options."""
     return (f"toe bench {kind}: {runs} runs of {duration:g} s, {tool} client, placement {tb.pin} "
             f"{placement_text(tb.cpus)}, offloads {'on' if tb.offloads else 'off'}, "
-            f"{fastpath_text(tb.fastpaths)}, poll {tb.poll_us} µs")
+            f"{fastpath_text(tb.fastpaths)}{procs_text(tb)}, poll {tb.poll_us} µs")
 
 
 def summary_title(kind: str, repeat: int, fastpath: tuple[str, ...]) -> str:
@@ -329,12 +337,13 @@ def cmd_seeds(args: argparse.Namespace) -> int:
     env: dict[str, Any] = {}
     # seed 003 compares software-only with the hybrid: the testbed then has both adapters
     fastpath = seeds.SEED003_FASTPATH if "003" in only else ("on",)
-    with Testbed(pin=args.pin, offloads=not args.no_offloads, fastpath=fastpath, poll_us=args.poll_us) as tb:
+    with Testbed(pin=args.pin, offloads=not args.no_offloads, fastpath=fastpath, poll_us=args.poll_us,
+                 procs=args.fastpath_procs) as tb:
         env = environment(tb)
         con.print(f"toe bench seeds {', '.join(only)}: {args.duration:g} s per run, repeat {args.repeat}, "
                   f"placement {tb.pin} {placement_text(tb.cpus)}, {fastpath_text(tb.fastpaths)}"
-                  f"{' (both for seed 003, on for the others)' if len(tb.fastpaths) > 1 else ''}, "
-                  f"poll {tb.poll_us} µs")
+                  f"{' (both for seed 003, on for the others)' if len(tb.fastpaths) > 1 else ''}"
+                  f"{procs_text(tb)}, poll {tb.poll_us} µs")
         ctx = seeds.Context(tb=tb, sizes=args.sizes, duration=args.duration, repeat=args.repeat, out=out,
                             plots=want_plots, console=con, progress_console=err, pin=args.pin)
         for name in only:

@@ -576,7 +576,7 @@ def plot_vs_size(
 
 # --- comparing two results files ----------------------------------------------------------------
 
-ENV_KEYS = ("git_commit", "pin", "offloads", "fastpath", "poll_us", "kernel", "cpus")
+ENV_KEYS = ("git_commit", "pin", "offloads", "fastpath", "fastpath_procs", "poll_us", "kernel", "cpus")
 
 
 def _env_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -643,7 +643,7 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any], console: Console,
     the change B/A - 1, green when B is better (per higher_is_better; for the ratio, a higher
     ratio is better exactly when higher values are better), red when worse. Rows present in
     only one file are listed as "only in A" / "only in B". A line before the table names the
-    env differences (git_commit, pin, offloads, fastpath, poll_us, kernel, cpus), if any.
+    env differences (git_commit, pin, offloads, fastpath, fastpath_procs, poll_us, kernel, cpus), if any.
 
     Each returned row: {"scenario", "test", "tool", "size", "metric", "path" ("kernel",
     "adapter", "ratio", "software" or "ratio_software"), "a", "b", "change" (a fraction: 1.0 is

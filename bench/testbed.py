@@ -105,8 +105,12 @@ class Testbed:
     """Namespaces, veth, adapter and peer processes for one benchmark run (a context manager)."""
 
     def __init__(self, pin: str = "none", offloads: bool = True, tag: str | None = None,
-                 fastpath: Sequence[str] = ("on",), poll_us: int = 0, buffer_reuse: bool = True):
+                 fastpath: Sequence[str] = ("on",), poll_us: int = 0, buffer_reuse: bool = True,
+                 procs: int = 1):
         self.pin = pin
+        if procs not in (1, 2):
+            raise BenchError(f"fastpath processors {procs}: choose 1 or 2")
+        self.procs = procs
         self.buffer_reuse = buffer_reuse
         self.cpus = placement(pin)
         self.offloads = offloads
@@ -149,7 +153,7 @@ class Testbed:
             a = self.adapters[fp]
             cfg = AdapterConfig(tap=a.tap, netns=self.peer_ns, offloads=self.offloads, addr=f"{a.addr}/24",
                                 host_addr=f"{a.host_addr}/24", fastpath=fp == "on", poll_us=self.poll_us,
-                                buffer_reuse=self.buffer_reuse)
+                                buffer_reuse=self.buffer_reuse, fastpath_procs=self.procs)
             try:
                 state = adapter.adapter_up(cfg, quiet=True)
             except CLIError as e:
@@ -293,9 +297,10 @@ class Testbed:
         return float(cpu["user_s"] + cpu["system_s"])
 
     def adapter_options(self) -> dict[str, Any]:
-        """The adapters' own options for this run: fastpath ("on", "off" or "both") and poll_us."""
+        """The adapters' own options for this run: fastpath ("on", "off" or "both"), poll_us and
+        the hybrid's processors."""
         fp = "both" if len(self.fastpaths) > 1 else self.fastpaths[0]
-        return {"fastpath": fp, "poll_us": self.poll_us}
+        return {"fastpath": fp, "poll_us": self.poll_us, "fastpath_procs": self.procs}
 
     def describe(self) -> dict[str, Any]:
         """Names of what this testbed made (every name starts with `tag`) and the daemons' pids."""

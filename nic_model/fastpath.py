@@ -8,6 +8,8 @@ units counted plus what the software path counted, per unit.
 
 from __future__ import annotations
 
+import os
+
 from ._fastpath import ffi, lib
 from .rx import CLASS_NAMES
 
@@ -37,7 +39,22 @@ class FastPathUnits:
         for i, p in enumerate(self._keep):
             lib.fp_set_buf(self.st, i, int(ffi.cast("uintptr_t", p)))
         self.events = self.st.events
-        self.counters = self.st.counters
+        self._sum = ffi.new("struct fp_counters *")
+        self.procs = 1
+
+    def start_procs(self, n: int) -> None:
+        """Seed 003's two processors: n=2 starts the TX processor (nic_model/hw/tx_proc.c)."""
+        if n == 2 and self.procs == 1:
+            r = lib.fp_proc_start(self.st)
+            if r < 0:
+                raise FastPathError(f"cannot start the fast path's TX processor: {os.strerror(-r)}")
+            self.procs = 2
+
+    @property
+    def counters(self):
+        """Both processors' counts added up (a snapshot)."""
+        lib.fp_counters_sum(self.st, self._sum)
+        return self._sum
 
     def set_policy(self, delack_s: float, ato_s: float) -> None:
         self.st.delack_s = delack_s
@@ -45,9 +62,9 @@ class FastPathUnits:
 
     def close(self) -> None:
         if self.st is not None:
+            lib.fp_proc_stop(self.st)
             self.st = None
             self.events = None
-            self.counters = None
 
     # ---- counters in the software units' names --------------------------
 
@@ -88,8 +105,14 @@ class FastPathUnits:
                "tx_data_segments": k.data_segments, "ring_frees": k.ring_frees,
                "writer_wakeups": k.writer_wakeups, "tokens": k.tokens, "doorbells": k.doorbells, "waits": k.waits,
                "spins": k.spins, "spin_misses": k.spin_misses, "handed_back": k.sw_events, "pushes": k.pushes,
-               "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active}
+               "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active,
+               "processors": self.procs}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
+        t = ffi.new("struct fp_counters *")
+        if lib.fp_proc_counters(self.st, t) == 0:   # the TX processor's share of the above
+            out.update({"tx_processor.doorbells": t.doorbells, "tx_processor.tx_frames": t.tx_frames,
+                        "tx_processor.tx_data_segments": t.data_segments, "tx_processor.waits": t.waits,
+                        "tx_processor.handed_back": t.sw_events})
         return out
 
 

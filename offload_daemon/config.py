@@ -100,6 +100,7 @@ class AdapterConfig:
     # and the oracle of the differential tests). A pcap needs every frame in Python: off.
     fastpath: bool = True
     poll_us: int = 0                     # the fast path busy-polls this long before sleeping
+    fastpath_procs: int = 1              # seed 003's two processors: 2 runs TX on a thread of its own
     buffer_reuse: bool = True            # seed 002; off: a buffer mapped and unmapped per packet
     # Who may use the adapter (docs/security.md): root always, these uids, members of this gid.
     allow_users: tuple[int, ...] = ()

@@ -156,13 +156,18 @@ class Adapter:
                 raise SetupError(str(e)) from None
             units.st.poll_us = cfg.poll_us
             units.st.no_reuse = int(not cfg.buffer_reuse)
+            try:
+                units.start_procs(cfg.fastpath_procs)
+            except fpmod.FastPathError as e:
+                raise SetupError(str(e)) from None
             self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
             self.tcp.fast = self.tcp.env.fast = self.fp
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
                  "offloads": cfg.offloads, "fastpath": self.fp is not None,
-                 "poll_us": cfg.poll_us if self.fp is not None else 0}
+                 "poll_us": cfg.poll_us if self.fp is not None else 0,
+                 "fastpath_procs": cfg.fastpath_procs if self.fp is not None else 0}
         tmp = cfg.state_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)

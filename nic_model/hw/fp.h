@@ -263,6 +263,7 @@ struct fp_state {
     struct fp_event *events;
     uint8_t *txbuf;            /* a frame whose checksum the units compute (offloads off) */
     struct fp_counters counters;
+    void *proc;                /* seed 003's second processor (tx_proc.c), or NULL: one */
 };
 
 /* engine (fp_engine.c) */
@@ -275,10 +276,17 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst);
 int fp_peek(struct fp_state *st, int slot, struct fp_ccb *dst);
 int fp_poll(struct fp_state *st, int timeout_ms);
 int fp_rx_frame(struct fp_state *st, uint32_t buf, uint32_t len, double now);
-void fp_doorbell(struct fp_state *st, int slot, double now);
+int fp_doorbell(struct fp_state *st, int slot, double now);
 void fp_scan(struct fp_state *st, double now);
 void fp_end_burst(struct fp_state *st);
 int fp_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
+
+/* seed 003's two processors (tx_proc.c): a TX processor thread takes the doorbells of the
+ * units' connections; this one (the RX processor) the TAP, the deadlines and software */
+int fp_proc_start(struct fp_state *st);
+void fp_proc_stop(struct fp_state *st);
+void fp_counters_sum(struct fp_state *st, struct fp_counters *out);
+int fp_proc_counters(struct fp_state *st, struct fp_counters *out);
 
 /* RX checker (rx_checker.c): the parse of one frame, without a CCB */
 struct fp_seg {
@@ -322,6 +330,53 @@ static inline int seq_lt(uint32_t a, uint32_t b) { return (int32_t)(a - b) < 0; 
 static inline int seq_le(uint32_t a, uint32_t b) { return (int32_t)(a - b) <= 0; }
 static inline int seq_gt(uint32_t a, uint32_t b) { return (int32_t)(a - b) > 0; }
 static inline int seq_ge(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
+
+#include <pthread.h>
+
+/* The second processor: its own view of the units (struct fp_state with its own counters,
+ * frame buffer and hand-back records; the same CCB table), its epoll set (the B ends of the
+ * units' connections), and a lock per CCB slot that the two processors take around every
+ * use of a CCB.  The table itself (hash, fd map, slots in use) changes only on the RX
+ * processor, under table_lock, which the TX processor takes to find a slot. */
+struct fp_proc {
+    struct fp_state *main;     /* the RX processor's view */
+    struct fp_state tx;        /* the TX processor's view */
+    pthread_t thread;
+    int tx_ep;                 /* the TX processor's epoll set */
+    int wake_fd;               /* eventfd in main's epoll set: hand-back records wait */
+    int stop_fd;               /* eventfd in tx_ep: stop */
+    pthread_mutex_t table_lock;
+    pthread_mutex_t hb_lock;   /* the hand-back queue below */
+    struct fp_event *hb;
+    uint32_t hb_n;
+    double hb_deadline;        /* the earliest deadline the TX processor set (0: none) */
+    double main_sleeps_until;  /* the RX processor's wait: 0 awake, -1 no timeout */
+    pthread_mutex_t *locks;    /* one per CCB slot */
+    uint64_t handoffs;
+};
+
+static inline void fp_lock(struct fp_state *st, int slot)
+{
+    if (st->proc)
+        pthread_mutex_lock(&((struct fp_proc *)st->proc)->locks[slot]);
+}
+
+static inline void fp_unlock(struct fp_state *st, int slot)
+{
+    if (st->proc)
+        pthread_mutex_unlock(&((struct fp_proc *)st->proc)->locks[slot]);
+}
+
+/* tx_proc.c, for the engine */
+void fp_proc_moved(struct fp_state *st, int b_fd, int to_tx);
+void fp_proc_collect(struct fp_state *st);
+int fp_proc_sleep(struct fp_state *st, int timeout_ms, double now);
+void fp_proc_awake(struct fp_state *st);
+/* fp_engine.c, for tx_proc.c */
+double fp_mono(void);
+struct fp_event *fp_event_new(struct fp_state *st, uint32_t kind);
+void fp_doorbell_locked(struct fp_state *st, int slot, double now);
+int fp_scan_timeout(struct fp_state *st, int timeout_ms, double now);
 
 static inline struct toe_sock_shm *fp_shm(const struct fp_ccb *c)
 {

@@ -30,7 +30,7 @@
 
 #include "fp.h"
 
-static double mono(void)
+double fp_mono(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -89,6 +89,7 @@ void fp_free(struct fp_state *st)
 {
     if (!st)
         return;
+    fp_proc_stop(st);
     free(st->ccbs);
     free(st->hash);
     free(st->fd_map);
@@ -142,12 +143,19 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
         uint32_t len = st->fd_map_len;
         while (len <= (uint32_t)src->b_fd)
             len *= 2;
+        struct fp_proc *pr = st->proc;       /* the TX processor reads the map under the lock */
+        if (pr)
+            pthread_mutex_lock(&pr->table_lock);
         int32_t *m = realloc(st->fd_map, len * sizeof(int32_t));
+        if (m) {
+            memset(m + st->fd_map_len, 0xff, (len - st->fd_map_len) * sizeof(int32_t));
+            st->fd_map = m;
+            st->fd_map_len = len;
+        }
+        if (pr)
+            pthread_mutex_unlock(&pr->table_lock);
         if (!m)
             return -ENOMEM;
-        memset(m + st->fd_map_len, 0xff, (len - st->fd_map_len) * sizeof(int32_t));
-        st->fd_map = m;
-        st->fd_map_len = len;
     }
     if (st->fd_map[src->b_fd] >= 0)
         return -EEXIST;
@@ -158,6 +166,10 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
     uint32_t slot = 0;
     while (st->ccbs[slot].in_use)             /* active < capacity: a free slot exists */
         slot++;
+    struct fp_proc *p = st->proc;
+    if (p)
+        pthread_mutex_lock(&p->table_lock);
+    fp_lock(st, (int)slot);
     struct fp_ccb *c = &st->ccbs[slot];
     *c = *src;
     c->in_use = 1;
@@ -181,6 +193,12 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
         c->wnd_poll_at = st->now + st->wnd_poll_s;
         fp_deadline(st, c->wnd_poll_at);
     }
+    int b_fd = c->b_fd;
+    fp_unlock(st, (int)slot);
+    if (p) {
+        pthread_mutex_unlock(&p->table_lock);
+        fp_proc_moved(st, b_fd, 1);
+    }
     return (int)slot;
 }
 
@@ -188,7 +206,9 @@ int fp_peek(struct fp_state *st, int slot, struct fp_ccb *dst)
 {
     if (!valid_slot(st, slot))
         return -1;
+    fp_lock(st, slot);
     *dst = st->ccbs[slot];
+    fp_unlock(st, slot);
     return 0;
 }
 
@@ -199,6 +219,10 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
         return -1;
     if (st->ack_head >= 0)
         fp_end_burst(st);
+    struct fp_proc *pr = st->proc;
+    if (pr)
+        pthread_mutex_lock(&pr->table_lock);
+    fp_lock(st, slot);
     struct fp_ccb *c = &st->ccbs[slot];
     *dst = *c;
     int32_t *p = &st->hash[hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask];
@@ -214,10 +238,15 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
         st->place_slot = -1;
     st->active--;
     st->counters.pulls++;
+    fp_unlock(st, slot);
+    if (pr) {
+        pthread_mutex_unlock(&pr->table_lock);
+        fp_proc_moved(st, dst->b_fd, 0);
+    }
     return 0;
 }
 
-static struct fp_event *event(struct fp_state *st, uint32_t kind)
+struct fp_event *fp_event_new(struct fp_state *st, uint32_t kind)
 {
     if (st->nevents >= FP_MAX_EVENTS)
         return NULL;                           /* cannot happen: the budgets below keep room */
@@ -238,7 +267,7 @@ void fp_punt_conn(struct fp_state *st, struct fp_ccb *c, int slot, uint32_t reas
     c->punted = 1;
     c->punt_reason = reason;
     st->counters.punts[reason]++;
-    struct fp_event *e = event(st, FP_EV_CONN);
+    struct fp_event *e = fp_event_new(st, FP_EV_CONN);
     if (e) {
         e->slot = slot_of(st, c);
         e->reason = reason;
@@ -267,17 +296,19 @@ void fp_end_burst(struct fp_state *st)
     st->ack_head = -1;
     for (uint32_t n = 0; i >= 0 && n < st->capacity; n++) {   /* each slot is on the list once */
         struct fp_ccb *c = &st->ccbs[i];
+        fp_lock(st, i);
         i = c->ack_next;
         if (c->in_use && c->ack_now && !c->punted && c->ack_pending)
             fp_send_ack(st, c);
         c->ack_now = 0;
+        fp_unlock(st, slot_of(st, c));
     }
 }
 
 static void punt_frame(struct fp_state *st, uint32_t buf, uint32_t len, uint32_t reason, int slot)
 {
     st->counters.punts[reason]++;
-    struct fp_event *e = event(st, FP_EV_FRAME);
+    struct fp_event *e = fp_event_new(st, FP_EV_FRAME);
     if (e) {
         e->buf = buf;
         e->len = len;
@@ -371,28 +402,38 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
         return 1;
     }
     struct fp_ccb *c = &st->ccbs[slot];
-    if (c->punted) {
-        lend(st, f, len, buf);
-        punt_frame(st, buf, len, FP_PUNT_FOLLOWS, slot);
-        return 1;
-    }
-    int why = fp_rx_fast_ok(c, &g);
+    fp_lock(st, slot);
+    int why = c->punted ? FP_PUNT_FOLLOWS : fp_rx_fast_ok(c, &g);
     if (why >= 0) {
-        c->punted = 1;                         /* its later frames follow it to software */
-        c->punt_reason = (uint32_t)why;
+        if (!c->punted) {
+            c->punted = 1;                     /* its later frames follow it to software */
+            c->punt_reason = (uint32_t)why;
+        }
+        fp_unlock(st, slot);
         lend(st, f, len, buf);
         punt_frame(st, buf, len, (uint32_t)why, slot);
         return 1;
     }
     take(st, c, &g, f + g.payload_off, now);
+    fp_unlock(st, slot);
     return 0;
 }
 
 /* A doorbell on B: the application wrote, or read (RX space), or kicked. */
-void fp_doorbell(struct fp_state *st, int slot, double now)
+int fp_doorbell(struct fp_state *st, int slot, double now)
 {
-    if (!valid_slot(st, slot))
-        return;
+    if (slot < 0 || (uint32_t)slot >= st->capacity)
+        return 0;
+    fp_lock(st, slot);
+    int ours = st->ccbs[slot].in_use && !st->ccbs[slot].punted;
+    if (ours)
+        fp_doorbell_locked(st, slot, now);
+    fp_unlock(st, slot);
+    return ours;
+}
+
+void fp_doorbell_locked(struct fp_state *st, int slot, double now)
+{
     struct fp_ccb *c = &st->ccbs[slot];
     struct toe_sock_shm *shm = fp_shm(c);
     st->counters.doorbells++;
@@ -413,6 +454,32 @@ void fp_doorbell(struct fp_state *st, int slot, double now)
         fp_wake(c);
 }
 
+/* One connection's deadlines (its lock held): an expired RTO punts it; a delayed ACK and
+ * a window poll are the units'.  *next: the earliest deadline still to come. */
+static void scan_one(struct fp_state *st, struct fp_ccb *c, double now, double *next)
+{
+    if (c->punted)
+        return;
+    if (c->rto_deadline && now >= c->rto_deadline) {
+        fp_punt_conn(st, c, slot_of(st, c), FP_PUNT_RTO);
+        return;
+    }
+    if (c->dack_deadline && now >= c->dack_deadline) {
+        c->dack_deadline = 0;
+        if (c->ack_pending) {
+            c->pingpong = 0;                   /* delayed ACK missed: not interactive after all */
+            st->counters.delayed_acks++;
+            fp_send_ack(st, c);
+        }
+    }
+    if (c->wnd_wait && c->wnd_poll_at && now >= c->wnd_poll_at)
+        fp_window_update(st, c, now);
+    double d[3] = {c->rto_deadline, c->dack_deadline, c->wnd_wait ? c->wnd_poll_at : 0};
+    for (int j = 0; j < 3; j++)
+        if (d[j] && (*next == 0 || d[j] < *next))
+            *next = d[j];
+}
+
 /* Deadlines: RTO expiry goes to software; delayed ACKs and window polls are the units'. */
 void fp_scan(struct fp_state *st, double now)
 {
@@ -424,30 +491,13 @@ void fp_scan(struct fp_state *st, double now)
         if (!c->in_use)
             continue;
         seen++;
-        if (c->punted)
-            continue;
         if (st->nevents + 8 >= FP_MAX_EVENTS) {
             next = now;                        /* no room to hand more back: go on next time */
             break;
         }
-        if (c->rto_deadline && now >= c->rto_deadline) {
-            fp_punt_conn(st, c, (int)i, FP_PUNT_RTO);
-            continue;
-        }
-        if (c->dack_deadline && now >= c->dack_deadline) {
-            c->dack_deadline = 0;
-            if (c->ack_pending) {
-                c->pingpong = 0;               /* delayed ACK missed: not interactive after all */
-                st->counters.delayed_acks++;
-                fp_send_ack(st, c);
-            }
-        }
-        if (c->wnd_wait && c->wnd_poll_at && now >= c->wnd_poll_at)
-            fp_window_update(st, c, now);
-        double d[3] = {c->rto_deadline, c->dack_deadline, c->wnd_wait ? c->wnd_poll_at : 0};
-        for (int j = 0; j < 3; j++)
-            if (d[j] && (next == 0 || d[j] < next))
-                next = d[j];
+        fp_lock(st, (int)i);
+        scan_one(st, c, now, &next);
+        fp_unlock(st, (int)i);
     }
     st->next_scan = next;
 }
@@ -489,12 +539,17 @@ static int rx_placed(struct fp_state *st, struct fp_ccb *c, uint32_t buf, double
         (hdr[FP_TCP_OFF + 12] >> 4) == 5) {
         struct fp_seg g;
         int cls = fp_rx_parse(hdr, (uint32_t)n, st->my_ip, st->my_mac, &g);
-        if (cls == FP_CLS_TCP_DATA && g.payload_len == payload &&
-            fp_find(st, g.src, g.sport, g.dport) == (int)(c - st->ccbs) && fp_rx_fast_ok(c, &g) < 0) {
-            k->cls[cls]++;
-            k->csum_offloaded++;
-            take(st, c, &g, NULL, now);
-            return 1;
+        int slot = slot_of(st, c);
+        if (cls == FP_CLS_TCP_DATA && g.payload_len == payload && fp_find(st, g.src, g.sport, g.dport) == slot) {
+            fp_lock(st, slot);
+            if (!c->punted && fp_rx_fast_ok(c, &g) < 0) {
+                k->cls[cls]++;
+                k->csum_offloaded++;
+                take(st, c, &g, NULL, now);
+                fp_unlock(st, slot);
+                return 1;
+            }
+            fp_unlock(st, slot);
         }
     }
     /* not for the guess: the frame together in `buf`, then the usual way */
@@ -523,8 +578,13 @@ static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
         /* room for what this frame may hand back (a frame, a connection) */
         if (*next_buf >= st->nbufs || st->nevents + 4 >= FP_MAX_EVENTS)
             return;                            /* the TAP stays readable: the next wait sees it */
-        int ps = st->place_slot;
-        if (!st->no_reuse && ps >= 0 && st->ccbs[ps].in_use && !st->ccbs[ps].punted) {
+        int ps = st->place_slot, guess = 0;
+        if (!st->no_reuse && ps >= 0) {
+            fp_lock(st, ps);                   /* the TX processor may punt it */
+            guess = st->ccbs[ps].in_use && !st->ccbs[ps].punted;
+            fp_unlock(st, ps);
+        }
+        if (guess) {
             int r = rx_placed(st, &st->ccbs[ps], *next_buf, now);
             if (r == 0)
                 return;
@@ -556,17 +616,24 @@ static void rx_burst(struct fp_state *st, uint32_t *next_buf, double now)
     }
 }
 
-/* One epoll wait and what it brings; returns with st->nevents records for software. */
-static int wait_once(struct fp_state *st, int timeout_ms)
+/* The wait's timeout: software's (timeout_ms, -1 none), or sooner for the next deadline. */
+int fp_scan_timeout(struct fp_state *st, int timeout_ms, double now)
 {
-    struct epoll_event evs[FP_POLL_FDS];
-    double now = mono();
     if (st->next_scan) {
         double ms = ceil((st->next_scan - now) * 1000.0);
         int t = ms <= 0 ? 0 : ms > 3600e3 ? 3600000 : (int)ms;
         if (timeout_ms < 0 || t < timeout_ms)
             timeout_ms = t;
     }
+    return timeout_ms;
+}
+
+/* One epoll wait and what it brings; returns with st->nevents records for software. */
+static int wait_once(struct fp_state *st, int timeout_ms)
+{
+    struct epoll_event evs[FP_POLL_FDS];
+    double now = fp_mono();
+    timeout_ms = st->proc ? fp_proc_sleep(st, timeout_ms, now) : fp_scan_timeout(st, timeout_ms, now);
     int n = 0;
     if (st->poll_us && timeout_ms != 0 && st->spin_skip) {
         st->spin_skip--;
@@ -580,7 +647,7 @@ static int wait_once(struct fp_state *st, int timeout_ms)
         do {
             n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, 0);
             st->counters.spins++;
-        } while (n == 0 && mono() < spin_until);
+        } while (n == 0 && fp_mono() < spin_until);
         if (n == 0) {
             st->counters.spin_misses++;
             st->spin_misses = st->spin_misses < 6 ? st->spin_misses + 1 : 6;
@@ -593,7 +660,10 @@ static int wait_once(struct fp_state *st, int timeout_ms)
         n = epoll_wait(st->ep_fd, evs, FP_POLL_FDS, timeout_ms);
         st->counters.waits++;
     }
-    st->now = now = mono();
+    struct fp_proc *p = st->proc;
+    if (p)
+        fp_proc_awake(st);
+    st->now = now = fp_mono();
     uint32_t next_buf = 0;
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;
@@ -602,18 +672,26 @@ static int wait_once(struct fp_state *st, int timeout_ms)
             rx_burst(st, &next_buf, now);
             continue;
         }
-        int slot = fd >= 0 && (uint32_t)fd < st->fd_map_len ? st->fd_map[fd] : -1;
-        if (slot >= 0 && !st->ccbs[slot].punted) {
-            struct fp_ccb *c = &st->ccbs[slot];
-            if (!(ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
-                fp_doorbell(st, slot, now);
-                continue;
-            }
-            c->punted = 1;                     /* the application closed it: software's */
-            c->punt_reason = FP_PUNT_CLOSE;
-            st->counters.punts[FP_PUNT_CLOSE]++;
+        if (p && fd == p->wake_fd) {
+            fp_proc_collect(st);               /* the TX processor handed something back */
+            continue;
         }
-        struct fp_event *e = event(st, FP_EV_FD);
+        /* a B end of the units' (with two processors, only until it has moved to the TX
+         * processor's set) */
+        int slot = fd >= 0 && (uint32_t)fd < st->fd_map_len ? st->fd_map[fd] : -1;
+        if (slot >= 0 && !(ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && fp_doorbell(st, slot, now))
+            continue;                          /* else punted: software's doorbell */
+        if (slot >= 0 && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+            struct fp_ccb *c = &st->ccbs[slot];
+            fp_lock(st, slot);
+            if (!c->punted) {
+                c->punted = 1;                 /* the application closed it: software's */
+                c->punt_reason = FP_PUNT_CLOSE;
+                st->counters.punts[FP_PUNT_CLOSE]++;
+            }
+            fp_unlock(st, slot);
+        }
+        struct fp_event *e = fp_event_new(st, FP_EV_FD);
         if (e) {
             e->fd = fd;
             e->events = ev;
@@ -636,7 +714,7 @@ static int wait_once(struct fp_state *st, int timeout_ms)
 int fp_poll(struct fp_state *st, int timeout_ms)
 {
     st->nevents = 0;
-    double until = timeout_ms < 0 ? 0 : mono() + timeout_ms / 1000.0;
+    double until = timeout_ms < 0 ? 0 : fp_mono() + timeout_ms / 1000.0;
     for (;;) {
         if (wait_once(st, timeout_ms) < 0 || st->nevents)
             break;                             /* a signal (EINTR), or work for software */

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-buffer-reuse", action="store_true",
                     help="seed 002's comparison: map and unmap a frame buffer per packet instead of "
                          "reusing the pre-mapped pool (counted as dma_mappings in toe stat)")
+    up.add_argument("--fastpath-procs", type=int, choices=(1, 2), default=1, metavar="{1,2}",
+                    help="seed 003's processors: 1 (default) runs the units on one thread; 2 gives "
+                         "TX (the doorbells of the units' connections) a thread of its own, sharing "
+                         "the CCBs with RX (docs/fastpath.md: measured slower on 2 CPUs)")
     up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
                     help="the fast path busy-polls N µs for more work before it sleeps, and programs "
                          "under toe run spin as long in blocking receives (TOE_POLL_US); default 0. "

@@ -75,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     )
     if args.poll_us is not None:
         kw["poll_us"] = args.poll_us
+    kw["fastpath_procs"] = args.fastpath_procs
     if args.no_buffer_reuse:
         kw["buffer_reuse"] = False
     if args.mtu is not None:

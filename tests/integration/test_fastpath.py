@@ -82,6 +82,36 @@ def test_buffer_reuse_maps_nothing_per_packet(adapter, client_ns, big_blob, tmp_
     assert pool["dma_mappings"] == pool["buffers"] and pool["dma_unmaps"] == 0, pool
 
 
+def test_two_processors_carry_both_directions(adapter_factory, client_ns, big_blob, tmp_path):
+    """--fastpath-procs 2: the TX processor (a thread of its own) takes the doorbells while
+    the RX processor takes the TAP: downloads, a server's upload to a kernel client and a
+    ping-pong stay byte-exact, and the TX processor did the sending."""
+    require_tools("curl")
+    adapter = adapter_factory("--fastpath-procs", "2")
+    with open(state_path(adapter.tap)) as f:
+        assert json.load(f)["fastpath_procs"] == 2
+    blob, want = big_blob
+    stat = _download(adapter, client_ns, blob, want, tmp_path)
+    fp = stat["units"]["fast_path"]
+    assert fp["processors"] == 2 and stat["totals"]["fast_share"] >= 0.99, fp
+    # a server under toe run sends 100 MB: its segments leave from the TX processor
+    port = unique_port()
+    with open(tmp_path / "server2.log", "wb") as log:
+        server = client_ns.toe_popen(
+            adapter, [sys.executable, "-u", "-m", "http.server", "--bind", adapter.ip, "--directory",
+                      str(blob.parent), str(port)], stdout=subprocess.PIPE, stderr=log)
+    wait_for_line(server, "Serving HTTP")
+    out = tmp_path / "uploaded"
+    res = adapter.run(["curl", "-sS", "-o", str(out), f"http://{adapter.ip}:{port}/blob"], text=True)
+    assert res.returncode == 0, res.stderr
+    assert sha256_file(out) == want
+    res = _pingpong(adapter, client_ns, 2000)
+    assert res.returncode == 0 and res.stdout.strip() == "ok 2000", res.stderr
+    fp = adapter.stat()["units"]["fast_path"]
+    assert fp["tx_processor.doorbells"] > 0, fp
+    assert fp["tx_processor.tx_data_segments"] >= 0.5 * fp["tx_data_segments"], fp
+
+
 def _pingpong(adapter, client_ns, n: int):
     """n one-byte exchanges: a kernel echo server (+1 per byte), the client under toe run."""
     port = unique_port()

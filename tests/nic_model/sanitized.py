@@ -1,5 +1,5 @@
-"""The hardware units compiled with AddressSanitizer and UBSan, and the child process that
-drives them.
+"""The hardware units compiled with AddressSanitizer and UBSan (or ThreadSanitizer: KINDS),
+and the child process that drives them.
 
 Parent side (tests/nic_model/test_fastpath_sanitize.py): `runtime()` finds the sanitizer
 runtimes, `build(tmpdir)` compiles nic_model/hw/*.c as the module `_fastpath_san`,
@@ -13,7 +13,8 @@ fp_scan / fp_end_burst / fp_pull) with one connection whose shared mapping sits 
 PROT_NONE guard pages and whose header is overwritten with garbage between frames; or, in
 mode "poll", (c) lets fp_poll read the frames itself from a datagram socketpair standing in
 for the TAP (rx_burst and its header split with direct placement, rx_placed), and fails
-unless payloads were both placed into the RX ring and misplaced there.  It prints a line
+unless payloads were both placed into the RX ring and misplaced there; mode "poll2" does
+that with the TX processor (tx_proc.c) running too, taking doorbells.  It prints a line
 starting with DONE when everything ran; a sanitizer report aborts it.
 This file imports nothing from the project, so the child loads no uninstrumented units.
 """
@@ -34,21 +35,30 @@ import sys
 import threading
 import time
 
-MODULE = "_fastpath_san"
-SAN_CFLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
-SAN_LDFLAGS = ["-fsanitize=address,undefined"]
+# the builds: AddressSanitizer + UBSan, and ThreadSanitizer (the two processors' locking)
+KINDS = {
+    "asan": {"module": "_fastpath_san", "runtimes": ("libasan.so", "libubsan.so"),
+             "cflags": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                        "-fno-sanitize-recover=all"],
+             "ldflags": ["-fsanitize=address,undefined"]},
+    "tsan": {"module": "_fastpath_tsan", "runtimes": ("libtsan.so",),
+             "cflags": ["-O1", "-g", "-fsanitize=thread", "-fno-omit-frame-pointer",
+                        "-Wno-tsan"],  # fences order the shared header for the shim, not these threads
+             "ldflags": ["-fsanitize=thread"]},
+}
+MODULE = os.environ.get("FP_SAN_MODULE", KINDS["asan"]["module"])
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ---------------------------------------------------------------- parent side
 
 
-def runtime() -> tuple[str | None, str]:
+def runtime(kind: str = "asan") -> tuple[str | None, str]:
     """(LD_PRELOAD value, "") or (None, why the sanitizers cannot run here)."""
     gcc = shutil.which("gcc")
     if gcc is None:
         return None, "gcc not found"
     libs = []
-    for name in ("libasan.so", "libubsan.so"):
+    for name in KINDS[kind]["runtimes"]:
         out = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
         if not os.path.isabs(out) or not os.path.exists(out):
             return None, f"{name} not installed (gcc -print-file-name={name} gave {out!r})"
@@ -56,7 +66,8 @@ def runtime() -> tuple[str | None, str]:
     return " ".join(libs), ""
 
 
-def build(tmpdir: str, hw_dir: str | None = None, extra_cflags: list[str] | None = None) -> str:
+def build(tmpdir: str, hw_dir: str | None = None, extra_cflags: list[str] | None = None,
+          kind: str = "asan") -> str:
     """Compile the units with the sanitizers into tmpdir; returns the module's path.
     `hw_dir`: another copy of nic_model/hw (fp.h and the units), for checking that the tests
     catch a deliberately broken unit."""
@@ -66,7 +77,8 @@ def build(tmpdir: str, hw_dir: str | None = None, extra_cflags: list[str] | None
     try:
         if hw_dir is not None:
             _fp_build.FP_DIR = hw_dir
-        ffi = _fp_build.make_ffi(MODULE, cflags=SAN_CFLAGS + (extra_cflags or []), ldflags=SAN_LDFLAGS,
+        k = KINDS[kind]
+        ffi = _fp_build.make_ffi(k["module"], cflags=k["cflags"] + (extra_cflags or []), ldflags=k["ldflags"],
                                  relative=False)
         return ffi.compile(tmpdir=tmpdir)
     finally:
@@ -74,12 +86,22 @@ def build(tmpdir: str, hw_dir: str | None = None, extra_cflags: list[str] | None
 
 
 def run(tmpdir: str, preload: str, seed: int, parse_frames: int, engine_frames: int, mode: str = "bursts",
-        watchdog_s: float = 30, timeout: float = 120) -> subprocess.CompletedProcess:
+        watchdog_s: float = 30, timeout: float = 120, kind: str = "asan") -> subprocess.CompletedProcess:
     env = dict(os.environ)
+    # the child plays the application too: its writes into the shared header (cffi and
+    # ctypes copies) race with the units by design, as another process's would; and
+    # fp_counters_sum reads the running TX processor's counters without a lock (statistics,
+    # a snapshot, as `toe stat` takes it)
+    supp = os.path.join(tmpdir, "tsan.supp")
+    with open(supp, "w") as f:
+        f.write("called_from_lib:_cffi_backend\ncalled_from_lib:_ctypes\ncalled_from_lib:libffi\n"
+                "race:fp_counters_sum\n")
     env.update({
         "LD_PRELOAD": preload,
+        "FP_SAN_MODULE": KINDS[kind]["module"],
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+        "TSAN_OPTIONS": f"halt_on_error=1:exitcode=66:report_signal_unsafe=0:suppressions={supp}",
         "PYTHONMALLOC": "malloc",
         "PYTHONPATH": os.pathsep.join([tmpdir, ROOT]),
     })
@@ -455,13 +477,28 @@ class PollEngine(Engine):
     placement guess, rx_placed's header split into the guessed connection's RX ring) and
     sends its own frames back out through A, to B."""
 
-    def __init__(self, ffi, lib, r: random.Random, offloads: int):
+    def __init__(self, ffi, lib, r: random.Random, offloads: int, procs: int = 1):
         super().__init__(ffi, lib, r, offloads, bursts_of_one=False)
         self.ep.register(self.tap_units.fileno(), select.EPOLLIN)
+        self.procs = procs
+        self.ringing = False
+        if procs == 2:                      # the TX processor takes B's doorbells meanwhile
+            assert lib.fp_proc_start(self.st) == 0
+            # and an application thread rings them while fp_poll runs (cffi lets go of the
+            # GIL in C): both processors on the same CCB at once
+            self.ringing = True
+            self.bell_thread = threading.Thread(target=self._ring, daemon=True)
+            self.bell_thread.start()
         self.now = time.monotonic()         # fp_poll's clock: deadlines set by repush are real
         self.hold = 0                       # batches left in which the application reads nothing
         self.stats.update(polls=0, sent=0, send_full=0, ev_frames=0, ev_conns=0, guessed=0, held=0)
         self.kinds: dict[str, int] = {}
+
+    def _ring(self) -> None:
+        while self.ringing:
+            with contextlib.suppress(BlockingIOError, OSError):
+                self.a.send(b"\x01")
+            time.sleep(0.0002)
 
     def rx_space(self) -> int:
         used = (self.get("rx_tail") - self.get("rx_head")) & 0xFFFFFFFF
@@ -589,6 +626,10 @@ class PollEngine(Engine):
         if self.hold:
             self.hold -= 1
             self.stats["held"] += 1
+        if self.procs == 2 and r.random() < 0.5:
+            with contextlib.suppress(BlockingIOError):
+                self.a.send(b"\x01")       # a doorbell: the TX processor's, concurrently
+            self.stats["doorbells"] += 1
         c = self.peek()
         expect = c.rcv_nxt if c is not None else r.getrandbits(32)
         self.ack_floor = c.snd_una if c is not None else 0
@@ -614,6 +655,15 @@ class PollEngine(Engine):
     def close(self) -> dict:
         k = self.st.counters
         placed, misplaced = k.rx_placed, k.rx_misplaced
+        if self.ringing:
+            self.ringing = False
+            self.bell_thread.join()
+        if self.procs == 2:                 # the TX processor's own share of the work
+            total = self.ffi.new("struct fp_counters *")
+            self.lib.fp_counters_sum(self.st, total)
+            self.stats["tx_proc_doorbells"] = tx_db = total.doorbells - k.doorbells
+            self.stats["tx_proc_segments"] = total.segments - k.segments
+            assert tx_db > 0, f"the TX processor took no doorbell: {self.stats}"
         self.stats.update(rx_frames=k.rx_frames, rx_placed=placed, rx_misplaced=misplaced, kinds=self.kinds,
                           punts=[int(k.punts[i]) for i in range(self.lib.FP_NPUNTS)])
         stats = super().close()
@@ -621,8 +671,8 @@ class PollEngine(Engine):
         return stats
 
 
-def child_poll(ffi, lib, r: random.Random, n: int, offloads: int) -> dict:
-    eng = PollEngine(ffi, lib, r, offloads)
+def child_poll(ffi, lib, r: random.Random, n: int, offloads: int, procs: int = 1) -> dict:
+    eng = PollEngine(ffi, lib, r, offloads, procs)
     while eng.stats["frames"] < n:
         eng.step()
     return eng.close()
@@ -657,13 +707,14 @@ def watchdog(seconds: float) -> threading.Timer:
 def child_main(argv: list[str]) -> int:
     """argv: SEED PARSE_FRAMES ENGINE_FRAMES MODE (bursts: several calls per fp_end_burst, as
     fp_poll's bursts are; single: fp_end_burst after every call; poll: fp_poll reads the
-    frames from a TAP socketpair) [WATCHDOG_SECONDS]."""
+    frames from a TAP socketpair; poll2: the same with the TX processor running, taking
+    doorbells) [WATCHDOG_SECONDS]."""
     import importlib
 
     seed, parse_frames, engine_frames = (int(a) for a in argv[:3])
     mode = argv[3]
     limit = float(argv[4]) if len(argv) > 4 else 30.0
-    assert mode in ("bursts", "single", "poll"), mode
+    assert mode in ("bursts", "single", "poll", "poll2"), mode
     mod = importlib.import_module(MODULE)
     ffi, lib = mod.ffi, mod.lib
     dog = watchdog(limit)
@@ -671,12 +722,14 @@ def child_main(argv: list[str]) -> int:
     r = random.Random(seed)
     report = child_parse(ffi, lib, r, parse_frames)
     t1 = time.monotonic()
-    if mode == "poll":
-        e0 = child_poll(ffi, lib, random.Random(seed * 4 + 3), engine_frames // 2, offloads=1)
-        e1 = child_poll(ffi, lib, random.Random(seed * 4 + 4), engine_frames - engine_frames // 2, offloads=0)
+    if mode in ("poll", "poll2"):
+        procs = 2 if mode == "poll2" else 1
+        e0 = child_poll(ffi, lib, random.Random(seed * 4 + 3), engine_frames // 2, offloads=1, procs=procs)
+        e1 = child_poll(ffi, lib, random.Random(seed * 4 + 4), engine_frames - engine_frames // 2, offloads=0,
+                        procs=procs)
         t2 = time.monotonic()
         dog.cancel()
-        print(f"DONE parse={parse_frames} {report} in {t1 - t0:.1f}s; engine (poll) offloads=1 {e0}; "
+        print(f"DONE parse={parse_frames} {report} in {t1 - t0:.1f}s; engine ({mode}) offloads=1 {e0}; "
               f"offloads=0 {e1}; in {t2 - t1:.1f}s", flush=True)
         return 0
     one = mode == "single"

@@ -13,7 +13,10 @@ The units are compiled a second time with -fsanitize=address,undefined as `_fast
     TAP, with batches of frames sent into the other end: the units read them (rx_burst)
     and, with a placement guess, split them between a header buffer, the connection's RX
     ring and a frame buffer (rx_placed), also while the RX ring is full; the child fails
-    unless payloads were both placed and misplaced.
+    unless payloads were both placed and misplaced;
+  - and the same with seed 003's second processor (tx_proc.c) running, taking doorbells
+    while fp_poll runs and the child pulls and pushes the connection: under ASan/UBSan,
+    and once more built with ThreadSanitizer (a race between the processors is a report).
 A sanitizer report, a fault, or a unit that never returns (the child's watchdog) fails
 the test with the child's stderr.
 """
@@ -67,3 +70,30 @@ def test_engine_in_bursts_with_a_lying_header(san_module):
 def test_engine_polling_the_tap_with_direct_placement(san_module):
     out = _run(san_module, parse_frames=0, engine_frames=20000, mode="poll")
     assert "engine (poll)" in out
+
+
+def test_engine_with_two_processors(san_module):
+    """The TX processor takes doorbells while fp_poll runs and software pulls and pushes."""
+    out = _run(san_module, parse_frames=0, engine_frames=20000, mode="poll2")
+    assert "engine (poll2)" in out
+
+
+@pytest.fixture(scope="module")
+def tsan_module(tmp_path_factory):
+    preload, why = sanitized.runtime("tsan")
+    if preload is None:
+        pytest.skip(f"ThreadSanitizer unavailable: {why}")
+    tmp = tmp_path_factory.mktemp("fastpath_tsan")
+    path = sanitized.build(str(tmp), kind="tsan")
+    with open(path, "rb") as f:
+        assert b"__tsan_read" in f.read()
+    return str(tmp), preload
+
+
+def test_two_processors_under_thread_sanitizer(tsan_module):
+    """No data race between the processors: every shared CCB use is under its lock."""
+    tmp, preload = tsan_module
+    p = sanitized.run(tmp, preload, SEED, 0, 12000, mode="poll2", watchdog_s=60, timeout=120, kind="tsan")
+    report = f"exit status {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-20000:]}"
+    assert p.returncode == 0 and p.stdout.startswith("DONE"), report
+    assert "engine (poll2)" in p.stdout
