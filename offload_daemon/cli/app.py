@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--fastpath-procs", type=int, choices=(1, 2), default=1, metavar="{1,2}",
                     help="seed 003's processors: 1 (default) runs the units on one thread; 2 gives "
                          "TX (the doorbells of the units' connections) a thread of its own, sharing "
-                         "the CCBs with RX (docs/fastpath.md: measured slower on 2 CPUs)")
+                         "the CCBs with RX (docs/fastpath.md: no gain measured on 2 CPUs)")
     up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
                     help="the fast path busy-polls N µs for more work before it sleeps, and programs "
                          "under toe run spin as long in blocking receives (TOE_POLL_US); default 0. "
