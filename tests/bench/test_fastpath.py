@@ -128,7 +128,7 @@ def test_testbed_both_plans_two_adapters() -> None:
     assert tb.tap == "tbxt" and tb.adapter() is on
     assert tb.peer_addr("adapter", "off") == "198.18.2.1" and tb.peer_addr("adapter") == "198.18.0.1"
     assert tb.peer_addr("kernel", "off") == "198.18.1.1"
-    assert tb.adapter_options() == {"fastpath": "both", "poll_us": 20}
+    assert tb.adapter_options() == {"fastpath": "both", "poll_us": 20, "fastpath_procs": 1}
     env = tb.app_env("off")
     assert env["TOE_POLL_US"] == "20" and env["TOE_SOCK"].endswith("/tbxu.sock")
     argv = tb.app_argv("adapter", ["prog"], "on")
@@ -140,7 +140,8 @@ def test_testbed_both_plans_two_adapters() -> None:
 def test_testbed_defaults() -> None:
     tb = _Testbed(tag="tby")
     assert tb.fastpaths == ("on",) and tb.poll_us == 0 and tb.tap == "tbyt"
-    assert tb.adapter_options() == {"fastpath": "on", "poll_us": 0}
+    assert tb.adapter_options() == {"fastpath": "on", "poll_us": 0, "fastpath_procs": 1}
+    assert _Testbed(tag="tbw", procs=2).adapter_options()["fastpath_procs"] == 2
     assert "TOE_POLL_US" not in tb.app_env()
     with pytest.raises(BenchError, match="no adapter with fastpath off"):
         tb.adapter("off")
@@ -152,7 +153,7 @@ def test_testbed_off_only_uses_the_first_subnet() -> None:
     assert tb.adapter_options()["fastpath"] == "off"
 
 
-@pytest.mark.parametrize("kw", [{"fastpath": ("fast",)}, {"fastpath": ()}, {"poll_us": -1}])
+@pytest.mark.parametrize("kw", [{"fastpath": ("fast",)}, {"fastpath": ()}, {"poll_us": -1}, {"procs": 3}])
 def test_testbed_bad_options(kw: dict[str, Any]) -> None:
     with pytest.raises(BenchError):
         _Testbed(**kw)
