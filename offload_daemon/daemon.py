@@ -471,15 +471,23 @@ class Adapter:
         s.holders.clear()
         self._count(s.proc, -1)
 
+    # the operations by name (toe stat counts commands by operation)
+    _OP_NAMES = {getattr(lib, n): n[len("TOE_OP_"):].lower() for n in dir(lib) if n.startswith("TOE_OP_")}
+    # per process, not per connection: left out of the round trips a connection costs
+    _PROCESS_OPS = ("hello", "fork", "handover")
+
     # descriptors each operation takes (SCM_RIGHTS); anything else is refused
     _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (3,), lib.TOE_OP_LISTEN: (0, 1),
-            lib.TOE_OP_ADOPT: (1,)}
+            lib.TOE_OP_ADOPT: (1,), lib.TOE_OP_SOCKETS: tuple(range(3, 3 * lib.TOE_POOL_BATCH + 1, 3))}
 
     def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> bool:
         """Answer one command into rsp. Every descriptor in `fds` is either taken by the
         socket it belongs to or closed here, on every path. False: drop the channel."""
         self.counters_host.commands += 1
         op = cmd.op
+        name = self._OP_NAMES.get(op, "unknown")
+        by_op = self.counters_host.by_op
+        by_op[name] = by_op.get(name, 0) + 1
         keep = True
         try:
             if len(fds) not in self._FDS.get(op, (0,)):
@@ -521,6 +529,8 @@ class Adapter:
             self.counters_host.sockets += 1
             rsp.sock_id = s.id
             return 0
+        if op == lib.TOE_OP_SOCKETS:
+            return self._sockets(ctx, cmd, fds)
         if op == lib.TOE_OP_ADOPT:
             return self._adopt(ctx, fds, rsp)
         if op == lib.TOE_OP_FORK:
@@ -582,6 +592,32 @@ class Adapter:
             return self.tcp.shutdown(s, cmd.arg0, now)
         self.tcp.setsockopt(s, cmd.arg0, cmd.arg1, now)
         return 0
+
+    def _sockets(self, ctx: ProcessCtx, cmd, fds: list[int]) -> int:
+        """SOCKETS: a batch of sockets for the shim's pool, [B, memfd, A] each (cmd.arg0 of
+        them). Each is checked and registered as SOCKET's; its id goes into its own header.
+        Registration stops at the first socket refused (a limit, a bad descriptor): the
+        answer is how many were registered, or that socket's error if none was."""
+        n = cmd.arg0
+        if n * 3 != len(fds):
+            raise BadCommand(errno.EINVAL)
+        done = 0
+        for i in range(n):
+            part = fds[3 * i:3 * i + 3]
+            try:
+                s = self._new_sock(ctx, part, cmd.shm_bytes)
+            except OSError:
+                if done:
+                    break
+                raise
+            finally:
+                fds[3 * i:3 * i + 3] = part        # what the socket took is -1: not closed twice
+            self._register(s)
+            s.shm.sock_id = s.id
+            self.counters_host.sockets += 1
+            self.counters_host.pooled += 1
+            done += 1
+        return done
 
     def _accept(self, ctx: ProcessCtx, ls: HostSocket, cmd, fds: list[int], rsp, now: float) -> int:
         if ls.listener is None:

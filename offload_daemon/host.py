@@ -18,7 +18,7 @@ import select
 import socket
 import struct
 import termios
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nic_model.counters import UnitCounters
@@ -44,6 +44,7 @@ class HostIfCounters(UnitCounters):
     handovers_refused: int = 0
     doorbells: int = 0
     wakes: int = 0                    # WAKE: kicks that could not go through a stuffed A
+    pooled: int = 0                   # sockets registered in batches (SOCKETS) for shims' pools
     app_closes: int = 0
     bad_commands: int = 0
     foreign_ids: int = 0
@@ -53,6 +54,7 @@ class HostIfCounters(UnitCounters):
     fork_channels: int = 0
     accept_errors: int = 0
     channels_dropped: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)   # commands by operation
 
 
 class HostSocket:
@@ -368,8 +370,8 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-_ANC = socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
-MAX_CMD_FDS = 4
+MAX_CMD_FDS = 3 * lib.TOE_POOL_BATCH       # SOCKETS: [B, memfd, A] per socket of a batch
+_ANC = socket.CMSG_SPACE(MAX_CMD_FDS * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
 SERVE_BUDGET = 64                 # commands of one channel per event-loop pass
 
 

@@ -19,6 +19,16 @@ from .host import HostSocket
 from .tcp import ip_str
 
 
+def round_trips_per_connection(ad) -> float | None:
+    """Control-channel commands per connection opened (connected or accepted), leaving out
+    those a process pays once (HELLO, FORK) or that name no connection (HANDOVER)."""
+    hc = ad.counters_host
+    opened = ad.tcp.stats.active_opens + hc.accepts
+    if not opened:
+        return None
+    n = hc.commands - sum(hc.by_op.get(k, 0) for k in ad._PROCESS_OPS)
+    return round(n / opened, 2)
+
 def adapter_stat(ad: Any, uid: int | None = None) -> dict:
     """`toe stat`'s data for `ad` (daemon.Adapter: not imported, the daemon imports this);
     with `uid`, only what belongs to that user."""
@@ -85,6 +95,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                    "data_segments_software": data_sw,
                    "fast_share": round(data_fast / (data_fast + data_sw), 4) if data_fast + data_sw else None,
                    "handovers": ad.counters_host.handovers,
+                   "round_trips_per_connection": round_trips_per_connection(ad),
                    "sockets_open": len(ad.socks)},
         "limits": {"max_sockets": ad.cfg.max_sockets,
                    "max_process_sockets": ad.cfg.max_process_sockets,

@@ -163,10 +163,12 @@ static int fork_channel_locked(void)
     return fd;
 }
 
-/* Lock order: ctl_mu before the table locks (nothing takes them the other way). */
+/* Lock order: the pool before ctl_mu, ctl_mu before the table locks (nothing takes them
+ * the other way). */
 static void atfork_prepare(void)
 {
     int saved = errno;
+    toe_pool_atfork_prepare(); /* before ctl_mu: a batch holds the pool while it asks */
     ctl_mu_taken_for_fork = pthread_mutex_lock(&ctl_mu) == 0;
     fork_chan = ctl_mu_taken_for_fork ? fork_channel_locked() : -1;
     toe_fd_atfork_prepare();
@@ -183,6 +185,7 @@ static void atfork_parent(void)
     if (ctl_mu_taken_for_fork)
         pthread_mutex_unlock(&ctl_mu);
     ctl_mu_taken_for_fork = 0;
+    toe_pool_atfork_parent();
     errno = saved;
 }
 
@@ -202,6 +205,7 @@ static void atfork_child(void)
         __atomic_store_n(&ctl_state, CTL_UNKNOWN, __ATOMIC_RELAXED);
     }
     toe_fd_atfork_child();
+    toe_pool_atfork_child(); /* the parent's: this process makes its own */
     errno = saved;
 }
 
@@ -256,7 +260,7 @@ static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe
                        int *sent, int *rfds, int *nrfds)
 {
     union {
-        char buf[CMSG_SPACE(4 * sizeof(int))];
+        char buf[CMSG_SPACE(3 * TOE_POOL_BATCH * sizeof(int))];
         struct cmsghdr align;
     } u;
     struct iovec iov = {.iov_base = cmd, .iov_len = sizeof(*cmd)};

@@ -243,7 +243,7 @@ void toe_fd_remove(int fd)
 
 int toe_fd_close_other(int fd)
 {
-    if (toe_ctl_is_channel(fd)) {
+    if (toe_ctl_is_channel(fd) || toe_pool_owns(fd)) {
         errno = EBADF; /* not the application's: as if it were not open */
         return -1;
     }
@@ -292,8 +292,10 @@ int toe_fd_close_range(unsigned int first, unsigned int last, int flags)
     }
     /* CLOEXEC closes nothing; UNSHARE closes in a private copy of the descriptor
      * table (a thread about to exec): the other threads keep the sockets */
-    if (!(flags & (CLOSE_RANGE_CLOEXEC | CLOSE_RANGE_UNSHARE)))
+    if (!(flags & (CLOSE_RANGE_CLOEXEC | CLOSE_RANGE_UNSHARE))) {
         remove_range(first, last);
+        toe_pool_forget(first, last);
+    }
     return close_range_sparing(first, last, flags);
 }
 
@@ -301,6 +303,7 @@ void toe_fd_closefrom(int lowfd)
 {
     unsigned int first = lowfd < 0 ? 0 : (unsigned int)lowfd;
     remove_range(first, ~0U);
+    toe_pool_forget(first, ~0U);
     int saved = errno;
     if (close_range_sparing(first, ~0U, 0) == 0) {
         errno = saved;

@@ -284,6 +284,8 @@ TOE_EXPORT int dup(int fd)
 
 TOE_EXPORT int dup2(int oldfd, int newfd)
 {
+    if (newfd >= 0 && oldfd != newfd)
+        toe_pool_forget((unsigned)newfd, (unsigned)newfd); /* the kernel closes a pooled one there */
     if (toe_fd_is_offloaded(oldfd) || toe_fd_is_offloaded(newfd))
         return toe_fd_dup2(oldfd, newfd, 0, 0);
     return toe_real_dup2(oldfd, newfd);
@@ -291,6 +293,8 @@ TOE_EXPORT int dup2(int oldfd, int newfd)
 
 TOE_EXPORT int dup3(int oldfd, int newfd, int flags)
 {
+    if (newfd >= 0 && oldfd != newfd)
+        toe_pool_forget((unsigned)newfd, (unsigned)newfd);
     if (toe_fd_is_offloaded(oldfd) || toe_fd_is_offloaded(newfd))
         return toe_fd_dup2(oldfd, newfd, flags, 1);
     return toe_real_dup3(oldfd, newfd, flags);

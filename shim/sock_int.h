@@ -20,6 +20,7 @@
  *
  * The rooms:
  *   sock_life.c  socket(): creation; adoption of inherited / passed sockets
+ *   pool.c       ready sockets for socket(), made and registered in batches
  *   ready.c      readiness on A: stuffing, doorbells, tokens, waits
  *   handover.c   the socket given to the kernel (or refused, TOE_STRICT)
  *   conn.c       bind, listen, connect, accept, shutdown, names
@@ -131,6 +132,9 @@ void stuff(int fd, struct toe_sock_shm *tx) TOE_INTERNAL;
 void bell(int fd) TOE_INTERNAL;
 /* A kick that must arrive: through A, or through the control channel when A is stuffed. */
 void kick(struct toe_sock *s, int fd) TOE_INTERNAL;
+
+/* pool.c: ready sockets, made in batches (the rest of its interface is in toe_shim.h) */
+struct toe_sock *toe_pool_take(int type, int *a) TOE_INTERNAL;
 /* Read the outstanding token bytes that arrived out of A; how many were read. */
 uint32_t read_tokens(struct toe_sock_shm *m, int fd) TOE_INTERNAL;
 /* The token dance: called (under rx_lock) when the socket is not readable. */

@@ -127,7 +127,20 @@ int toe_sock_socket(int domain, int type, int protocol)
             return strict_no_socket(ENETDOWN);
         return toe_real_socket(domain, type, protocol);
     }
-    struct toe_sock *s = make_sock(type, &a, bm);
+    struct toe_sock *s = toe_pool_take(type, &a);
+    if (s) {                            /* ready: made and registered in a batch */
+        if (toe_fd_install(a, s) < 0) {
+            int e = errno;
+            toe_real_close(a);
+            toe_sock_put(s);
+            return fail(e);
+        }
+        toe_sock_put(s);
+        TOE_DBG("socket fd %d -> sock %u (pooled)", a, s->sock_id);
+        errno = saved;
+        return a;
+    }
+    s = make_sock(type, &a, bm);
     if (!s) {
         if (toe_strict || no_resources(errno))
             return toe_strict ? strict_no_socket(errno) : fail(errno);

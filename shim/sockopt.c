@@ -66,10 +66,17 @@ static void record_opt(struct toe_sock *s, int level, int name, const void *val,
     pthread_mutex_unlock(&s->opt_lock);
 }
 
+/* The option is in the header already; the daemon hears of it only if it has a connection
+ * to act on now.  Before connect (and on a listener) it reads the header when it needs
+ * the option (keepalive armed at establishment, NODELAY at each send, linger at close),
+ * so a setsockopt there costs no round trip: a connection's set-up pays one, CONNECT. */
 static void notify_opt(struct toe_sock *s, int level, int name, const void *val, socklen_t len)
 {
     struct toe_cmd cmd;
     struct toe_rsp rsp;
+    uint32_t st = state_of(s);
+    if (st == TOE_SS_NEW || st == TOE_SS_BOUND || st == TOE_SS_LISTEN)
+        return;
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_SETSOCKOPT;
     cmd.sock_id = s->sock_id;

@@ -42,6 +42,10 @@
 #define TOE_OP_ADOPT 10
 #define TOE_OP_FORK 11
 #define TOE_OP_WAKE 12 /* a kick that cannot go through A (A is stuffed) */
+#define TOE_OP_SOCKETS 13 /* a batch of sockets for the shim's pool */
+
+/* SOCKETS registers at most this many sockets (3 descriptors each) */
+#define TOE_POOL_BATCH 16
 
 /* struct toe_cmd.arg0 of HANDOVER: why a socket went to the kernel */
 #define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */

@@ -191,6 +191,16 @@ struct toe_sock *toe_sock_alloc(void);
 /* Drop one reference; the last one unmaps the shared memory.  Keeps errno. */
 void toe_sock_put(struct toe_sock *s);
 
+/* ---------------- pool.c: ready sockets for socket() ---------------- */
+
+/* Is fd a pooled A end (open, but not the application's)? */
+int toe_pool_owns(int fd);
+/* Descriptors [first, last] are about to be closed or replaced: their pooled sockets leave. */
+void toe_pool_forget(unsigned int first, unsigned int last);
+void toe_pool_atfork_prepare(void);
+void toe_pool_atfork_parent(void);
+void toe_pool_atfork_child(void);
+
 /* ---------------- ctl.c ---------------- */
 
 extern int toe_debug;

@@ -280,6 +280,8 @@ class FakeAdapter:
         self.adopts: list[tuple[int, int]] = []  # (cookie, result)
         self.forks = 0                        # FORK channels handed out
         self.wakes = 0                        # WAKE commands (kicks from a stuffed A)
+        self.connect_opts: list[tuple[int, int, int]] = []   # header options seen at CONNECT
+        self.batches: list[int] = []                          # SOCKETS: sockets per batch
         self.refuse_fork = False              # answer FORK -ENFILE (the child reconnects)
         self.channels_used: set[int] = set()  # channels that sent a command
         self._close_after: list[int] = []
@@ -411,6 +413,8 @@ class FakeAdapter:
             "ops": dict(self.ops), "hellos": list(self.hello_pids),
             "forks": self.forks, "wakes": self.wakes, "channels_used": len(self.channels_used),
             "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
+            "connect_opts": list(self.connect_opts), "batches": list(self.batches),
+            "sockets_made": self.ops.get(lib.TOE_OP_SOCKET, 0) + sum(self.batches),
             "live": len(self.socks), "errors": list(self.errors), "cookies": list(self.cookies),
             "adopts": list(self.adopts),
         })
@@ -493,7 +497,7 @@ class FakeAdapter:
     # ---- commands ----
     def _command(self, conn: socket.socket) -> None:
         try:
-            msg, fds, _, _ = socket.recv_fds(conn, 64, 4)
+            msg, fds, _, _ = socket.recv_fds(conn, 64, 3 * lib.TOE_POOL_BATCH)
         except BlockingIOError:
             return
         except OSError:
@@ -516,7 +520,7 @@ class FakeAdapter:
             lib.TOE_OP_CONNECT: self._connect, lib.TOE_OP_ACCEPT: self._accept,
             lib.TOE_OP_SHUTDOWN: self._shutdown, lib.TOE_OP_SETSOCKOPT: self._setsockopt,
             lib.TOE_OP_HANDOVER: self._handover, lib.TOE_OP_ADOPT: self._adopt_op,
-            lib.TOE_OP_FORK: self._fork, lib.TOE_OP_WAKE: self._wake,
+            lib.TOE_OP_FORK: self._fork, lib.TOE_OP_WAKE: self._wake, lib.TOE_OP_SOCKETS: self._sockets,
         }.get(cmd.op)
         out_fds: list[int] = []
         if handler is None:
@@ -567,6 +571,22 @@ class FakeAdapter:
         self.by_bfd[s.b.fileno()] = s
         self.ep.register(s.b.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
 
+    def _sockets(self, cmd, fds, rsp) -> None:
+        """A batch for the shim's pool: each socket's id goes into its own header."""
+        n = cmd.arg0
+        if n < 1 or len(fds) != 3 * n:
+            for f in fds:
+                os.close(f)
+            rsp.result = -errno.EINVAL
+            return
+        self.batches.append(n)
+        for i in range(n):
+            s = self._take(cmd, fds[3 * i:3 * i + 3])
+            assert s is not None
+            self._register(s)
+            s.shm.sock_id = s.sid
+        rsp.result = n
+
     def _socket(self, cmd, fds, rsp) -> None:
         s = self._take(cmd, fds)
         if s is None:
@@ -605,6 +625,7 @@ class FakeAdapter:
             shm.local_port_be16 = be16(next(self._ports))
         shm.remote_addr_be32 = cmd.addr_be32
         shm.remote_port_be16 = cmd.port_be16
+        self.connect_opts.append((shm.opt_flags, shm.keepidle_s, shm.linger_s))
         shm.state = lib.TOE_SS_CONNECTING
         rsp.result = -errno.EINPROGRESS
         def refuse() -> None:

@@ -1,0 +1,191 @@
+/*
+ * pool.c - ready sockets, made in batches (seed 002's principle applied to sockets).
+ *
+ * socket() takes a socket the adapter already knows: its pair made, its memfd sealed
+ * and mapped on both sides, registered with one SOCKETS command for the whole batch.
+ * So socket() itself costs no round trip to the daemon, only moving A to the
+ * descriptor number the kernel's socket() would have returned (the lowest free one).
+ *
+ * A pooled A waits at a high descriptor number (TOE_HIGH_FD and up, close-on-exec), so
+ * that it takes no number the application expects.  The application never sees it
+ * until socket() hands it out: close() of it is EBADF, as for a descriptor that is not
+ * open; dup2()/dup3() onto it and close_range()/closefrom() over it take it out of the
+ * pool (the daemon frees the socket when its last A closes).
+ *
+ * Batches grow as the process asks for sockets (1, 2, 4 ... TOE_POOL_BATCH), so a
+ * process that makes one socket pays for one.  A fork() child does not inherit the
+ * pool (its copies are closed); exec closes it (close-on-exec).
+ */
+#include "sock_int.h"
+
+#define POOL_MAX (2 * TOE_POOL_BATCH)
+
+struct pool_ent {
+    int a;
+    struct toe_sock *s;
+};
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct pool_ent pool[POOL_MAX];
+static int npool;
+static int next_batch = 1;
+static pid_t pool_pid;
+static int pool_off;          /* the daemon refused a batch: make sockets one by one */
+
+static void drop_locked(int i, int close_a)
+{
+    if (close_a)
+        toe_real_close(pool[i].a);
+    toe_sock_put(pool[i].s);
+    pool[i] = pool[--npool];
+}
+
+/* n more sockets into the pool (pool_mu held): one SOCKETS command for them all. */
+static int refill_locked(int n)
+{
+    struct toe_sock *socks[TOE_POOL_BATCH];
+    int as[TOE_POOL_BATCH], fds[3 * TOE_POOL_BATCH], made = 0;
+    for (; made < n; made++) {
+        int bm[3], a;
+        struct toe_sock *s = make_sock(SOCK_NONBLOCK | SOCK_CLOEXEC, &a, bm);
+        if (!s)
+            break;
+        int hi = toe_real_fcntl(a, F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
+        if (hi < 0 || !toe_fd_fits(hi)) {
+            if (hi >= 0)
+                toe_real_close(hi);
+            toe_real_close(a);
+            close_pair_side(bm);
+            toe_sock_put(s);
+            break;
+        }
+        toe_real_close(a);
+        s->cookie = sock_cookie(hi);
+        socks[made] = s;
+        as[made] = hi;
+        fds[3 * made] = bm[0];
+        fds[3 * made + 1] = bm[1];
+        fds[3 * made + 2] = hi;
+    }
+    if (!made)
+        return -1;
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_SOCKETS;
+    cmd.arg0 = made;
+    cmd.shm_bytes = (uint32_t)socks[0]->map_len;
+    int r = toe_ctl_call(&cmd, fds, 3 * made, &rsp);
+    int got = r == 0 && rsp.result > 0 ? (rsp.result < made ? rsp.result : made) : 0;
+    if (r == 0 && rsp.result == -EOPNOTSUPP)
+        pool_off = 1;
+    for (int i = 0; i < made; i++) {
+        toe_real_close(fds[3 * i]);
+        toe_real_close(fds[3 * i + 1]);
+        uint32_t id = LOAD(&socks[i]->shm->sock_id);
+        if (i < got && id) {
+            socks[i]->sock_id = id;
+            stuff(as[i], NULL); /* an unconnected socket is not writable */
+            pool[npool].a = as[i];
+            pool[npool].s = socks[i];
+            npool++;
+        } else {
+            toe_real_close(as[i]);
+            toe_sock_put(socks[i]);
+        }
+    }
+    return got ? 0 : -1;
+}
+
+/*
+ * A pooled socket for socket(type): *a is its A end at the lowest free descriptor, with
+ * the type's SOCK_NONBLOCK and SOCK_CLOEXEC.  NULL when the pool cannot give one (the
+ * caller then makes a socket the single way).
+ */
+struct toe_sock *toe_pool_take(int type, int *a)
+{
+    int saved = errno;
+    pid_t me = getpid();
+    struct toe_sock *s = NULL;
+    int hi = -1;
+    pthread_mutex_lock(&pool_mu);
+    if (pool_pid && pool_pid != me) {  /* a vfork child: our memory, not our descriptors */
+        pthread_mutex_unlock(&pool_mu);
+        errno = saved;
+        return NULL;
+    }
+    pool_pid = me;
+    if (!npool && !pool_off && refill_locked(next_batch) == 0 && next_batch < TOE_POOL_BATCH)
+        next_batch *= 2;
+    if (npool) {
+        npool--;
+        hi = pool[npool].a;
+        s = pool[npool].s;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    if (!s) {
+        errno = saved;
+        return NULL;
+    }
+    int fd = toe_real_fcntl(hi, (type & SOCK_CLOEXEC) ? F_DUPFD_CLOEXEC : F_DUPFD, (void *)0L);
+    if (fd < 0 || !toe_fd_fits(fd) ||
+        (!(type & SOCK_NONBLOCK) && toe_real_fcntl(fd, F_SETFL, (void *)0L) < 0)) {
+        int e = fd < 0 ? errno : EMFILE;
+        if (fd >= 0)
+            toe_real_close(fd);
+        toe_real_close(hi);
+        toe_sock_put(s);
+        errno = e;
+        return NULL;
+    }
+    toe_real_close(hi);
+    *a = fd;
+    errno = saved;
+    return s;
+}
+
+/* Is fd a pooled A (not the application's)? */
+int toe_pool_owns(int fd)
+{
+    if (fd < TOE_HIGH_FD)
+        return 0;
+    pthread_mutex_lock(&pool_mu);
+    int found = 0;
+    for (int i = 0; i < npool && !found; i++)
+        found = pool[i].a == fd;
+    pthread_mutex_unlock(&pool_mu);
+    return found;
+}
+
+/* [first, last] is about to be closed or replaced by the kernel (dup2 onto it, close_range):
+ * the pooled sockets there leave the pool (their A ends are closed by that call). */
+void toe_pool_forget(unsigned int first, unsigned int last)
+{
+    if (last < TOE_HIGH_FD)
+        return;
+    pthread_mutex_lock(&pool_mu);
+    for (int i = npool - 1; i >= 0; i--)
+        if ((unsigned int)pool[i].a >= first && (unsigned int)pool[i].a <= last)
+            drop_locked(i, 0);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* fork(): the pool stays the parent's (held across the fork, so no batch is half made). */
+void toe_pool_atfork_prepare(void)
+{
+    pthread_mutex_lock(&pool_mu);
+}
+
+void toe_pool_atfork_parent(void)
+{
+    pthread_mutex_unlock(&pool_mu);
+}
+
+void toe_pool_atfork_child(void)
+{
+    toe_mutex_init_ec(&pool_mu);
+    while (npool)
+        drop_locked(npool - 1, 1);
+    pool_pid = 0;
+    next_batch = 1;
+}

@@ -1,0 +1,89 @@
+"""SOCKETS, the batch that fills a shim's pool (issue 12), from a hostile client: it obeys
+the same checks and limits as SOCKET, one socket at a time, and keeps no descriptor of a
+batch it refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.security import hostile
+from tests.security.hostile import NOBODY_GID, NOBODY_UID, OP, Channel
+from tests.security.test_bad_input import ALLOW_NOBODY, E, before, check_daemon
+
+pytestmark = pytest.mark.integration
+
+
+def batch(ch: Channel, sfs: list[hostile.SockFds], n: int | None = None) -> int:
+    fds = [fd for sf in sfs for fd in sf.fds]
+    rsp = ch.call_nofds(OP.SOCKETS, fds, arg0=len(sfs) if n is None else n, shm_bytes=sfs[0].shm_bytes)
+    return rsp.result
+
+
+def batches(ctl: str) -> dict[str, Any]:
+    """Runs as nobody: a good batch, one with a bad socket in the middle, a miscounted one."""
+    ch = Channel(ctl)
+    assert ch.hello().result == 0
+    tx, rx = ch.ring_sizes()
+    out: dict[str, Any] = {}
+    good = [hostile.make_socket_fds(tx, rx) for _ in range(4)]
+    for sf in good:
+        sf.map()
+    out["good"] = batch(ch, good)
+    ids = [int(sf.header().sock_id) for sf in good]
+    out["ids"] = ids
+    # each id is the channel's: a command naming it is obeyed
+    out["bind"] = [ch.call_nofds(OP.BIND, sock_id=i, addr_be32=0, port_be16=0).result for i in ids]
+    mixed = [hostile.make_socket_fds(tx, rx), hostile.make_socket_fds(tx, rx),
+             hostile.make_socket_fds(tx, rx, seal=False), hostile.make_socket_fds(tx, rx)]
+    out["mixed"] = batch(ch, mixed)
+    out["first_bad"] = batch(ch, [hostile.make_socket_fds(tx, rx, seal=False), hostile.make_socket_fds(tx, rx)])
+    out["miscounted"] = batch(ch, [hostile.make_socket_fds(tx, rx) for _ in range(2)], n=3)
+    out["too_many"] = batch(ch, [hostile.make_socket_fds(tx, rx) for _ in range(17)])
+    for sf in good + mixed:
+        sf.close()
+    ch.close()
+    return out
+
+
+@pytest.fixture
+def ad(shared_adapter):
+    return shared_adapter(*ALLOW_NOBODY)
+
+
+def test_a_batch_is_checked_socket_by_socket(ad):
+    pid, fds0 = before(ad)
+    got = hostile.as_user(NOBODY_UID, NOBODY_GID, batches, hostile.ctl_path(ad.tap), timeout=60)
+    assert got["good"] == 4, got
+    assert len(set(got["ids"])) == 4 and all(got["ids"]), got           # each header names its socket
+    assert got["bind"] == [0] * 4, got
+    assert got["mixed"] == 2, got                                       # up to the unsealed memfd
+    assert got["first_bad"] == E["EINVAL"], got                         # none: that socket's error
+    assert got["miscounted"] == E["EINVAL"] and got["too_many"] == E["EINVAL"], got
+    problems = check_daemon(ad, pid, fds0, "after the batches")
+    assert not problems, problems
+
+
+def fill(ctl: str) -> list[int]:
+    ch = Channel(ctl)
+    assert ch.hello().result == 0
+    tx, rx = ch.ring_sizes()
+    held = []
+    results = []
+    for n in (6, 6):
+        sfs = [hostile.make_socket_fds(tx, rx) for _ in range(n)]
+        results.append(batch(ch, sfs))
+        held += sfs
+    for sf in held:
+        sf.close()
+    ch.close()
+    return results
+
+
+def test_a_batch_stops_at_the_process_limit(adapter_factory):
+    """--max-process-sockets 8: a batch of 6, then one of 6 registers 2 (the limit), and
+    the next would be EMFILE, as SOCKET's."""
+    adapter = adapter_factory(*ALLOW_NOBODY, "--max-process-sockets", "8")
+    got = hostile.as_user(NOBODY_UID, NOBODY_GID, fill, hostile.ctl_path(adapter.tap), timeout=60)
+    assert got == [6, 2], got
