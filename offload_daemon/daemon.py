@@ -477,7 +477,7 @@ class Adapter:
     _PROCESS_OPS = ("hello", "fork", "handover")
 
     # descriptors each operation takes (SCM_RIGHTS); anything else is refused
-    _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (3,), lib.TOE_OP_LISTEN: (0, 1),
+    _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (0, 3), lib.TOE_OP_LISTEN: (0, 1),
             lib.TOE_OP_ADOPT: (1,), lib.TOE_OP_SOCKETS: tuple(range(3, 3 * lib.TOE_POOL_BATCH + 1, 3))}
 
     def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> bool:
@@ -620,17 +620,30 @@ class Adapter:
         return done
 
     def _accept(self, ctx: ProcessCtx, ls: HostSocket, cmd, fds: list[int], rsp, now: float) -> int:
+        """ACCEPT into a socket passed with the command ([B, memfd, A]), or, without
+        descriptors, into one of the channel's own unconnected sockets named by arg1 (a
+        socket of the shim's pool)."""
         if ls.listener is None:
             return -errno.EINVAL
+        pooled = None
+        if not fds:
+            pooled = ctx.socks.get(cmd.arg1 & 0xFFFFFFFF)
+            if pooled is None or not pooled.mapped:
+                self.counters_host.foreign_ids += 1
+                return -errno.EBADF
+            if pooled is ls or pooled.ccb is not None or pooled.listener is not None or pooled.bound:
+                return -errno.EINVAL             # not a fresh socket
         if not ls.listener.queue:
             return -errno.EAGAIN
-        child = self._new_sock(ctx, fds, cmd.shm_bytes)
+        child = pooled if pooled is not None else self._new_sock(ctx, fds, cmd.shm_bytes)
         c = self.tcp.accept(ls, child, now)
         if c is None:
-            child.close_b()
-            child.release()
+            if pooled is None:
+                child.close_b()
+                child.release()
             return -errno.EAGAIN
-        self._register(child)
+        if pooled is None:
+            self._register(child)
         self.counters_host.accepts += 1
         rsp.sock_id = child.id
         rsp.addr_be32 = to_be32(c.remote_ip)

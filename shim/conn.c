@@ -361,9 +361,11 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
             continue;
         }
 
-        int a, bm[3];
-        struct toe_sock *c = make_sock(flags, &a, bm);
-        if (!c)
+        int a, bm[3] = {-1, -1, -1};
+        /* the child: a pooled socket (named in the command), else one made now (passed) */
+        struct toe_sock *c = toe_pool_take(flags, &a);
+        int pooled = c != NULL;
+        if (!c && !(c = make_sock(flags, &a, bm)))
             return -1;
         /* an accepted socket inherits the listener's options */
         struct toe_sock_shm *cm = c->shm;
@@ -385,9 +387,15 @@ int toe_sock_accept(struct toe_sock *s, int fd, struct sockaddr *addr, socklen_t
         cmd.op = TOE_OP_ACCEPT;
         cmd.sock_id = s->sock_id;
         cmd.shm_bytes = (uint32_t)c->map_len;
-        c->cookie = sock_cookie(a);
-        int r = toe_ctl_call(&cmd, bm, 3, &rsp);
-        close_pair_side(bm);
+        int r;
+        if (pooled) {
+            cmd.arg1 = (int32_t)c->sock_id;
+            r = toe_ctl_call(&cmd, NULL, 0, &rsp);
+        } else {
+            c->cookie = sock_cookie(a);
+            r = toe_ctl_call(&cmd, bm, 3, &rsp);
+            close_pair_side(bm);
+        }
         if (r < 0 || rsp.result < 0) {
             toe_real_close(a);
             toe_sock_put(c);

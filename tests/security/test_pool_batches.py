@@ -87,3 +87,34 @@ def test_a_batch_stops_at_the_process_limit(adapter_factory):
     adapter = adapter_factory(*ALLOW_NOBODY, "--max-process-sockets", "8")
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, fill, hostile.ctl_path(adapter.tap), timeout=60)
     assert got == [6, 2], got
+
+
+def accepts(ctl: str) -> dict[str, int]:
+    """Runs as nobody: ACCEPT into sockets named by id (the pooled form)."""
+    ch, other = Channel(ctl), Channel(ctl)
+    assert ch.hello().result == 0 and other.hello().result == 0
+    _, lst = ch.socket()
+    assert ch.call_nofds(OP.BIND, sock_id=lst.sock_id, addr_be32=0, port_be16=0).result == 0
+    assert ch.call_nofds(OP.LISTEN, sock_id=lst.sock_id, arg0=8).result == 0
+    _, fresh = ch.socket()
+    _, bound = ch.socket()
+    assert ch.call_nofds(OP.BIND, sock_id=bound.sock_id, addr_be32=0, port_be16=0).result == 0
+    _, theirs = other.socket()
+    out = {
+        "theirs": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=theirs.sock_id).result,
+        "guessed": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=theirs.sock_id ^ 0x5A5A).result,
+        "itself": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=lst.sock_id).result,
+        "bound": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=bound.sock_id).result,
+        "fresh": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=fresh.sock_id).result,
+    }
+    for sf in (lst, fresh, bound, theirs):
+        sf.close()
+    ch.close()
+    other.close()
+    return out
+
+
+def test_accept_into_a_named_socket_takes_only_a_fresh_one_of_the_channels(ad):
+    got = hostile.as_user(NOBODY_UID, NOBODY_GID, accepts, hostile.ctl_path(ad.tap), timeout=60)
+    assert got == {"theirs": E["EBADF"], "guessed": E["EBADF"], "itself": E["EINVAL"],
+                   "bound": E["EINVAL"], "fresh": -11}, got             # -EAGAIN: nothing queued

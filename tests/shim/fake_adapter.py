@@ -282,6 +282,7 @@ class FakeAdapter:
         self.wakes = 0                        # WAKE commands (kicks from a stuffed A)
         self.connect_opts: list[tuple[int, int, int]] = []   # header options seen at CONNECT
         self.batches: list[int] = []                          # SOCKETS: sockets per batch
+        self.pooled_accepts = 0                               # ACCEPTs into a pooled socket
         self.refuse_fork = False              # answer FORK -ENFILE (the child reconnects)
         self.channels_used: set[int] = set()  # channels that sent a command
         self._close_after: list[int] = []
@@ -415,6 +416,7 @@ class FakeAdapter:
             "handovers": list(self.handovers), "setsockopts": list(self.setsockopts),
             "connect_opts": list(self.connect_opts), "batches": list(self.batches),
             "sockets_made": self.ops.get(lib.TOE_OP_SOCKET, 0) + sum(self.batches),
+            "pooled_accepts": self.pooled_accepts,
             "live": len(self.socks), "errors": list(self.errors), "cookies": list(self.cookies),
             "adopts": list(self.adopts),
         })
@@ -654,13 +656,20 @@ class FakeAdapter:
                 os.close(f)
             rsp.result = -errno.EAGAIN
             return
-        c = self._take(cmd, fds)
+        if fds:
+            c = self._take(cmd, fds)
+        else:                                    # a pooled socket of the caller's, by id
+            c = self.socks.get(cmd.arg1 & 0xFFFFFFFF)
+            if c is not None and (c.mode != "new" or c.shm.state != lib.TOE_SS_NEW):
+                c = None
+            self.pooled_accepts += c is not None
         if c is None:
             rsp.result = -errno.EINVAL
             return
         addr, port, mode, data = lst.pending.pop(0)
         lst.shm.accept_pending -= 1
-        self._register(c)
+        if fds:
+            self._register(c)
         c.shm.local_addr_be32 = lst.shm.local_addr_be32
         c.shm.local_port_be16 = lst.shm.local_port_be16
         c.shm.remote_addr_be32 = addr

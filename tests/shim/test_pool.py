@@ -141,3 +141,38 @@ def test_a_forked_child_makes_its_own_pool(env, fake):
     # parent 1, 2; child 1 (it inherits no pooled socket); parent again from what it had
     assert st["batches"][:3] == [1, 2, 1], st["batches"]
     assert wait_until(lambda: fake.stats()["live"] == 0)
+
+
+SERVER = r"""
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+l.bind(("0.0.0.0", 8090)); l.listen(64)
+print("ready", flush=True)
+for i in range(20):
+    c, peer = l.accept()
+    assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1, i   # the listener's
+    assert c.getsockname()[1] == 8090 and peer[1] == 6000 + i, (c.getsockname(), peer)
+    c.sendall(b"%d" % i)
+    assert c.recv(10) == b"%d" % i, i
+    c.close()
+print("served", flush=True)
+"""
+
+
+def test_accepted_connections_go_into_pooled_sockets(env, fake):
+    """accept() names a pooled socket in ACCEPT instead of passing a new one: one round trip,
+    no socket made on the way; the child inherits the listener's options, not the pool's."""
+    from .helpers import Interactive
+
+    p = Interactive(SERVER, env)
+    p.expect("ready")
+    for i in range(20):
+        fake.inject_connection(8090, ("198.18.0.60", 6000 + i))
+    p.expect("served")
+    p.finish()
+    st = fake.stats()
+    assert st["pooled_accepts"] == 20 and st["ops"].get(6) == 20, st     # ACCEPT
+    assert st["ops"].get(2, 0) == 0, st                                   # no SOCKET
+    assert wait_until(lambda: fake.stats()["live"] == 0)
