@@ -41,8 +41,9 @@ TESTS = {"stream": ["stream-send", "stream-recv"], "rr": ["rr"], "crr": ["crr"]}
 # the metrics each kind's table shows
 TABLE_METRICS = {
     "stream": ["throughput_bps", "app_cpu_s_per_gb", "adapter_cpu_s"],
-    "rr": ["lat_us.p50", "lat_us.p99", "tps", "app_cpu_us_per_tx"],
-    "crr": ["tps", "lat_us.p50", "app_cpu_us_per_tx"],
+    "rr": ["lat_us.p50", "lat_us.p99", "tps", "app_cpu_us_per_tx", "adapter_cpu_us_per_tx"],
+    "crr": ["tps", "lat_us.p50", "lat_us.p99", "app_cpu_us_per_tx", "adapter_cpu_us_per_tx",
+            "round_trips_per_tx"],
 }
 # the targets for the hybrid adapter (fastpath on; the summary's "ratio"):
 # (kind, metric, bound, is_minimum, size or None for every size, label)

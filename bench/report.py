@@ -103,6 +103,8 @@ METRICS: dict[str, Metric] = {
     "app_cpu_us_per_tx": Metric("app CPU", "CPU µs/tx", False, 1.0, _sig3),
     "app_cpu_util": Metric("app CPU", "%", False, 100.0, _fixed(1)),
     "adapter_cpu_s": Metric("adapter CPU", "s", False, 1.0, _sig3),
+    "adapter_cpu_us_per_tx": Metric("daemon CPU", "CPU µs/tx", False, 1.0, _sig3),
+    "round_trips_per_tx": Metric("round trips", "per tx", False, 1.0, _sig3),
 }
 
 # Columns of results.csv before the extra.* ones.
@@ -110,7 +112,7 @@ CSV_COLUMNS = (
     "scenario", "test", "tool", "path", "size", "rep", "duration_s", "elapsed_s", "bytes", "transactions",
     "throughput_bps", "tps", "lat_us.min", "lat_us.p50", "lat_us.p90", "lat_us.p99", "lat_us.mean", "lat_us.max",
     "app_cpu_s", "app_cpu_util", "app_cpu_s_per_gb", "app_cpu_us_per_tx", "adapter_cpu_s",
-    "fastpath", "variant", "poll_us",
+    "adapter_cpu_us_per_tx", "round_trips_per_tx", "fastpath", "variant", "poll_us",
 )
 
 REQUIRED_SAMPLE_KEYS = ("scenario", "test", "tool", "path", "size")

@@ -52,6 +52,7 @@ UNIT_COUNTERS = {
     "tx_hdrgen": ("segments",),
     "ack_gen": ("pure_acks",),
     "buffer_pool": ("allocations", "dma_mappings"),
+    "host_if": ("commands",),
 }
 # totals of the adapter whose change is kept too: data segments through the units vs the software
 TOTAL_COUNTERS = ("data_segments_fast", "data_segments_software")
@@ -205,6 +206,10 @@ def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None) -> dict
         "app_cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None,
         "app_cpu_us_per_tx": cpu / tx * 1e6 if tx else None,
         "adapter_cpu_s": m.get("adapter_cpu_s"),
+        "adapter_cpu_us_per_tx": m["adapter_cpu_s"] / tx * 1e6 if tx and m.get("adapter_cpu_s") is not None else None,
+        # control-channel round trips per transaction (crr: per connection), the adapter's count
+        "round_trips_per_tx": (m.get("extra", {}).get("adapter.host_if.commands", 0) / tx
+                               if tx and "adapter.host_if.commands" in m.get("extra", {}) else None),
         "extra": m.get("extra", {}),
     }
 
