@@ -113,6 +113,21 @@ int toe_sock_wanted(int domain, int type, int protocol)
            (protocol == 0 || protocol == IPPROTO_TCP);
 }
 
+/* The new socket s (its A end a) into the fd table; the caller's reference is dropped. */
+static int install_new(struct toe_sock *s, int a, int saved)
+{
+    if (toe_fd_install(a, s) < 0) {
+        int e = errno;
+        toe_real_close(a);
+        toe_sock_put(s);
+        return fail(e);
+    }
+    TOE_DBG("socket fd %d -> sock %u", a, s->sock_id);
+    toe_sock_put(s);
+    errno = saved;
+    return a;
+}
+
 int toe_sock_socket(int domain, int type, int protocol)
 {
     int saved = errno, a, bm[3];
@@ -128,18 +143,8 @@ int toe_sock_socket(int domain, int type, int protocol)
         return toe_real_socket(domain, type, protocol);
     }
     struct toe_sock *s = toe_pool_take(type, &a);
-    if (s) {                            /* ready: made and registered in a batch */
-        if (toe_fd_install(a, s) < 0) {
-            int e = errno;
-            toe_real_close(a);
-            toe_sock_put(s);
-            return fail(e);
-        }
-        toe_sock_put(s);
-        TOE_DBG("socket fd %d -> sock %u (pooled)", a, s->sock_id);
-        errno = saved;
-        return a;
-    }
+    if (s)                              /* ready: made and registered in a batch */
+        return install_new(s, a, saved);
     s = make_sock(type, &a, bm);
     if (!s) {
         if (toe_strict || no_resources(errno))
@@ -169,16 +174,7 @@ int toe_sock_socket(int domain, int type, int protocol)
     }
     s->sock_id = rsp.sock_id;
     stuff(a, NULL); /* an unconnected socket is not writable */
-    if (toe_fd_install(a, s) < 0) {
-        int e = errno;
-        toe_real_close(a);
-        toe_sock_put(s);
-        return fail(e);
-    }
-    toe_sock_put(s);
-    TOE_DBG("socket fd %d -> sock %u", a, rsp.sock_id);
-    errno = saved;
-    return a;
+    return install_new(s, a, saved);
 }
 /* ---------------- adoption: offloaded sockets inherited across exec ---------------- */
 
