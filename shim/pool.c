@@ -28,6 +28,15 @@ struct pool_ent {
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct pool_ent pool[POOL_MAX];
 static int npool;
+/* the pooled descriptors, for close() to look at without pool_mu (a refill holds it for a
+ * round trip): -1 or a pooled A, written under pool_mu, read with atomic loads */
+static int owned[POOL_MAX] = {[0 ... POOL_MAX - 1] = -1};
+
+static void publish_locked(void)
+{
+    for (int i = 0; i < POOL_MAX; i++)
+        __atomic_store_n(&owned[i], i < npool ? pool[i].a : -1, __ATOMIC_RELEASE);
+}
 static int next_batch = 1;
 static pid_t pool_pid;
 static int pool_off;          /* the daemon refused a batch: make sockets one by one */
@@ -38,6 +47,7 @@ static void drop_locked(int i, int close_a)
         toe_real_close(pool[i].a);
     toe_sock_put(pool[i].s);
     pool[i] = pool[--npool];
+    publish_locked();
 }
 
 /* n more sockets into the pool (pool_mu held): one SOCKETS command for them all. */
@@ -89,6 +99,7 @@ static int refill_locked(int n)
             pool[npool].a = as[i];
             pool[npool].s = socks[i];
             npool++;
+            publish_locked();
         } else {
             toe_real_close(as[i]);
             toe_sock_put(socks[i]);
@@ -121,6 +132,7 @@ struct toe_sock *toe_pool_take(int type, int *a)
         npool--;
         hi = pool[npool].a;
         s = pool[npool].s;
+        publish_locked();
     }
     pthread_mutex_unlock(&pool_mu);
     if (!s) {
@@ -149,12 +161,10 @@ int toe_pool_owns(int fd)
 {
     if (fd < TOE_HIGH_FD)
         return 0;
-    pthread_mutex_lock(&pool_mu);
-    int found = 0;
-    for (int i = 0; i < npool && !found; i++)
-        found = pool[i].a == fd;
-    pthread_mutex_unlock(&pool_mu);
-    return found;
+    for (int i = 0; i < POOL_MAX; i++)
+        if (__atomic_load_n(&owned[i], __ATOMIC_ACQUIRE) == fd)
+            return 1;
+    return 0;
 }
 
 /* [first, last] is about to be closed or replaced by the kernel (dup2 onto it, close_range):
@@ -186,6 +196,7 @@ void toe_pool_atfork_child(void)
     toe_mutex_init_ec(&pool_mu);
     while (npool)
         drop_locked(npool - 1, 1);
+    publish_locked();
     pool_pid = 0;
     next_batch = 1;
 }
