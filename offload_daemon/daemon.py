@@ -443,14 +443,26 @@ class Adapter:
             if sid and sid not in self.socks:
                 return sid
 
-    def _register(self, s: HostSocket) -> None:
+    def _register(self, s: HostSocket, pooled: bool = False) -> None:
         self.socks[s.id] = s
         self.by_b[s.b_fd] = s
         self.by_cookie[s.cookie] = s
         s.proc.hold(s)
         self._count(s.proc, 1)
-        s.proc.offloaded += 1
+        if pooled:                               # counted as offloaded when it is first used
+            s.pooled = True
+            s.proc.pooled += 1
+        else:
+            s.proc.offloaded += 1
         self.ep.register(s.b_fd, EP_B)
+
+    @staticmethod
+    def _unpool(s: HostSocket) -> None:
+        """A pooled socket is used (named by a command): the process's socket from now on."""
+        if s.pooled:
+            s.pooled = False
+            s.proc.pooled -= 1
+            s.proc.offloaded += 1
 
     def _count(self, ctx: ProcessCtx, n: int) -> None:
         """Sockets that count for ctx's process: per channel (toe stat) and per pid (limit)."""
@@ -464,6 +476,9 @@ class Adapter:
     def _unregister(self, s: HostSocket) -> None:
         """A's last reference is gone: nobody may name the socket any more."""
         self.socks.pop(s.id, None)
+        if s.pooled:                             # closed unused (the process exited, say)
+            s.pooled = False
+            s.proc.pooled -= 1
         if self.by_cookie.get(s.cookie) is s:
             del self.by_cookie[s.cookie]
         for h in s.holders:
@@ -557,6 +572,7 @@ class Adapter:
             self.counters_host.foreign_ids += 1
             return -errno.EBADF                 # not a socket of this channel
         s = named
+        self._unpool(s)
         if op == lib.TOE_OP_WAKE:
             # the kick of a shim whose A is stuffed: look at the socket as for a doorbell
             self.counters_host.wakes += 1
@@ -612,7 +628,7 @@ class Adapter:
                 raise
             finally:
                 fds[3 * i:3 * i + 3] = part        # what the socket took is -1: not closed twice
-            self._register(s)
+            self._register(s, pooled=True)
             s.shm.sock_id = s.id
             self.counters_host.sockets += 1
             self.counters_host.pooled += 1
@@ -636,6 +652,8 @@ class Adapter:
         if not ls.listener.queue:
             return -errno.EAGAIN
         child = pooled if pooled is not None else self._new_sock(ctx, fds, cmd.shm_bytes)
+        if pooled is not None:
+            self._unpool(pooled)
         c = self.tcp.accept(ls, child, now)
         if c is None:
             if pooled is None:

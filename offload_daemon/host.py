@@ -102,6 +102,7 @@ class HostSocket:
         self.bound: tuple[int, int] | None = None     # (ip, port) in host order
         self.app_closed = False
         self.b_shut = False
+        self.pooled = False           # registered in a batch (SOCKETS), not used yet
         # INADDR_ANY listener: the app's kernel listening socket on the same port (a dup),
         # watched so that A is readable when a connection waits on either path
         self.kernel_listener = -1
@@ -347,6 +348,7 @@ class ProcessCtx:
         self.commands = 0
         self.sockets = 0              # offloaded sockets open now that count for this process
         self.offloaded = 0            # offloaded sockets ever (created, accepted, adopted)
+        self.pooled = 0               # of `sockets`: in the shim's pool, not used yet
         self.handovers = 0            # sockets handed over to the kernel
         self.refused = 0              # would-be handovers refused in strict mode
         self.handover_reasons: dict[str, int] = {}

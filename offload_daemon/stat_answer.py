@@ -75,7 +75,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
         units["buffer_pool"] = fpmod.merge(units["buffer_pool"], u.pool_counters())
         units["fast_path"] = u.own_counters()
         frames_in, frames_out = units["tap_port"]["rx_frames"], units["tap_port"]["tx_frames"]
-    procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets,
+    procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets, "pooled": p.pooled,
               "offloaded": p.offloaded, "handovers": p.handovers, "refused": p.refused,
               "handover_reasons": dict(p.handover_reasons), "alive": p.alive,
               "forked_from": p.parent_pid or None}

@@ -181,12 +181,13 @@ def render_stat(data: dict[str, Any], console: Any = None) -> None:
     procs = _rows(data.get("processes"))
     if procs:
         t = Table(title=f"processes ({len(procs)}, with those that exited recently)", title_justify="left")
-        for title in ("pid", "comm", "", "open", "offloaded", "to kernel", "refused", "why to kernel"):
+        for title in ("pid", "comm", "", "open", "pooled", "offloaded", "to kernel", "refused", "why to kernel"):
             t.add_column(title)
         for p in procs:
             why = ", ".join(f"{k} ×{v}" for k, v in (p.get("handover_reasons") or {}).items())
             t.add_row(fmt(p.get("pid")), fmt(p.get("comm")), "" if p.get("alive", True) else "exited",
-                      *[fmt(p.get(k)) for k in ("sockets", "offloaded", "handovers", "refused")], why or "")
+                      *[fmt(p.get(k)) for k in ("sockets", "pooled", "offloaded", "handovers", "refused")],
+                      why or "")
         console.print(t)
 
     if tot:

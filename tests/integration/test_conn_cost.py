@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import unique_port, wait_for_line
+from tests.conftest import unique_port, wait_for_line, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +60,13 @@ def test_a_connection_costs_one_round_trip(adapter, client_ns):
     assert "by_op.setsockopt" not in host_if and "by_op.socket" not in host_if, host_if
     assert host_if["pooled"] == 1 + 2 + 4 + 8 + 16 + 16 + 16, host_if
     assert tot["round_trips_per_connection"] == 1.14, tot     # (50 + 7) / 50
+    # the client's row: 50 sockets used (the 13 left in its pool were never its own), none
+    # pooled any more once the daemon has seen its exit close them
+    def rows():
+        return [(p["offloaded"], p["pooled"]) for p in adapter.stat()["processes"]
+                if p["offloaded"] or p["pooled"]]
+    wait_until(lambda: rows() == [(50, 0)], "the client's pooled sockets to be closed", timeout=20)
+    assert rows() == [(50, 0)]
 
 
 SERVER_CLOSES = r"""

@@ -89,6 +89,11 @@ def test_a_batch_stops_at_the_process_limit(adapter_factory):
     assert got == [6, 2], got
 
 
+def s32(sock_id: int) -> int:
+    """A u32 socket id in the command's int32 arg1, as the shim puts it there."""
+    return sock_id - (1 << 32) if sock_id >= 1 << 31 else sock_id
+
+
 def accepts(ctl: str) -> dict[str, int]:
     """Runs as nobody: ACCEPT into sockets named by id (the pooled form)."""
     ch, other = Channel(ctl), Channel(ctl)
@@ -101,11 +106,11 @@ def accepts(ctl: str) -> dict[str, int]:
     assert ch.call_nofds(OP.BIND, sock_id=bound.sock_id, addr_be32=0, port_be16=0).result == 0
     _, theirs = other.socket()
     out = {
-        "theirs": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=theirs.sock_id).result,
-        "guessed": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=theirs.sock_id ^ 0x5A5A).result,
-        "itself": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=lst.sock_id).result,
-        "bound": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=bound.sock_id).result,
-        "fresh": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=fresh.sock_id).result,
+        "theirs": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=s32(theirs.sock_id)).result,
+        "guessed": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=s32(theirs.sock_id ^ 0x5A5A)).result,
+        "itself": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=s32(lst.sock_id)).result,
+        "bound": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=s32(bound.sock_id)).result,
+        "fresh": ch.call_nofds(OP.ACCEPT, sock_id=lst.sock_id, arg1=s32(fresh.sock_id)).result,
     }
     for sf in (lst, fresh, bound, theirs):
         sf.close()
