@@ -283,15 +283,21 @@ void fp_proc_awake(struct fp_state *st)
 }
 
 /* The TX processor's own counts (a snapshot, as below); -1 when it does not run. */
+static void add_tx_counts(struct fp_proc *p, struct fp_counters *out)
+{
+    uint64_t *o = (uint64_t *)out;
+    const uint64_t *t = (const uint64_t *)&p->tx.counters;
+    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+        o[i] += __atomic_load_n(&t[i], __ATOMIC_RELAXED);
+}
+
 int fp_proc_counters(struct fp_state *st, struct fp_counters *out)
 {
     struct fp_proc *p = st->proc;
     if (!p)
         return -1;
-    uint64_t *o = (uint64_t *)out;
-    const uint64_t *t = (const uint64_t *)&p->tx.counters;
-    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-        o[i] = __atomic_load_n(&t[i], __ATOMIC_RELAXED);
+    memset(out, 0, sizeof(*out));
+    add_tx_counts(p, out);
     return 0;
 }
 
@@ -300,11 +306,6 @@ int fp_proc_counters(struct fp_state *st, struct fp_counters *out)
 void fp_counters_sum(struct fp_state *st, struct fp_counters *out)
 {
     *out = st->counters;
-    struct fp_proc *p = st->proc;
-    if (!p)
-        return;
-    uint64_t *o = (uint64_t *)out;
-    const uint64_t *t = (const uint64_t *)&p->tx.counters;
-    for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-        o[i] += __atomic_load_n(&t[i], __ATOMIC_RELAXED);
+    if (st->proc)
+        add_tx_counts(st->proc, out);
 }
