@@ -17,7 +17,7 @@ DROP_NAMES = ("ip_checksum", "ip_length", "ip_fragment", "not_our_ip", "tcp_offs
               "tcp_port", "tcp_checksum", "tcp_option")
 PUNT_NAMES = ("unparsed", "syn", "no_ccb", "follows", "fin", "rst", "flags", "options", "out_of_order",
               "old_ack", "ack_unsent", "dup_ack", "beyond_window", "zero_window", "cork", "rto", "close",
-              "forced")
+              "forced", "handshake", "state", "teardown")
 assert len(DROP_NAMES) == lib.FP_NDROPS and len(PUNT_NAMES) == lib.FP_NPUNTS
 
 
@@ -106,7 +106,8 @@ class FastPathUnits:
                "writer_wakeups": k.writer_wakeups, "tokens": k.tokens, "doorbells": k.doorbells, "waits": k.waits,
                "spins": k.spins, "spin_misses": k.spin_misses, "handed_back": k.sw_events, "pushes": k.pushes,
                "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active,
-               "processors": self.procs}
+               "processors": self.procs, "syn_acks": k.syn_acks, "fins_in": k.fins_in, "fins_out": k.fins_out,
+               "app_closes": k.app_closes, "closes": k.closes}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
         t = ffi.new("struct fp_counters *")
         if lib.fp_proc_counters(self.st, t) == 0:   # the TX processor's share of the above

@@ -140,6 +140,7 @@ class Adapter(CommandHandler):
                 raise SetupError(str(e)) from None
             self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
             self.tcp.fast = self.tcp.env.fast = self.fp
+            self.fp.units_closed = self._app_gone  # type: ignore[assignment]
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
@@ -340,12 +341,7 @@ class Adapter(CommandHandler):
         if ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
             # A's last reference is gone: the application closed the socket (or died)
             self.ep.unregister(s.b_fd)
-            del self.by_b[s.b_fd]
-            s.drain()
-            s.close_b()
-            self.counters_host.app_closes += 1
-            self._unregister(s)
-            self._drop_kernel_listener(s)
+            self._app_gone(s)
             self.tcp.app_closed(s, now)
             return
         self.counters_host.doorbells += 1
@@ -361,6 +357,17 @@ class Adapter(CommandHandler):
             if not s.shm.tx_full_wait or lib.toe_tx_writable(s.shm):
                 s.drain(queued)
         self.tcp.doorbell(s, now)
+
+    def _app_gone(self, s: HostSocket) -> None:
+        """The host's part of an application's close: B (already out of the epoll set)
+        and the tables that let a process name the socket. The TCP part is the engine's,
+        or was the fast path's units' (FastPath.units_closed)."""
+        del self.by_b[s.b_fd]
+        s.drain()
+        s.close_b()
+        self.counters_host.app_closes += 1
+        self._unregister(s)
+        self._drop_kernel_listener(s)
 
     def _proc_gone(self, ctx: ProcessCtx) -> None:
         fd = ctx.conn.fileno()

@@ -6,13 +6,15 @@ TCP engine calls `own` first (TcpStack.own), so a punted frame, a timer, a comma
 a closing socket always meets the CCB the units left. At the end of each loop pass
 `push_candidates` hands back to the units every connection the software path touched
 that is in the units' domain (`eligible`): established, in order, nothing to recover,
-no timer but the RTO. The field-by-field rules are in docs/fastpath.md and
-nic_model/hw/fp.h.
+no timer but the RTO; or connecting, its SYN sent (the units take the SYN|ACK, and the
+connection's close: nic_model/hw/conn_fsm.c). A close the units took comes back with the
+socket orphaned (`units_closed` does the host's part: B, the process's tables). The
+field-by-field rules are in docs/fastpath.md and nic_model/hw/fp.h.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from nic_model._fastpath import ffi as fp_ffi
 from nic_model._fastpath import lib as fp_lib
@@ -20,7 +22,8 @@ from nic_model._fastpath import lib as fp_lib
 from nic_model.fastpath import FastPathUnits
 
 from .abi import ffi as abi_ffi
-from .tcp_ccb import CWND_MAX, Ccb, State
+from .seq import M32
+from .tcp_ccb import CWND_MAX, Ccb, Sock, State
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tcp import TcpStack
@@ -51,6 +54,8 @@ class FastPath:
         self.base_data: dict[int, int] = {}       # fast_data of a connection when it was pushed
         self.candidates: set[Ccb] = set()
         self._f = fp_ffi.new("struct fp_ccb *")
+        # the host's side of a close the units took (B hung up): set by the adapter
+        self.units_closed: Callable[[Sock], None] = lambda s: None
 
     # ---- software takes a connection back --------------------------------
 
@@ -66,9 +71,13 @@ class FastPath:
         if fp_lib.fp_pull(self.st, slot, f) != 0:
             return
         self._copy_out(f, c, base)
+        s = c.sock
+        if f.cflags & fp_lib.FP_CF_ORPHAN and s is not None and not s.app_closed:
+            s.app_closed = True                     # the units took the close: the host's part
+            self.units_closed(s)
         timers = self.timers
         if f.rto_deadline:
-            c.timer_kind = "rto"
+            c.timer_kind = "syn" if c.state == State.SYN_SENT else "rto"
             timers.arm(c.timer, f.rto_deadline)
         if f.dack_deadline:
             timers.arm(c.dack_timer, f.dack_deadline)
@@ -86,6 +95,17 @@ class FastPath:
     @staticmethod
     def _copy_out(f, c: Ccb, base: int) -> None:
         _copy_same(f, c)
+        c.state = State(f.state)
+        c.irs, c.mss, c.snd_wscale, c.rcv_wscale = f.irs, f.mss, f.snd_wscale, f.rcv_wscale
+        cf = f.cflags
+        c.rx_fin = bool(cf & fp_lib.FP_CF_RX_FIN)
+        c.fin_wanted = bool(cf & fp_lib.FP_CF_FIN_WANTED)
+        if cf & fp_lib.FP_CF_FIN_SENT:
+            c.fin_sent = c.fin_seq_set = True
+            c.fin_seq = f.fin_seq
+        c.orphan = bool(cf & fp_lib.FP_CF_ORPHAN)
+        if cf & fp_lib.FP_CF_B_SHUT and c.sock is not None:
+            c.sock.b_was_shut()
         c.cwnd = f.cwnd
         c.rtt_seq = f.rtt_seq if f.rtt_valid else None
         c.psh_ends = list(f.psh_ends[0:f.psh_n])
@@ -99,12 +119,20 @@ class FastPath:
     @staticmethod
     def eligible(c: Ccb) -> bool:
         s = c.sock
+        if c.state == State.SYN_SENT:               # the SYN is out: the SYN|ACK is the units'
+            return (s is not None and s.mapped and not s.app_closed and s.b_fd >= 0 and not s.b_shut
+                    and c.listener is None and not c.orphan and c.snd_max == ((c.iss + 1) & M32)
+                    and c.timer.armed and c.timer_kind == "syn" and c.adv_mss > 0)
         return (c.state == State.ESTABLISHED and s is not None and s.mapped and not s.app_closed
                 and s.b_fd >= 0 and not s.b_shut and c.listener is None and not c.orphan
                 and not c.ooo and not c.in_recovery and c.dupacks == 0 and not c.fin_wanted
                 and not c.fin_sent and not c.rx_fin and c.snd_nxt == c.snd_max and c.cork_since is None
                 and c.ka_probes == 0 and c.snd_wnd > 0 and c.mss > 0
                 and (not c.timer.armed or c.timer_kind == "rto"))
+
+    def offer(self, c: Ccb) -> None:
+        """A connection software made goes to the units at the end of the pass if it can."""
+        self.candidates.add(c)
 
     def push_candidates(self) -> None:
         """End of a loop pass: the connections software touched go back to the units if
@@ -127,12 +155,17 @@ class FastPath:
         f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))
         f.peer_mac[0:6] = c.peer_mac
         f.mss = c.mss
+        f.adv_mss = c.adv_mss
+        f.state = c.state
+        f.irs = c.irs
         f.snd_wscale, f.rcv_wscale = c.snd_wscale, c.rcv_wscale
         f.max_seg = (self.max_payload // c.mss) * c.mss if self.offloads and self.max_payload >= c.mss else c.mss
         _copy_same(c, f)
         f.cwnd = min(c.cwnd, CWND_MAX)
         if c.rtt_seq is not None:
             f.rtt_valid, f.rtt_seq = 1, c.rtt_seq
+        elif c.state == State.SYN_SENT and c.retries == 0:
+            f.rtt_valid, f.rtt_seq, f.rtt_time = 1, c.snd_max, c.created   # the SYN's RTT (Karn: not resent)
         ends = c.psh_ends[-fp_lib.FP_PSH_MAX:]
         f.psh_n = len(ends)
         f.psh_ends[0:len(ends)] = ends
@@ -140,7 +173,7 @@ class FastPath:
         f.ack_pending = int(c.ack_pending)
         f.pingpong = int(c.pingpong)
         timers = self.timers
-        if c.timer.armed:                           # eligible: an RTO, nothing else
+        if c.timer.armed:                           # eligible: an RTO (or the SYN's), nothing else
             f.rto_deadline = c.timer.deadline
         if c.dack_timer.armed:
             f.dack_deadline = c.dack_timer.deadline
@@ -169,6 +202,8 @@ class FastPath:
         self.tcp.own(c)
         if reason in (fp_lib.FP_PUNT_ZERO_WINDOW, fp_lib.FP_PUNT_CORK):
             self.tcp.try_send(c, now)
+        elif reason == fp_lib.FP_PUNT_TEARDOWN:
+            self.tcp.units_ended(c, now)
 
     def conn_of_slot(self, slot: int) -> Ccb | None:
         return self.by_slot.get(slot)

@@ -184,6 +184,10 @@ class HostSocket:
             except OSError:
                 pass
 
+    def b_was_shut(self) -> None:
+        """The fast path's units shut B (the peer's FIN: EOF for the application)."""
+        self.b_shut = True
+
     # ---- the shared header: every write the TCP engine makes -------------
 
     def set_state(self, state: int) -> None:

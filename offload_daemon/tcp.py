@@ -31,7 +31,7 @@ from collections import deque
 from nic_model.wire import tcp as T
 
 from .abi import ffi, lib
-from .seq import M32
+from .seq import M32, seq_gt
 from .tcp_ccb import (
     CORK_MAX_S,
     EPHEMERAL,
@@ -309,6 +309,8 @@ class TcpStack(TcpInput, TcpOutput):
             return
         c.peer_mac = mac
         self._send_syn(c, now)
+        if self.fast is not None:
+            self.fast.offer(c)                     # the SYN|ACK can be the units' (FastPath.eligible)
 
     def accept(self, lsock: Sock, child_sock: Sock, now: float) -> Ccb | None:
         lst = lsock.listener
@@ -452,6 +454,15 @@ class TcpStack(TcpInput, TcpOutput):
     # ==================================================================
     # endings
     # ==================================================================
+
+    def units_ended(self, c: Ccb, now: float) -> None:
+        """The fast path's units acknowledged the end of a close they took
+        (nic_model/hw/conn_fsm.c): LAST-ACK with our FIN acked is over; an orphan in
+        FIN-WAIT-2 waits for the peer's FIN at most FIN_TIMEOUT (tcp_fin_timeout)."""
+        if c.state == State.LAST_ACK and c.fin_sent and seq_gt(c.snd_una, c.fin_seq):
+            self._free(c)
+        elif c.state == State.FIN_WAIT_2 and c.orphan:
+            self._arm(c, "fin_wait_2", FIN_TIMEOUT, now)
 
     def _time_wait(self, c: Ccb, now: float) -> None:
         c.state = State.TIME_WAIT

@@ -23,7 +23,8 @@ static void token(struct fp_ccb *c)
 /* Readability changed without data: make sure a token is outstanding. */
 void fp_wake(struct fp_ccb *c)
 {
-    if (c->b_fd >= 0 && toe_d_rx_push(fp_shm(c), c->tx_size, c->rx_size, NULL, 0) > 0)
+    if (c->b_fd >= 0 && !(c->cflags & FP_CF_B_SHUT) &&
+        toe_d_rx_push(fp_shm(c), c->tx_size, c->rx_size, NULL, 0) > 0)
         token(c);
 }
 
@@ -46,7 +47,7 @@ void fp_drain(struct fp_ccb *c, int limit)
 static void delivered(struct fp_state *st, struct fp_ccb *c, int r, uint32_t n, double now)
 {
     struct toe_sock_shm *shm = fp_shm(c);
-    if (r > 0 && c->b_fd >= 0) {
+    if (r > 0 && c->b_fd >= 0 && !(c->cflags & FP_CF_B_SHUT)) {
         token(c);
         st->counters.tokens++;
     }

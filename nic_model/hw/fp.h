@@ -15,6 +15,8 @@
  *   tx_hdrgen.c    TX buffer manager (segments from the TX ring within
  *                  min(cwnd, peer window), ACKs that free ring space) and the
  *                  header generator with its template per CCB
+ *   conn_fsm.c     the connection state unit: the regular parts of setup and
+ *                  teardown (the SYN|ACK, the FINs, the application's close)
  *   fp_engine.c    the CCB table (hash by connection, map by B descriptor),
  *                  the event loop's wait, doorbells, the deadline scan, and
  *                  the hand-back queue (punts and events for software)
@@ -66,13 +68,32 @@
 #define FP_PUNT_RTO 15         /* the retransmission timer expired */
 #define FP_PUNT_CLOSE 16       /* B hung up: the application closed the socket */
 #define FP_PUNT_FORCED 17      /* software took the connection back (a command, a timer, stat) */
-#define FP_NPUNTS 18
+#define FP_PUNT_HANDSHAKE 18   /* a SYN|ACK the units leave to software (a wrong ACK, data, keepalive on) */
+#define FP_PUNT_STATE 19       /* a segment the units do not take in this state (data after a FIN) */
+#define FP_PUNT_TEARDOWN 20    /* the connection ended (LAST-ACK acked) or waits on a timer (FIN-WAIT-2) */
+#define FP_NPUNTS 21
+
+/* TCP states (struct fp_ccb.state): offload_daemon/tcp_ccb.py's State numbers */
+#define FP_ST_SYN_SENT 2
+#define FP_ST_ESTABLISHED 4
+#define FP_ST_FIN_WAIT_1 5
+#define FP_ST_FIN_WAIT_2 6
+#define FP_ST_CLOSE_WAIT 7
+#define FP_ST_LAST_ACK 9
+
+/* struct fp_ccb.cflags */
+#define FP_CF_RX_FIN 1         /* the peer's FIN is in (rcv_nxt counts it) */
+#define FP_CF_FIN_WANTED 2     /* the application closed: our FIN follows the TX ring */
+#define FP_CF_FIN_SENT 4       /* our FIN is out, at fin_seq */
+#define FP_CF_ORPHAN 8         /* the application closed the socket: B is out of the epoll set (b_fd -1) */
+#define FP_CF_B_SHUT 16        /* B is shut for writing (the application reads EOF) */
 
 /* hand-back records (struct fp_event.kind) */
 #define FP_EV_FD 1             /* an epoll event for software: fd, events */
 #define FP_EV_FRAME 2          /* a frame for software: buf, len, reason, slot (-1: none) */
 #define FP_EV_CONN 3           /* a fast connection needs software: slot, reason */
 
+#define FP_NO_WSCALE 255
 #define FP_PSH_MAX 64          /* = PSH_ENDS_MAX of the software path */
 #define FP_TMPL_LEN 66         /* virtio header 12 + Ethernet 14 + IPv4 20 + TCP 20 */
 #define FP_MAX_EVENTS 1024
@@ -93,6 +114,8 @@
  *   - rcv_nxt, bytes_in, last_rx, last_data_rx: the ACK-number unit;
  *   - rcv_adv, wnd_wait, ack_pending, rcv_unacked, pingpong, dack_deadline:
  *     the ACK generator (also set by the others when they send an ACK);
+ *   - state, irs, cflags, fin_seq: the connection state unit (conn_fsm.c), which also
+ *     sets mss, the window scales, max_seg and b_fd (-1 once the application closed);
  *   - punted, punt_reason: any unit; once set the units leave the connection
  *     alone (frames and doorbells go to software) until software pulls it.
  * A unit decides to punt before it changes anything: a punted frame meets in
@@ -115,6 +138,12 @@ struct fp_ccb {
     uint32_t snd_wscale;
     uint32_t rcv_wscale;
     uint32_t max_seg;          /* the most payload one frame carries (TSO: a multiple of mss) */
+    uint32_t adv_mss;          /* the MSS our SYN offered: the send MSS's ceiling */
+    /* connection state unit */
+    uint32_t state;            /* FP_ST_* */
+    uint32_t cflags;           /* FP_CF_* */
+    uint32_t irs;
+    uint32_t fin_seq;
     /* TX buffer manager */
     uint32_t snd_una;
     uint32_t snd_nxt;
@@ -199,6 +228,12 @@ struct fp_counters {
     uint64_t rx_placed;        /* payloads the TAP read placed straight into an RX ring (no copy) */
     uint64_t rx_misplaced;     /* ... read there for a guess that was wrong, copied out again */
     uint64_t tokens;
+    /* connection state unit */
+    uint64_t syn_acks;         /* handshakes ended here (SYN-SENT -> ESTABLISHED) */
+    uint64_t fins_in;          /* the peer's FIN, in order (-> CLOSE-WAIT) */
+    uint64_t fins_out;         /* our FIN after the application's close */
+    uint64_t app_closes;       /* closes taken here (B hung up) */
+    uint64_t closes;           /* LAST-ACK acked: the connection ended in the units */
     /* ACK generator */
     uint64_t pure_acks;
     uint64_t piggybacked;
@@ -307,6 +342,8 @@ struct fp_seg {
     uint32_t has_ts;           /* a well-formed timestamp option (RFC 7323): */
     uint32_t tsval;
     uint32_t tsecr;
+    uint32_t mss_opt;          /* the MSS option (0: none) */
+    uint32_t ws_opt;           /* the window scale option (FP_NO_WSCALE: none) */
 };
 int fp_rx_parse(const uint8_t *frame, uint32_t len, uint32_t my_ip, const uint8_t *my_mac,
                 struct fp_seg *out);
@@ -394,6 +431,13 @@ void fp_ack_sent(struct fp_state *st, struct fp_ccb *c, int with_data);
 void fp_send_ack(struct fp_state *st, struct fp_ccb *c);
 void fp_ack_policy(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_window_update(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_rtt_sample(struct fp_ccb *c, double r);
+int fp_fsm_check(const struct fp_ccb *c, const struct fp_seg *g);  /* conn_fsm.c */
+void fp_synack(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, double now);
+void fp_peer_fin(struct fp_state *st, struct fp_ccb *c);
+int fp_app_close(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_send_fin(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_fin_acked(struct fp_state *st, struct fp_ccb *c);
 void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
 void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_wake(struct fp_ccb *c);

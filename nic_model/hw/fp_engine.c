@@ -135,8 +135,18 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
     if (st->ack_head >= 0)
         fp_end_burst(st);                      /* the list of owed ACKs goes through the slots */
     if (src->b_fd < 0 || src->mss == 0 || src->tx_size == 0 || (src->tx_size & (src->tx_size - 1)) ||
-        src->rx_size == 0 || !src->shm_addr || src->max_seg < src->mss)
+        src->rx_size == 0 || !src->shm_addr || src->max_seg < src->mss || (src->cflags & FP_CF_ORPHAN))
         return -EINVAL;
+    switch (src->state) {                      /* the states the units know (conn_fsm.c) */
+    case FP_ST_SYN_SENT:
+    case FP_ST_ESTABLISHED:
+    case FP_ST_CLOSE_WAIT:
+    case FP_ST_FIN_WAIT_1:
+    case FP_ST_LAST_ACK:
+        break;
+    default:
+        return -EINVAL;
+    }
     if (fp_find(st, src->remote_ip, src->remote_port, src->local_port) >= 0)
         return -EEXIST;
     if ((uint32_t)src->b_fd >= st->fd_map_len) {
@@ -403,7 +413,8 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
     }
     struct fp_ccb *c = &st->ccbs[slot];
     fp_lock(st, slot);
-    int why = c->punted ? FP_PUNT_FOLLOWS : fp_rx_fast_ok(c, &g);
+    int hot = c->state == FP_ST_ESTABLISHED && !(g.flags & TCP_FIN);
+    int why = c->punted ? FP_PUNT_FOLLOWS : hot ? fp_rx_fast_ok(c, &g) : fp_fsm_check(c, &g);
     if (why >= 0) {
         if (!c->punted) {
             c->punted = 1;                     /* its later frames follow it to software */
@@ -414,7 +425,14 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
         punt_frame(st, buf, len, (uint32_t)why, slot);
         return 1;
     }
-    take(st, c, &g, f + g.payload_off, now);
+    if (c->state == FP_ST_SYN_SENT) {
+        fp_synack(st, c, &g, now);
+    } else {
+        int fin = !hot && c->state == FP_ST_ESTABLISHED;   /* fp_fsm_check passed a FIN only there */
+        take(st, c, &g, f + g.payload_off, now);
+        if (fin)
+            fp_peer_fin(st, c);                /* even if the ACK punted it: the segment is taken */
+    }
     fp_unlock(st, slot);
     return 0;
 }
@@ -442,9 +460,10 @@ void fp_doorbell_locked(struct fp_state *st, int slot, double now)
     int queued = 0;
     if (ioctl(c->b_fd, FIONREAD, &queued) < 0)
         queued = 0;
-    if (!TOE_LOAD_ACQ(&shm->tx_full_wait) || toe_tx_writable(shm)) {
+    int sending = c->state == FP_ST_ESTABLISHED || c->state == FP_ST_CLOSE_WAIT;
+    if (sending && (!TOE_LOAD_ACQ(&shm->tx_full_wait) || toe_tx_writable(shm))) {
         if (queued > 0)
-            fp_drain(c, queued);
+            fp_drain(c, queued);               /* (connecting: A stays stuffed until connected) */
     }
     fp_try_send(st, c, now);
     if (c->wnd_wait)
@@ -684,6 +703,10 @@ static int wait_once(struct fp_state *st, int timeout_ms)
         if (slot >= 0 && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
             struct fp_ccb *c = &st->ccbs[slot];
             fp_lock(st, slot);
+            if (!c->punted && fp_app_close(st, c, now) == 0) {
+                fp_unlock(st, slot);
+                continue;                      /* the units close it (conn_fsm.c) */
+            }
             if (!c->punted) {
                 c->punted = 1;                 /* the application closed it: software's */
                 c->punt_reason = FP_PUNT_CLOSE;

@@ -27,8 +27,9 @@ static int drop(struct fp_seg *out, uint32_t reason)
 }
 
 /* TCP options between p and end: well formed (kind, length within the header)?  The
- * timestamp option's values are extracted on the way (for the units to come: PAWS and
- * RTT from TSecr; today a segment with options goes to software). */
+ * values the units use are extracted on the way: MSS and window scale (a SYN|ACK, for the
+ * connection state unit) and the timestamps (for the units to come: PAWS and RTT from
+ * TSecr; today a segment with options other than a SYN|ACK goes to software). */
 static int options_ok(const uint8_t *p, const uint8_t *end, struct fp_seg *out)
 {
     while (p < end) {
@@ -44,7 +45,11 @@ static int options_ok(const uint8_t *p, const uint8_t *end, struct fp_seg *out)
         uint8_t l = p[1];
         if (l < 2 || l > end - p)
             return 0;
-        if (kind == 8 && l == 10) {
+        if (kind == 2 && l == 4)
+            out->mss_opt = be16(p + 2);
+        else if (kind == 3 && l == 3)
+            out->ws_opt = p[2];
+        else if (kind == 8 && l == 10) {
             out->has_ts = 1;
             out->tsval = be32(p + 2);
             out->tsecr = be32(p + 6);
@@ -57,6 +62,7 @@ static int options_ok(const uint8_t *p, const uint8_t *end, struct fp_seg *out)
 int fp_rx_parse(const uint8_t *f, uint32_t len, uint32_t my_ip, const uint8_t *my_mac, struct fp_seg *out)
 {
     memset(out, 0, sizeof(*out));
+    out->ws_opt = FP_NO_WSCALE;
     if (len < FP_IP_OFF + 40 || be16(f + FP_ETH_OFF + 12) != 0x0800 || memcmp(f + FP_ETH_OFF, my_mac, 6) != 0)
         return FP_CLS_UNPARSED;
     const uint8_t *ip = f + FP_IP_OFF;
@@ -123,6 +129,8 @@ int fp_rx_parse(const uint8_t *f, uint32_t len, uint32_t my_ip, const uint8_t *m
 int fp_rx_fast_ok(const struct fp_ccb *c, const struct fp_seg *g)
 {
     uint32_t f = g->flags;
+    if (c->state != FP_ST_ESTABLISHED)
+        return FP_PUNT_STATE;                 /* the connection state unit's (fp_fsm_check) */
     if (f & TCP_RST)
         return FP_PUNT_RST;
     if (f & TCP_FIN)

@@ -173,7 +173,7 @@ int fp_ack_check(const struct fp_ccb *c, const struct fp_seg *g)
 }
 
 /* RFC 6298 2.2-2.4 (the software path's _rtt_sample, the same arithmetic). */
-static void rtt_sample(struct fp_ccb *c, double r)
+void fp_rtt_sample(struct fp_ccb *c, double r)
 {
     if (r < 0)
         return;
@@ -196,13 +196,15 @@ void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *
     uint32_t ack = g->ack, una = c->snd_una;
     uint32_t window = g->window << c->snd_wscale;
     struct toe_sock_shm *shm = fp_shm(c);
+    int fin_acked = 0;
     if (seq_lt(una, ack)) {
         uint32_t acked = ack - una;
+        fin_acked = (c->cflags & FP_CF_FIN_SENT) && seq_gt(ack, c->fin_seq);
         c->snd_una = ack;
         if (seq_lt(c->snd_nxt, ack))
             c->snd_nxt = ack;
         c->retries = 0;
-        c->tx_head += acked;
+        c->tx_head += acked - (uint32_t)fin_acked;     /* the FIN takes a number, no ring byte */
         st->counters.ring_frees++;
         if (toe_tx_release(shm, c->tx_head)) {
             fp_drain(c, -1);
@@ -216,7 +218,7 @@ void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *
             c->psh_n -= k;
         }
         if (c->rtt_valid && seq_ge(ack, c->rtt_seq)) {
-            rtt_sample(c, now - c->rtt_time);
+            fp_rtt_sample(c, now - c->rtt_time);
             c->rtt_valid = 0;
         }
         if (c->cwnd < c->ssthresh) {
@@ -239,6 +241,8 @@ void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *
         c->snd_wl1 = g->seq;
         c->snd_wl2 = ack;
     }
+    if (fin_acked)
+        fp_fin_acked(st, c);
     fp_try_send(st, c, now);
 }
 
@@ -262,8 +266,8 @@ void fp_try_send(struct fp_state *st, struct fp_ccb *c, double now)
     uint32_t opt = TOE_LOAD_RLX(&shm->opt_flags);
     int nodelay = opt & TOE_OF_NODELAY, corked = opt & TOE_OF_CORK;
     uint32_t snd_max0 = c->snd_max;
-    if (c->punted)
-        return;
+    if (c->punted || (c->state != FP_ST_ESTABLISHED && c->state != FP_ST_CLOSE_WAIT))
+        return;                                    /* connecting, or our FIN is out */
 again:;
     uint32_t tail = 0;
     int64_t unsent = 0;
@@ -338,6 +342,10 @@ again:;
     }
     if (unsent > 0 || c->punted)
         return;
+    if (c->cflags & FP_CF_FIN_WANTED) {
+        fp_send_fin(st, c, now);                   /* the application closed: nothing more comes */
+        return;
+    }
     if (toe_tx_arm_doorbell(shm) != tail)
         goto again;
 }

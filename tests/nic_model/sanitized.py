@@ -117,6 +117,8 @@ PEER_MAC = b"\x02\x00\x00\x00\x00\x01"
 ME = 0xC6120002
 PEER = 0xC6120001
 LPORT, RPORT = 80, 4000
+# TCP states of struct fp_ccb (fp.h FP_ST_*)
+SYN_SENT, ESTABLISHED, FIN_WAIT_1, CLOSE_WAIT, LAST_ACK = 2, 4, 5, 7, 9
 
 
 def inet_sum(data: bytes, initial: int = 0) -> int:
@@ -253,6 +255,7 @@ class Engine:
         self.ccb = ffi.new("struct fp_ccb *")
         c = self.ccb
         c.conn_id = 1
+        c.state = ESTABLISHED
         c.local_ip, c.remote_ip, c.local_port, c.remote_port = ME, PEER, LPORT, RPORT
         c.b_fd = self.b.fileno()
         c.tx_size = c.rx_size = RING

@@ -1,0 +1,154 @@
+"""The connection state unit (nic_model/hw/conn_fsm.c) with the real kernel as the peer:
+a short connection's handshake and close happen in the compiled units, software sees the
+connection only at connect() and at its end, and every byte arrives."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import unique_port, wait_for_line, wait_until
+
+pytestmark = pytest.mark.integration
+
+# the request is i's 3 bytes; the response 1,000 bytes derived from it
+SERVER = r"""
+import hashlib, socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind((sys.argv[1], int(sys.argv[2])))
+ls.listen(256)
+first = sys.argv[3]
+print("listening", flush=True)
+while True:
+    c, _ = ls.accept()
+    req = b""
+    while len(req) < 3:
+        req += c.recv(3 - len(req))
+    c.sendall(hashlib.sha256(req).digest() * 31 + req[:1] * 8)
+    if first == "client":
+        assert c.recv(1) == b""    # the client's FIN first
+    c.close()
+"""
+
+CLIENT = r"""
+import hashlib, socket, sys
+host, port, n, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+total = hashlib.sha256()
+for i in range(n):
+    s = socket.socket()
+    s.connect((host, port))
+    req = i.to_bytes(3, "big")
+    s.sendall(req)
+    got = b""
+    while len(got) < 1000:
+        d = s.recv(1000 - len(got))
+        assert d, (i, len(got))
+        got += d
+    assert got == hashlib.sha256(req).digest() * 31 + req[:1] * 8, i
+    if first == "server":
+        assert s.recv(1) == b"", i     # the server's FIN
+    total.update(got)
+    s.close()
+print("ok", n, total.hexdigest())
+"""
+
+
+def expected_digest(n: int) -> str:
+    total = hashlib.sha256()
+    for i in range(n):
+        req = i.to_bytes(3, "big")
+        total.update(hashlib.sha256(req).digest() * 31 + req[:1] * 8)
+    return total.hexdigest()
+
+
+def run_loop(adapter, client_ns, n: int, first: str) -> None:
+    """n connections of the client under toe run to a kernel server; `first`: which side closes first."""
+    port = unique_port()
+    server = adapter.popen([sys.executable, "-u", "-c", SERVER, adapter.host_ip, str(port), first],
+                           stdout=subprocess.PIPE, text=True)
+    wait_for_line(server, "listening")
+    res = client_ns.toe_run(adapter, [sys.executable, "-c", CLIENT, adapter.host_ip, str(port), str(n), first],
+                            text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["ok", str(n), expected_digest(n)], res.stdout
+
+
+def test_server_closes_first_the_whole_life_is_the_units(adapter, client_ns):
+    """connect, request, response, the server's FIN, close: the SYN|ACK, the peer's FIN, the
+    application's close, our FIN and its ACK are all taken by the units; software sends the
+    SYN and releases the socket when the units hand the ended connection back."""
+    n = 200
+    run_loop(adapter, client_ns, n, "server")
+    wait_until(lambda: adapter.stat()["totals"]["connections"] == 0, "every connection to end", timeout=30)
+    stat = adapter.stat()
+    fp, tcp = stat["units"]["fast_path"], stat["units"]["tcp"]
+    assert (fp["syn_acks"], fp["fins_in"], fp["app_closes"], fp["fins_out"], fp["closes"]) == (n, n, n, n, n), fp
+    assert fp["punts.teardown"] == n, fp
+    # nothing of these connections went through the software path's segment handling
+    for reason in ("handshake", "fin", "close", "rst", "follows", "no_ccb", "state", "flags"):
+        assert f"punts.{reason}" not in fp, fp
+    assert stat["totals"]["data_segments_software"] == 0, stat["totals"]
+    assert tcp["time_wait"] == 0, tcp
+    assert {c["closed_from"] for c in stat["closed"]} == {"LAST_ACK"}, stat["closed"][-3:]
+    # every socket was released: what is left is the client's pool, gone with the client
+    wait_until(lambda: adapter.stat()["limits"]["sockets"] == 0, "the sockets to be released", timeout=20)
+
+
+def test_client_closes_first_the_units_send_the_fin_software_keeps_time_wait(adapter, client_ns):
+    """The client closes first: the units send its FIN after the response was read and hand
+    the connection back in FIN-WAIT-2; software takes the server's FIN and keeps TIME-WAIT, as
+    the side that closes first does."""
+    n = 100
+    run_loop(adapter, client_ns, n, "client")
+    wait_until(lambda: adapter.stat()["units"]["tcp"]["time_wait"] == n, "TIME-WAIT for each connection", timeout=30)
+    stat = adapter.stat()
+    fp = stat["units"]["fast_path"]
+    assert (fp["syn_acks"], fp["app_closes"], fp["fins_out"], fp["punts.teardown"]) == (n, n, n, n), fp
+    assert fp["fins_in"] == 0 and fp["closes"] == 0, fp
+    states = {c["state"] for c in stat["connections"]}
+    assert states <= {"TIME_WAIT"}, states
+
+
+SINK = r"""
+import hashlib, socket, sys
+ls = socket.socket()
+ls.bind((sys.argv[1], int(sys.argv[2])))
+ls.listen(1)
+print("listening", flush=True)
+c, _ = ls.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    d = c.recv(1 << 16)
+    if not d:
+        break
+    h.update(d)
+    n += len(d)
+print(n, h.hexdigest(), flush=True)
+"""
+
+WRITE_AND_CLOSE = r"""
+import hashlib, random, socket, sys
+data = random.Random(7).randbytes(8 << 20)
+s = socket.socket()
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(data)
+s.close()                  # most of it is still in the TX ring: the units send it, then the FIN
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+
+
+def test_close_with_data_in_the_ring_sends_all_of_it_then_the_fin(adapter, client_ns):
+    port = unique_port()
+    sink = adapter.popen([sys.executable, "-u", "-c", SINK, adapter.host_ip, str(port)],
+                         stdout=subprocess.PIPE, text=True)
+    wait_for_line(sink, "listening")
+    res = client_ns.toe_run(adapter, [sys.executable, "-c", WRITE_AND_CLOSE, adapter.host_ip, str(port)], text=True)
+    assert res.returncode == 0, res.stderr
+    out, _ = sink.communicate(timeout=60)
+    assert out.split()[1:] == res.stdout.split(), (out, res.stdout)
+    fp = adapter.stat()["units"]["fast_path"]
+    assert fp["app_closes"] == 1 and fp["fins_out"] == 1, fp
