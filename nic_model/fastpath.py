@@ -106,7 +106,8 @@ class FastPathUnits:
                "writer_wakeups": k.writer_wakeups, "tokens": k.tokens, "doorbells": k.doorbells, "waits": k.waits,
                "spins": k.spins, "spin_misses": k.spin_misses, "handed_back": k.sw_events, "pushes": k.pushes,
                "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active,
-               "processors": self.procs, "syn_acks": k.syn_acks, "fins_in": k.fins_in, "fins_out": k.fins_out,
+               "processors": self.procs, "syns": k.syns, "syn_acks": k.syn_acks, "fins_in": k.fins_in,
+               "fins_out": k.fins_out,
                "app_closes": k.app_closes, "closes": k.closes}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
         t = ffi.new("struct fp_counters *")

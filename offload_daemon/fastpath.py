@@ -23,7 +23,7 @@ from nic_model.fastpath import FastPathUnits
 
 from .abi import ffi as abi_ffi
 from .seq import M32
-from .tcp_ccb import CWND_MAX, Ccb, Sock, State
+from .tcp_ccb import CWND_MAX, RCV_WSCALE, Ccb, Sock, State
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tcp import TcpStack
@@ -107,7 +107,7 @@ class FastPath:
         if cf & fp_lib.FP_CF_B_SHUT and c.sock is not None:
             c.sock.b_was_shut()
         c.cwnd = f.cwnd
-        c.rtt_seq = f.rtt_seq if f.rtt_valid else None
+        c.rtt_seq = f.rtt_seq if f.rtt_valid and c.state != State.SYN_SENT else None   # (the SYN's: `created`)
         c.psh_ends = list(f.psh_ends[0:f.psh_n])
         c.wnd_wait = bool(f.wnd_wait)
         c.ack_pending = bool(f.ack_pending)
@@ -142,7 +142,18 @@ class FastPath:
             if c.fast_slot < 0 and self.tcp.conns.get(c.key) is c and self.eligible(c):
                 self.push(c)
 
-    def push(self, c: Ccb) -> bool:
+    def send_syn(self, c: Ccb, now: float) -> bool:
+        """Software's connect() (port, ISN, peer MAC chosen), its SYN sent by the units:
+        the connection goes to them in SYN-SENT at once (nic_model/hw/conn_fsm.c). False:
+        software sends it (the table is full, or the socket is not one the units can serve)."""
+        s = c.sock
+        if s is None or not s.mapped or s.app_closed or s.b_fd < 0 or s.b_shut or c.retries or c.fast_slot >= 0:
+            return False
+        c.rcv_wscale = RCV_WSCALE
+        self.st.now = now                           # the SYN's RTO runs from software's clock
+        return self.push(c, send_syn=True)
+
+    def push(self, c: Ccb, send_syn: bool = False) -> bool:
         s = c.sock
         assert s is not None
         f = self._f
@@ -165,7 +176,7 @@ class FastPath:
         if c.rtt_seq is not None:
             f.rtt_valid, f.rtt_seq = 1, c.rtt_seq
         elif c.state == State.SYN_SENT and c.retries == 0:
-            f.rtt_valid, f.rtt_seq, f.rtt_time = 1, c.snd_max, c.created   # the SYN's RTT (Karn: not resent)
+            f.rtt_valid, f.rtt_seq, f.rtt_time = 1, (c.iss + 1) & M32, c.created   # the SYN's RTT (Karn)
         ends = c.psh_ends[-fp_lib.FP_PSH_MAX:]
         f.psh_n = len(ends)
         f.psh_ends[0:len(ends)] = ends
@@ -177,6 +188,8 @@ class FastPath:
             f.rto_deadline = c.timer.deadline
         if c.dack_timer.armed:
             f.dack_deadline = c.dack_timer.deadline
+        if send_syn:
+            f.cflags = fp_lib.FP_CF_SEND_SYN
         slot = fp_lib.fp_push(self.st, f)
         if slot < 0:
             return False                            # the table is full: software keeps it

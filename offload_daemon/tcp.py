@@ -308,6 +308,8 @@ class TcpStack(TcpInput, TcpOutput):
             self._fail(c, errno.EHOSTUNREACH, now)
             return
         c.peer_mac = mac
+        if self.fast is not None and self.fast.send_syn(c, now):
+            return                                 # the units send the SYN and take the SYN|ACK
         self._send_syn(c, now)
         if self.fast is not None:
             self.fast.offer(c)                     # the SYN|ACK can be the units' (FastPath.eligible)

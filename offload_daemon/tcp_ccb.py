@@ -100,10 +100,12 @@ class FastOwner(Protocol):
     """The fast path as the engine sees it (offload_daemon.fastpath.FastPath): `own(c)` takes
     a connection back from the units before the software path touches it, and names it
     a candidate to hand back to them at the end of the loop pass; `offer(c)` names one the
-    engine made (a connection whose SYN is out)."""
+    engine made (a connection whose SYN is out); `send_syn(c)` gives them a new connection
+    to send the SYN of (False: the engine sends it)."""
 
     def own(self, c: "Ccb") -> None: ...
     def offer(self, c: "Ccb") -> None: ...
+    def send_syn(self, c: "Ccb", now: float) -> bool: ...
 
 
 class Sock(Protocol):

@@ -160,6 +160,18 @@ int fp_app_close(struct fp_state *st, struct fp_ccb *c, double now)
     return 0;
 }
 
+/* Software's connect(), pushed in SYN-SENT with FP_CF_SEND_SYN: the SYN, with the options
+ * software's _send_syn gives it (MSS, window scale: tcp_output.py _syn_options). */
+void fp_send_syn(struct fp_state *st, struct fp_ccb *c, double now)
+{
+    uint8_t opts[8] = {2, 4, (uint8_t)(c->adv_mss >> 8), (uint8_t)c->adv_mss, 1, 3, 3, (uint8_t)c->rcv_wscale};
+    c->rcv_adv = 0;
+    fp_emit_opts(st, c, c->snd_una, TCP_SYN, opts, sizeof(opts), NULL, 0, NULL, 0);
+    c->rto_deadline = now + c->rto;
+    fp_deadline(st, c->rto_deadline);
+    st->counters.syns++;
+}
+
 /* The TX ring is all sent and the application closed: our FIN (try_send calls this). */
 void fp_send_fin(struct fp_state *st, struct fp_ccb *c, double now)
 {

@@ -87,6 +87,7 @@
 #define FP_CF_FIN_SENT 4       /* our FIN is out, at fin_seq */
 #define FP_CF_ORPHAN 8         /* the application closed the socket: B is out of the epoll set (b_fd -1) */
 #define FP_CF_B_SHUT 16        /* B is shut for writing (the application reads EOF) */
+#define FP_CF_SEND_SYN 32      /* at push (SYN-SENT): the units send the SYN */
 
 /* hand-back records (struct fp_event.kind) */
 #define FP_EV_FD 1             /* an epoll event for software: fd, events */
@@ -229,6 +230,7 @@ struct fp_counters {
     uint64_t rx_misplaced;     /* ... read there for a guess that was wrong, copied out again */
     uint64_t tokens;
     /* connection state unit */
+    uint64_t syns;             /* SYNs sent at push (software's connect) */
     uint64_t syn_acks;         /* handshakes ended here (SYN-SENT -> ESTABLISHED) */
     uint64_t fins_in;          /* the peer's FIN, in order (-> CLOSE-WAIT) */
     uint64_t fins_out;         /* our FIN after the application's close */
@@ -315,6 +317,7 @@ int fp_doorbell(struct fp_state *st, int slot, double now);
 void fp_scan(struct fp_state *st, double now);
 void fp_end_burst(struct fp_state *st);
 int fp_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
+int fp_hangup(struct fp_state *st, int slot, double now);
 
 /* seed 003's two processors (tx_proc.c): a TX processor thread takes the doorbells of the
  * units' connections; this one (the RX processor) the TAP, the deadlines and software */
@@ -437,6 +440,7 @@ void fp_synack(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, do
 void fp_peer_fin(struct fp_state *st, struct fp_ccb *c);
 int fp_app_close(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_send_fin(struct fp_state *st, struct fp_ccb *c, double now);
+void fp_send_syn(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_fin_acked(struct fp_state *st, struct fp_ccb *c);
 void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
 void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
@@ -447,6 +451,8 @@ void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *
 void fp_try_send(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags,
              const uint8_t *p1, uint32_t n1, const uint8_t *p2, uint32_t n2);
+void fp_emit_opts(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags, const uint8_t *opts,
+                  uint32_t optlen, const uint8_t *p1, uint32_t n1, const uint8_t *p2, uint32_t n2);
 void fp_build_template(struct fp_state *st, struct fp_ccb *c);
 void fp_punt_conn(struct fp_state *st, struct fp_ccb *c, int slot, uint32_t reason); /* fp_engine.c */
 void fp_deadline(struct fp_state *st, double when);

@@ -203,6 +203,11 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
         c->wnd_poll_at = st->now + st->wnd_poll_s;
         fp_deadline(st, c->wnd_poll_at);
     }
+    if (c->cflags & FP_CF_SEND_SYN) {
+        c->cflags &= ~FP_CF_SEND_SYN;
+        if (c->state == FP_ST_SYN_SENT)
+            fp_send_syn(st, c, st->now > 0 ? st->now : fp_mono());   /* software's clock (FastPath.send_syn) */
+    }
     int b_fd = c->b_fd;
     fp_unlock(st, (int)slot);
     if (p) {
@@ -473,6 +478,28 @@ void fp_doorbell_locked(struct fp_state *st, int slot, double now)
         fp_wake(c);
 }
 
+/* B of a slot hung up: the application closed the socket.  1: the units go on with the
+ * close (conn_fsm.c); 0: software's (the connection is punted, `close`, and the epoll
+ * event goes to software). */
+int fp_hangup(struct fp_state *st, int slot, double now)
+{
+    if (slot < 0 || (uint32_t)slot >= st->capacity)
+        return 0;
+    struct fp_ccb *c = &st->ccbs[slot];
+    fp_lock(st, slot);
+    int taken = 0;
+    if (c->in_use && !c->punted) {
+        taken = fp_app_close(st, c, now) == 0;
+        if (!taken) {
+            c->punted = 1;                     /* the application closed it: software's */
+            c->punt_reason = FP_PUNT_CLOSE;
+            st->counters.punts[FP_PUNT_CLOSE]++;
+        }
+    }
+    fp_unlock(st, slot);
+    return taken;
+}
+
 /* One connection's deadlines (its lock held): an expired RTO punts it; a delayed ACK and
  * a window poll are the units'.  *next: the earliest deadline still to come. */
 static void scan_one(struct fp_state *st, struct fp_ccb *c, double now, double *next)
@@ -700,20 +727,8 @@ static int wait_once(struct fp_state *st, int timeout_ms)
         int slot = fd >= 0 && (uint32_t)fd < st->fd_map_len ? st->fd_map[fd] : -1;
         if (slot >= 0 && !(ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && fp_doorbell(st, slot, now))
             continue;                          /* else punted: software's doorbell */
-        if (slot >= 0 && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
-            struct fp_ccb *c = &st->ccbs[slot];
-            fp_lock(st, slot);
-            if (!c->punted && fp_app_close(st, c, now) == 0) {
-                fp_unlock(st, slot);
-                continue;                      /* the units close it (conn_fsm.c) */
-            }
-            if (!c->punted) {
-                c->punted = 1;                 /* the application closed it: software's */
-                c->punt_reason = FP_PUNT_CLOSE;
-                st->counters.punts[FP_PUNT_CLOSE]++;
-            }
-            fp_unlock(st, slot);
-        }
+        if (slot >= 0 && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && fp_hangup(st, slot, now))
+            continue;                          /* the units close it (conn_fsm.c) */
         struct fp_event *e = fp_event_new(st, FP_EV_FD);
         if (e) {
             e->fd = fd;

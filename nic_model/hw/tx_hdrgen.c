@@ -76,15 +76,34 @@ void fp_build_template(struct fp_state *st, struct fp_ccb *c)
 void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags,
              const uint8_t *p1, uint32_t n1, const uint8_t *p2, uint32_t n2)
 {
+    fp_emit_opts(st, c, seq, flags, NULL, 0, p1, n1, p2, n2);
+}
+
+/* ... with optlen (a multiple of 4, at most 40) bytes of TCP options.  A SYN's window is
+ * never scaled (RFC 7323 2.2). */
+void fp_emit_opts(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags, const uint8_t *opts,
+                  uint32_t optlen, const uint8_t *p1, uint32_t n1, const uint8_t *p2, uint32_t n2)
+{
     uint32_t n = n1 + n2, ack = 0, window = 0;
     if (flags & TCP_ACK) {
         ack = c->rcv_nxt;
         window = fp_window(st, c);
         fp_ack_sent(st, c, n > 0);
+    } else if (flags & TCP_SYN) {
+        uint32_t space = fp_rcv_space(c);
+        window = space > 0xffff ? 0xffff : space;
+        c->rcv_adv = c->rcv_nxt + window;
     }
-    uint8_t hdr[FP_TMPL_LEN];
+    if (optlen > 40 || optlen % 4)
+        optlen = 0;
+    uint8_t hdr[FP_TMPL_LEN + 40];
     memcpy(hdr, c->tmpl, FP_TMPL_LEN);
-    uint32_t tcp_len = 20 + n, total = 20 + tcp_len;
+    if (optlen) {
+        memcpy(hdr + FP_TMPL_LEN, opts, optlen);
+        hdr[FP_TCP_OFF + 12] = (uint8_t)((5 + optlen / 4) << 4);
+    }
+    uint32_t hlen = FP_TMPL_LEN + optlen;
+    uint32_t tcp_len = 20 + optlen + n, total = 20 + tcp_len;
     uint32_t id = st->ip_id = (st->ip_id + 1) & 0xffff;
     uint8_t *ip = hdr + FP_IP_OFF, *t = hdr + FP_TCP_OFF;
     put16(ip + 2, total);
@@ -103,12 +122,12 @@ void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags
         gso = n > c->mss;
         hdr[0] = 1;                            /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
         hdr[1] = gso ? 1 : 0;                  /* GSO_TCPV4 */
-        uint32_t hdr_len = gso ? FP_TMPL_LEN - FP_VNET_LEN : 0, gso_size = gso ? c->mss : 0;
+        uint32_t hdr_len = gso ? hlen - FP_VNET_LEN : 0, gso_size = gso ? c->mss : 0;
         memcpy(hdr + 2, &(uint16_t){(uint16_t)hdr_len}, 2);    /* little-endian fields */
         memcpy(hdr + 4, &(uint16_t){(uint16_t)gso_size}, 2);
         memcpy(hdr + 6, &(uint16_t){FP_TCP_OFF - FP_VNET_LEN}, 2);
         memcpy(hdr + 8, &(uint16_t){16}, 2);
-        iov[0] = (struct iovec){hdr, FP_TMPL_LEN};
+        iov[0] = (struct iovec){hdr, hlen};
         if (n1)
             iov[niov++] = (struct iovec){(void *)p1, n1};
         if (n2)
@@ -117,21 +136,21 @@ void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags
     if (!st->offloads || st->no_reuse) {
         /* one contiguous frame: its checksum is computed here (offloads off), or it goes
          * out of a buffer mapped for this packet alone (no_reuse, seed 002's other side) */
-        uint8_t *fr = st->no_reuse ? fp_map_buffer(st, FP_TMPL_LEN + n) : st->txbuf;
+        uint8_t *fr = st->no_reuse ? fp_map_buffer(st, hlen + n) : st->txbuf;
         if (!fr) {
             k->tx_errors++;
             return;
         }
-        memcpy(fr, hdr, FP_TMPL_LEN);
+        memcpy(fr, hdr, hlen);
         if (n1)
-            memcpy(fr + FP_TMPL_LEN, p1, n1);
+            memcpy(fr + hlen, p1, n1);
         if (n2)
-            memcpy(fr + FP_TMPL_LEN + n1, p2, n2);
+            memcpy(fr + hlen + n1, p2, n2);
         if (!st->offloads) {
             put16(fr + FP_TCP_OFF + 16, toe_csum_fold(fr + FP_TCP_OFF, tcp_len, c->pseudo_base + tcp_len));
             k->sw_checksums++;
         }
-        iov[0] = (struct iovec){fr, FP_TMPL_LEN + n};
+        iov[0] = (struct iovec){fr, hlen + n};
         niov = 1;
     }
     k->segments++;
@@ -153,7 +172,7 @@ void fp_emit(struct fp_state *st, struct fp_ccb *c, uint32_t seq, uint32_t flags
         return;
     }
     k->tx_frames++;
-    k->tx_bytes += FP_TMPL_LEN - FP_VNET_LEN + n;
+    k->tx_bytes += hlen - FP_VNET_LEN + n;
     if (gso)
         k->tx_gso_frames++;
 }
@@ -236,13 +255,17 @@ void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *
             fp_deadline(st, c->rto_deadline);
         }
     }
+    if (fin_acked) {
+        int over = c->state == FP_ST_LAST_ACK;
+        fp_fin_acked(st, c);
+        if (over)
+            return;                                /* the connection is over: nothing else to take */
+    }
     if (seq_lt(c->snd_wl1, g->seq) || (c->snd_wl1 == g->seq && seq_le(c->snd_wl2, ack))) {
         c->snd_wnd = window;
         c->snd_wl1 = g->seq;
         c->snd_wl2 = ack;
     }
-    if (fin_acked)
-        fp_fin_acked(st, c);
     fp_try_send(st, c, now);
 }
 

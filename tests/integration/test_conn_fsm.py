@@ -100,14 +100,17 @@ def test_server_closes_first_the_whole_life_is_the_units(adapter, client_ns):
 
 def test_client_closes_first_the_units_send_the_fin_software_keeps_time_wait(adapter, client_ns):
     """The client closes first: the units send its FIN after the response was read and hand
-    the connection back in FIN-WAIT-2; software takes the server's FIN and keeps TIME-WAIT, as
-    the side that closes first does."""
+    the connection back when the server's FIN comes (or in FIN-WAIT-2 before it); software
+    takes the server's FIN and keeps TIME-WAIT, as the side that closes first does."""
     n = 100
     run_loop(adapter, client_ns, n, "client")
     wait_until(lambda: adapter.stat()["units"]["tcp"]["time_wait"] == n, "TIME-WAIT for each connection", timeout=30)
     stat = adapter.stat()
     fp = stat["units"]["fast_path"]
-    assert (fp["syn_acks"], fp["app_closes"], fp["fins_out"], fp["punts.teardown"]) == (n, n, n, n), fp
+    assert (fp["syn_acks"], fp["app_closes"], fp["fins_out"]) == (n, n, n), fp
+    # the server's FIN comes with the ACK of ours (the connection goes to software with that
+    # frame, `fin`) or after it (the units hand back FIN-WAIT-2, `teardown`)
+    assert fp.get("punts.teardown", 0) + fp.get("punts.fin", 0) == n, fp
     assert fp["fins_in"] == 0 and fp["closes"] == 0, fp
     states = {c["state"] for c in stat["connections"]}
     assert states <= {"TIME_WAIT"}, states
@@ -149,6 +152,6 @@ def test_close_with_data_in_the_ring_sends_all_of_it_then_the_fin(adapter, clien
     res = client_ns.toe_run(adapter, [sys.executable, "-c", WRITE_AND_CLOSE, adapter.host_ip, str(port)], text=True)
     assert res.returncode == 0, res.stderr
     out, _ = sink.communicate(timeout=60)
-    assert out.split()[1:] == res.stdout.split(), (out, res.stdout)
+    assert out.split() == res.stdout.split(), (out, res.stdout)   # every byte, then EOF
     fp = adapter.stat()["units"]["fast_path"]
     assert fp["app_closes"] == 1 and fp["fins_out"] == 1, fp

@@ -354,12 +354,18 @@ class Engine:
         else:
             ack = r.choice([r.getrandbits(32), una - 1, smax + 1, una])
         flags = 0x10 | (0x08 if r.random() < 0.5 else 0)
+        if r.random() < 0.08:
+            flags |= 0x01                   # a FIN (conn_fsm.c in ESTABLISHED)
         if not good or r.random() < 0.05:
             flags = r.getrandbits(8)
         payload = r.randbytes(r.choice([0, 0, 1, 100, 1460, r.randrange(0, 9000)]))
         window = r.choice([65535, 65535, 0, r.randrange(0, 65536)])
         vflags = r.choice([0, 1, 1, 2])
         options = b"" if r.random() < 0.95 else bytes((1, 1, 8, 10)) + r.randbytes(8)
+        if c is not None and c.state == SYN_SENT and r.random() < 0.7:   # the SYN|ACK
+            flags, ack, payload = 0x12, (c.snd_nxt if good else ack), b"" if good else payload
+            options = r.choice([b"", bytes((2, 4, 5, 0xB4, 1, 3, 3, r.randrange(256))), bytes((2, 4, 0, 0)),
+                                bytes((3, 3, 20, 1)), r.randbytes(4)])
         return frame(seq=seq, ack=ack, flags=flags, window=window, payload=payload, vflags=vflags,
                      options=options, good_csum=r.random() < 0.98)
 
@@ -415,6 +421,15 @@ class Engine:
             c.snd_wscale = r.randrange(0, 15)
             c.rcv_wscale = r.randrange(0, 15)
             c.cwnd = r.choice([1, 1460, 14600, 0x7FFFFFFF])
+        if r.random() < 0.4:                # the connection state unit's states (conn_fsm.c)
+            c.state = r.choice([SYN_SENT, ESTABLISHED, FIN_WAIT_1, CLOSE_WAIT, LAST_ACK])
+            c.cflags = r.getrandbits(6)
+            c.adv_mss = r.choice([0, 1, 536, 1460, 0xFFFF])
+            c.fin_seq = r.choice([c.snd_nxt, c.snd_una, r.getrandbits(32)])
+        if c.state not in (SYN_SENT, ESTABLISHED, FIN_WAIT_1, CLOSE_WAIT, LAST_ACK):
+            c.state = ESTABLISHED           # (FIN-WAIT-2 is software's)
+        c.cflags &= ~lib.FP_CF_ORPHAN       # software never pushes an orphan; B is ours again
+        c.b_fd = self.b.fileno()
         c.punted = 0
         self.slot = lib.fp_push(self.st, c)
         assert self.slot >= 0, self.slot
@@ -447,6 +462,12 @@ class Engine:
             lib.fp_doorbell(self.st, slot, self.now)
             self.stats["doorbells"] += 1
             self.maybe_end_burst()
+        if r.random() < 0.04:               # the application's close (B hung up): conn_fsm.c
+            slot = self.slot if r.random() < 0.95 else r.randrange(-2, 20)
+            self.op(f"fp_hangup(slot={slot}, now={self.now:.4f})")
+            lib.fp_hangup(self.st, slot, self.now)
+            self.stats["hangups"] = self.stats.get("hangups", 0) + 1
+            self.maybe_end_burst()
         if r.random() < 0.2:
             self.op(f"fp_scan(now={self.now:.4f})")
             lib.fp_scan(self.st, self.now)
@@ -466,7 +487,8 @@ class Engine:
     def close(self) -> dict:
         k = self.st.counters
         self.stats.update(rx_segments=k.rx_segments, rx_payload=k.rx_payload_bytes, tx_segments=k.segments,
-                          pure_acks=k.pure_acks, tx_errors=k.tx_errors)
+                          pure_acks=k.pure_acks, tx_errors=k.tx_errors, syns=k.syns, syn_acks=k.syn_acks,
+                          fins_in=k.fins_in, app_closes=k.app_closes, fins_out=k.fins_out, closes=k.closes)
         self.lib.fp_free(self.st)
         for s in (self.tap_mine, self.tap_units, self.a, self.b):
             s.close()

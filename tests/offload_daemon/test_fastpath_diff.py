@@ -16,6 +16,7 @@ hypothesis for the rest.
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import struct
@@ -36,16 +37,18 @@ from .fixtures import ME, PEER, PEER_MAC, Harness
 
 MY_MAC = b"\x02\x00\x00\x00\x00\x02"
 BUF = 65536 + 256
-CCB_FIELDS = ("state", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "tx_head",
+CCB_FIELDS = ("state", "mss", "snd_wscale", "rcv_wscale", "irs", "rx_fin", "fin_wanted", "fin_sent", "fin_seq",
+              "orphan", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "tx_head",
               "snd_sml", "rcv_nxt", "rcv_adv", "cwnd", "ssthresh", "retries", "rtt_seq", "ack_pending",
               "rcv_unacked", "pingpong", "bytes_in", "bytes_out", "segs_in", "segs_out", "psh_ends",
               "srtt", "rttvar", "rto")
 
 
-def _frame(seq: int, ack: int, flags: int, window: int, payload: bytes, sport: int, dport: int) -> bytes:
+def _frame(seq: int, ack: int, flags: int, window: int, payload: bytes, sport: int, dport: int,
+           options: bytes = b"") -> bytes:
     """A frame as the TAP gives it: virtio header (NEEDS_CSUM: the kernel's checksum) + Ethernet."""
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags,
-                      window, 0, 0) + payload
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (5 + len(options) // 4) << 4,
+                      flags, window, 0, 0) + options + payload
     ip = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, PEER, ME))
     s = sum(struct.unpack("!10H", bytes(ip)))
     s = (s & 0xFFFF) + (s >> 16)
@@ -56,24 +59,22 @@ def _frame(seq: int, ack: int, flags: int, window: int, payload: bytes, sport: i
 
 
 def _parse_out(frame: bytes) -> tuple:
-    """(seq, ack, flags, window, payload) of a frame the units sent."""
+    """(seq, ack, flags, window, options, payload) of a frame the units sent."""
     ip = frame[26:]
     total = struct.unpack_from("!H", ip, 2)[0]
     seq, ack, doff, flags, window = struct.unpack_from("!IIBBH", ip, 24)
     hlen = (doff >> 4) * 4
-    return seq, ack, flags, window, bytes(ip[20 + hlen:total])
+    opts = T.TcpOptions.parse(ip[40:20 + hlen], 0, hlen - 20) if hlen > 20 else T.NO_OPTIONS
+    return seq, ack, flags, window, opts, bytes(ip[20 + hlen:total])
 
 
 class World:
-    """One engine with one established connection, the fast path on or off."""
+    """One engine with one connection, the fast path on or off: established (accepted, or
+    `active`: connected), or `connecting` (its SYN sent)."""
 
-    def __init__(self, fast: bool, ring: int = 1 << 16, active: bool = False, mss_peer: int = 1460):
+    def __init__(self, fast: bool, ring: int = 1 << 16, active: bool = False, connecting: bool = False):
         self.h = Harness(ring=ring)
-        if active:
-            self.c, self.hs, self.app, _ = self.h.established_active()
-        else:
-            self.c, self.hs, self.app = self.h.established_passive()
-        self.h.take()
+        self.h.tcp._eph_secret = 1                      # both worlds pick the same port (and so ISN)
         self.fast = None
         self.rx = RxChecker(MY_MAC, ME, csum)
         if fast:
@@ -84,6 +85,20 @@ class World:
             self.units = FastPathUnits(8, self.tap_w.fileno(), self.ep.fileno(), ME, MY_MAC, True, 65000,
                                        self.bufs)
             self.fast = FastPath(self.units, self.h.tcp, True, 65000)
+            self.fast.units_closed = lambda s: s.close_b()      # the adapter's part of a close
+        if connecting:
+            self.h.tcp.fast = self.h.ad.fast = self.fast
+            self.hs, self.app = self.h.socket()
+            assert self.h.tcp.connect(self.hs, PEER, 8080, self.h.now) == -errno.EINPROGRESS
+            self.c = self.hs.ccb
+            self._settle()
+            return
+        if active:
+            self.c, self.hs, self.app, _ = self.h.established_active()
+        else:
+            self.c, self.hs, self.app = self.h.established_passive()
+        self.h.take()
+        if fast:
             self.h.tcp.fast = self.h.ad.fast = self.fast
             self.fast.own(self.c)
             self._settle()
@@ -114,20 +129,21 @@ class World:
                     out.append(_parse_out(self.tap_r.recv(BUF)))
                 except BlockingIOError:
                     break
-        out += [(s.seq, s.ack, s.flags, s.window, s.payload) for s in self.h.take()]
+        out += [(s.seq, s.ack, s.flags, s.window, s.options, s.payload) for s in self.h.take()]
         return out
 
     # ---- steps ------------------------------------------------------------
 
-    def peer(self, flags: int, seq: int, ack: int, payload: bytes = b"", window: int = 65535) -> None:
-        self.burst([(flags, seq, ack, payload, window)])
+    def peer(self, flags: int, seq: int, ack: int, payload: bytes = b"", window: int = 65535,
+             options: bytes = b"") -> None:
+        self.burst([(flags, seq, ack, payload, window, options)])
 
     def burst(self, segs: list[tuple]) -> None:
         """Frames that arrive together (one wake-up of the adapter): the units take them
         in order and hand the rest on, in order; ACKs owed go out once, at the end."""
         c = self.c
-        for flags, seq, ack, payload, window in segs:
-            frame = _frame(seq, ack, flags, window, payload, c.remote_port, c.local_port)
+        for flags, seq, ack, payload, window, *opts in segs:
+            frame = _frame(seq, ack, flags, window, payload, c.remote_port, c.local_port, *opts)
             if self.fast is not None:
                 self.units.st.now = self.h.now
                 buf = self.bufs[0]
@@ -156,6 +172,25 @@ class World:
             self.h.tcp.doorbell(self.hs, self.h.now)
         self._settle()
 
+    def data_and_close(self, payload: bytes) -> None:
+        """The peer's data arrives and the application closes the socket without reading it."""
+        s = self.state()
+        self.peer(T.ACK | T.PSH, s["rcv_nxt"], s["snd_una"], payload)
+        self.close()
+
+    def close(self) -> None:
+        """The application closes the socket: A's last descriptor (B hangs up)."""
+        self.app.a.close()
+        if self.fast is not None and self.c.fast_slot >= 0:
+            self.units.st.now = self.h.now
+            if fp_lib.fp_hangup(self.units.st, self.c.fast_slot, self.h.now):
+                self._settle()
+                return                                   # the units close it
+        self.hs.drain()                                  # what the adapter does (Adapter._b_event)
+        self.hs.close_b()
+        self.h.tcp.app_closed(self.hs, self.h.now)
+        self._settle()
+
     def advance(self, dt: float) -> None:
         self.h.now += dt
         if self.fast is not None:
@@ -168,9 +203,12 @@ class World:
         if self.fast is not None:
             self.fast.refresh(c)
         d = {f: getattr(c, f) for f in CCB_FIELDS}
-        m = self.hs.shm
-        d.update(tx_head_shm=m.tx_head, tx_sent=m.tx_sent, rx_tail=m.rx_tail, bytes_in_shm=m.bytes_in,
-                 doorbell_armed=m.tx_doorbell_armed)
+        # (B itself may differ: after a close the units took, software closes it at the pull)
+        d.update(in_table=self.h.tcp.conns.get(c.key) is c, mapped=self.hs.mapped)
+        if self.hs.mapped:
+            m = self.hs.shm
+            d.update(tx_head_shm=m.tx_head, tx_sent=m.tx_sent, rx_tail=m.rx_tail, bytes_in_shm=m.bytes_in,
+                     doorbell_armed=m.tx_doorbell_armed, sock_state=m.state, sock_flags=m.flags, sock_mss=m.mss)
         return d
 
     # relative to the connection, for writing traces
@@ -196,7 +234,7 @@ class Pair:
     def __init__(self, **kw):
         self.s = World(False, **kw)
         self.f = World(True, **kw)
-        self.check("established")
+        self.check("set up")
 
     def step(self, name: str, *args, **kw) -> None:
         for w in (self.s, self.f):
@@ -322,6 +360,117 @@ def test_a_lying_header_hurts_only_its_own_stream():
     p.step("advance", 0.3)
 
 
+# ---- setup and teardown (nic_model/hw/conn_fsm.c) ------------------------------------
+
+def _opts(mss: int | None = 1460, wscale: int | None = 7) -> bytes:
+    return T.TcpOptions(mss=mss, wscale=wscale).emit()
+
+
+def _synack(p: Pair, options: bytes, iss: int = 777000, ack_off: int = 1, flags: int = T.SYN | T.ACK) -> None:
+    s = p.s.state()
+    p.step("peer", flags, iss, (s["snd_una"] + ack_off) & 0xFFFFFFFF, b"", 29200, options)
+
+
+def _counts(p: Pair) -> tuple:
+    k = p.f.units.counters
+    return k.syns, k.syn_acks, k.fins_in, k.app_closes, k.fins_out, k.closes
+
+
+@pytest.mark.parametrize("mss, wscale", [(1460, 7), (1200, 15), (None, None), (40, 2)])
+def test_the_handshake_in_the_units(mss, wscale):
+    """The SYN (sent by the units at push) and the SYN|ACK that acknowledges it: the same
+    frames, options, MSS (536 without the option, ours as the ceiling, 64 at least), window
+    scale (14 at most, none without the option) and socket state as in software."""
+    p = Pair(connecting=True)
+    assert p.f.c.fast_slot >= 0 and p.f.c.state == State.SYN_SENT
+    _synack(p, _opts(mss, wscale))
+    assert p.f.c.state == State.ESTABLISHED and p.f.hs.shm.state == lib.TOE_SS_CONNECTED
+    p.step("write", b"request")
+    p.peer_data(b"response")
+    p.peer_ack()
+    assert _counts(p)[:2] == (1, 1), _counts(p)
+    assert p.f.c.fast_slot >= 0
+
+
+@pytest.mark.parametrize("what", ["wrong_ack", "rst", "data", "syn_only", "keepalive"])
+def test_handshake_segments_the_units_leave_to_software(what):
+    p = Pair(connecting=True)
+    if what == "keepalive":
+        for w in (p.s, p.f):
+            w.app.shm.opt_flags |= lib.TOE_OF_KEEPALIVE
+        _synack(p, _opts())
+    elif what == "wrong_ack":
+        _synack(p, _opts(), ack_off=5)                   # an RST answers it
+    elif what == "rst":
+        _synack(p, b"", flags=T.RST | T.ACK)             # refused
+    elif what == "syn_only":
+        _synack(p, _opts(), ack_off=0, flags=T.SYN)      # simultaneous open
+    else:
+        s = p.s.state()
+        p.step("peer", T.SYN | T.ACK, 5000, (s["snd_una"] + 1) & 0xFFFFFFFF, b"early", 29200, _opts())
+    assert _counts(p)[1] == 0
+
+
+def test_the_syn_is_resent_by_software_and_the_synack_is_the_units_again():
+    p = Pair(connecting=True)
+    p.step("advance", 1.0)                               # the SYN's RTO: software resends it
+    assert p.f.c.retries == 1
+    _synack(p, _opts())                                  # no RTT sample (Karn)
+    assert p.f.c.state == State.ESTABLISHED and _counts(p)[:2] == (1, 1)
+
+
+def test_the_peer_closes_first_and_the_application_after_it():
+    """Response and FIN in one segment, EOF for the application, its close, our FIN and
+    its ACK: the whole teardown in the units, the connection then released by software."""
+    p = Pair(active=True)
+    p.step("write", b"GET /")
+    s = p.s.state()
+    p.step("peer", T.ACK | T.PSH | T.FIN, s["rcv_nxt"], s["snd_max"], b"HTTP/1.0 200 OK")
+    assert p.f.c.state == State.CLOSE_WAIT and p.f.hs.shm.flags & lib.TOE_SF_RX_EOF
+    p.step("read")
+    p.step("close")
+    assert p.f.c.state == State.LAST_ACK
+    p.peer_ack()
+    assert p.f.c.state == State.CLOSED and not p.f.hs.mapped
+    assert _counts(p)[2:] == (1, 1, 1, 1), _counts(p)
+
+
+def test_the_application_closes_first_with_data_unsent():
+    """A close with most of a write still in the TX ring: the units send it, then the FIN;
+    the ACK of the FIN leaves an orphan in FIN-WAIT-2 on software's timer; the peer's FIN
+    then gives TIME-WAIT (software's, as the side that closed first)."""
+    p = Pair(active=True)
+    p.step("write", bytes(range(256)) * 300)             # 76,800 bytes: more than cwnd
+    p.step("close")
+    for _ in range(8):
+        p.peer_ack(window=40000)
+    assert p.f.c.state == State.FIN_WAIT_2 and p.f.c.orphan
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
+    assert p.f.c.state == State.TIME_WAIT
+    assert _counts(p)[3:5] == (1, 1), _counts(p)
+
+
+def test_a_close_with_unread_data_resets_in_software():
+    p = Pair()
+    p.step("data_and_close", b"unread")                  # an RST (RFC 9293 3.10.4), software's
+    assert p.f.c.state == State.CLOSED and _counts(p)[3] == 0
+    assert p.f.units.counters.punts[fp_lib.FP_PUNT_CLOSE] == 1
+
+
+def test_after_the_peers_fin_data_and_a_second_fin_go_to_software():
+    p = Pair()
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_una"], b"")
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, (s["rcv_nxt"] - 1) & 0xFFFFFFFF, s["snd_una"], b"")   # FIN again
+    p.step("write", b"still open for writing")
+    p.peer_ack()
+    p.step("close")
+    p.peer_ack()
+    assert p.f.c.state == State.CLOSED
+
+
 STEP = st.one_of(
     st.tuples(st.just("data"), st.integers(1, 3000), st.booleans()),
     st.tuples(st.just("ack"), st.integers(0, 100), st.sampled_from([0, 1000, 30000, 65535])),
@@ -334,10 +483,7 @@ STEP = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(STEP, min_size=1, max_size=25))
-def test_random_traces_agree(steps):
-    p = Pair()
+def _run(p: Pair, steps: list) -> None:
     for kind, a, b in steps:
         s = p.s.state()
         if kind == "data":
@@ -361,6 +507,29 @@ def test_random_traces_agree(steps):
             p.step("peer", T.ACK, (s["rcv_nxt"] + a) & 0xFFFFFFFF, s["snd_una"], b"o" * 100)
         else:
             p.step("advance", a)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(STEP, min_size=1, max_size=25))
+def test_random_traces_agree(steps):
+    _run(Pair(), steps)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(STEP, max_size=12), st.booleans(), st.lists(STEP, max_size=4), st.integers(0, 4))
+def test_random_traces_then_a_close_agree(before, peer_fin_first, between, acks):
+    """Whatever the connection went through, its close (the units' or software's) agrees:
+    the peer's FIN or not, more steps, the application's close, the peer's ACKs."""
+    p = Pair()
+    _run(p, before)
+    if peer_fin_first:
+        s = p.s.state()
+        p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_una"], b"")
+    _run(p, between)
+    p.step("close")
+    for _ in range(acks):
+        p.peer_ack()
+        p.step("advance", 0.05)
 
 
 @pytest.fixture(autouse=True)
