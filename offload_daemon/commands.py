@@ -51,6 +51,7 @@ class CommandHandler:
     cfg: AdapterConfig
     my_ip: int
     network: ipaddress.IPv4Network
+    net_ints: tuple[int, int, int]    # the network's address, mask and broadcast as ints
     counters_host: HostIfCounters
     socks: dict[int, HostSocket]
     by_b: dict[int, HostSocket]
@@ -259,10 +260,9 @@ class CommandHandler:
             return r
         if op == lib.TOE_OP_CONNECT:
             ip, port = from_be32(cmd.addr_be32), from_be16(cmd.port_be16)
-            if ip == self.my_ip or ipaddress.IPv4Address(ip) not in self.network \
-                    or ip == int(self.network.broadcast_address) \
-                    or ip == int(self.network.network_address):
-                rsp.flags = lib.TOE_RF_HANDOVER
+            net, mask, bcast = self.net_ints
+            if ip == self.my_ip or ip & mask != net or ip in (net, bcast):
+                rsp.flags = lib.TOE_RF_HANDOVER     # the adapter's own, off its subnet, not a host
                 return 0
             return self.tcp.connect(s, ip, port, now)
         if op == lib.TOE_OP_ACCEPT:

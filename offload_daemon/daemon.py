@@ -55,6 +55,8 @@ class Adapter(CommandHandler):
         self.cfg = cfg
         self.my_ip = int(cfg.iface.ip)
         self.network = cfg.iface.network
+        self.net_ints = (int(self.network.network_address), int(self.network.netmask),
+                         int(self.network.broadcast_address))
         self.my_mac = bytes([0x02]) + os.urandom(5)
         self.offloads = cfg.offloads
         self.timers = Timers()

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import select
 import socket
 import struct
 import termios
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nic_model.counters import UnitCounters
 
@@ -77,26 +76,28 @@ class HostSocket:
         self.holders: set[ProcessCtx] = set()   # channels that may name this socket
         self.shm_bytes = shm_bytes = lib.TOE_SHM_HDR_SIZE + tx_size + rx_size
         self.memfd = -1               # kept open to hand to an adopting process
-        self.mm: mmap.mmap | None = None
+        self._base = ffi.NULL         # the mapping (toe_map: no descriptor of its own)
+        self.shm: Any = None          # struct toe_sock_shm * while mapped
         try:
             err = lib.toe_fd_memfd(memfd, shm_bytes)
             if err < 0:
                 raise OSError(-err, "not a sealed memfd of the announced size")
-            self.mm = mmap.mmap(memfd, shm_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            base = lib.toe_map(memfd, shm_bytes)
+            if base == ffi.NULL:
+                raise OSError(ffi.errno, "cannot map the socket's memory")
         except BaseException:
             os.close(memfd)
             raise
+        self._base = base
         self.memfd = memfd
         HostSocket.mapped_bytes += shm_bytes
-        self._ptr = ffi.from_buffer(self.mm)
-        self.shm = ffi.cast("struct toe_sock_shm *", self._ptr)
+        self.shm = ffi.cast("struct toe_sock_shm *", base)
         if lib.toe_shm_init(self.shm, sid, tx_size, rx_size) != 0:
             self.release()
             raise OSError(errno.EINVAL, "shared header: bad magic, ABI version or ring sizes")
         self.tx_size = tx_size
         self.rx_size = rx_size
-        self.view = memoryview(self.mm)
-        self.tx_ring = self.view[lib.TOE_SHM_HDR_SIZE:lib.TOE_SHM_HDR_SIZE + tx_size]
+        self.tx_ring = memoryview(ffi.buffer(ffi.cast("uint8_t *", base) + lib.TOE_SHM_HDR_SIZE, tx_size))
         self.ccb: Ccb | None = None
         self.listener: Listener | None = None
         self.bound: tuple[int, int] | None = None     # (ip, port) in host order
@@ -285,24 +286,20 @@ class HostSocket:
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1
-        if self.mm is not None:
-            HostSocket.mapped_bytes -= self.shm_bytes
-        self.tx_ring = None  # type: ignore[assignment]
-        if hasattr(self, "view") and self.view is not None:
-            self.view.release()
-            self.view = None  # type: ignore[assignment]
+        ring = getattr(self, "tx_ring", None)
+        if ring is not None:
+            ring.release()            # a memoryview of the mapping: nothing may read it after this
+            self.tx_ring = None  # type: ignore[assignment]
         self.shm = None  # type: ignore[assignment]
-        self._ptr = None
-        if self.mm is not None:
-            try:
-                self.mm.close()
-            except BufferError:
-                pass
-            self.mm = None
+        base = getattr(self, "_base", ffi.NULL)
+        if base != ffi.NULL:
+            HostSocket.mapped_bytes -= self.shm_bytes
+            self._base = ffi.NULL
+            lib.toe_unmap(base, self.shm_bytes)
 
     @property
     def mapped(self) -> bool:
-        return self.mm is not None
+        return self.shm is not None
 
 
 def _shutdown_wr(fd: int) -> None:
@@ -378,6 +375,11 @@ def _comm(pid: int) -> str:
 
 MAX_CMD_FDS = 3 * lib.TOE_POOL_BATCH       # SOCKETS: [B, memfd, A] per socket of a batch
 _ANC = socket.CMSG_SPACE(MAX_CMD_FDS * 4) + socket.CMSG_SPACE(struct.calcsize("3i"))
+# socket's flags as plain ints: its enums cost an object per operation, and these run per command
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_ZERO_RSP = bytes(lib.TOE_RSP_SIZE)
 SERVE_BUDGET = 64                 # commands of one channel per event-loop pass
 
 
@@ -430,7 +432,7 @@ class ControlServer:
     def _recv(self, ctx: ProcessCtx) -> tuple[bytes, list[int], bool] | None:
         """One message: (bytes, descriptors, descriptors lost to MSG_CTRUNC); None when the
         channel has nothing more (BlockingIOError is the caller's)."""
-        msg, anc, flags, _ = ctx.conn.recvmsg(lib.TOE_CMD_SIZE * 2, _ANC, socket.MSG_CMSG_CLOEXEC)
+        msg, anc, flags, _ = ctx.conn.recvmsg(lib.TOE_CMD_SIZE * 2, _ANC, _RECV_FLAGS)
         fds: list[int] = []
         creds = None
         for level, kind, data in anc:
@@ -446,7 +448,7 @@ class ControlServer:
             ctx.pid, ctx.uid, ctx.gid = creds
             ctx.comm = _comm(ctx.pid)
             ctx.conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-        return msg, fds, bool(flags & socket.MSG_CTRUNC)
+        return msg, fds, bool(flags & _CTRUNC)
 
     def serve(self, ctx: ProcessCtx, now: float) -> bool:
         """Handle the commands waiting on ctx, at most SERVE_BUDGET (the channel is
@@ -465,7 +467,7 @@ class ControlServer:
             if not msg and not fds:
                 return False
             rsp = self._rsp
-            ffi.memmove(rsp, b"\0" * lib.TOE_RSP_SIZE, lib.TOE_RSP_SIZE)
+            ffi.memmove(rsp, _ZERO_RSP, lib.TOE_RSP_SIZE)
             keep = True
             ctx.commands += 1
             if not ctx.allowed:
@@ -483,9 +485,9 @@ class ControlServer:
             try:
                 if self.rsp_fds:
                     socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds,
-                                    socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                                    _SEND_FLAGS)
                 else:
-                    ctx.conn.send(self._rsp_buf, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    ctx.conn.send(self._rsp_buf, _SEND_FLAGS)
             except OSError:
                 # a channel whose answers do not fit (it sends and never reads): it goes
                 keep = False

@@ -40,7 +40,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
             fp.refresh(c)
     every = [c.info() for c in ad.tcp.conns.values()]
     conns = every if uid is None else [c for c in every if c.get("uid") == uid]
-    closed = [c for c in ad.tcp.closed if uid is None or c.get("uid") == uid]
+    closed = [c for c in ad.tcp.closed_info() if uid is None or c.get("uid") == uid]
     listeners = []
     for lsts in ad.tcp.listeners.values():
         for lst in lsts:

@@ -96,7 +96,7 @@ class TcpStack(TcpInput, TcpOutput):
         self.our_mss = self.cfg.mtu - 40
         self._next_id = 0
         self.dirty: set[Ccb] = set()
-        self.closed: deque[dict] = deque(maxlen=64)      # recently closed, newest last
+        self.closed: deque[tuple[Ccb, int | None, str]] = deque(maxlen=64)   # recently closed, newest last
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
         self.closed_count = 0
@@ -493,10 +493,9 @@ class TcpStack(TcpInput, TcpOutput):
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
             if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
-                info = c.info()
-                info["closed_from"] = info["state"]
-                info["state"] = "CLOSED"
-                self.closed.append(info)
+                # the record is made when `toe stat` asks (closed_info): a dict per connection
+                # here would cost more than the rest of its release
+                self.closed.append((c, c.sock.pid if c.sock is not None else None, c.state.name))
                 self.closed_count += 1
                 self.closed_bytes_in += c.bytes_in
                 self.closed_bytes_out += c.bytes_out
@@ -524,6 +523,15 @@ class TcpStack(TcpInput, TcpOutput):
             elif s.mapped and prev not in (State.TIME_WAIT,):
                 s.closed_if_reset()
         c.sock = None if (s is None or s.app_closed) else s
+
+    def closed_info(self) -> list[dict]:
+        """The recently closed connections as `toe stat` shows them, oldest first."""
+        out = []
+        for c, pid, closed_from in self.closed:
+            info = c.info()
+            info.update(pid=pid, closed_from=closed_from, state="CLOSED")
+            out.append(info)
+        return out
 
     def _poll_windows(self, now: float) -> None:
         for c in list(self.wnd_watch):

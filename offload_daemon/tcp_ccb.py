@@ -340,7 +340,7 @@ class TcpStackBase:
     our_mss: int
     _next_id: int
     dirty: set[Ccb]
-    closed: deque[dict]
+    closed: "deque[tuple[Ccb, int | None, str]]"
     closed_bytes_in: int
     closed_bytes_out: int
     closed_count: int
