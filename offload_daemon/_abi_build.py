@@ -70,7 +70,8 @@ uint64_t toe_fd_cookie(int fd);
 int toe_fd_memfd(int fd, uint64_t size);
 int toe_fd_tcp_listener(int fd);
 void *toe_map(int fd, uint64_t size);
-int toe_unmap(void *p, uint64_t size);
+void toe_reap(void *p, uint64_t size, int fd1, int fd2);
+void toe_reap_flush(void);
 """
 
 HELPERS_SRC = r"""
@@ -81,8 +82,12 @@ HELPERS_SRC = r"""
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include "toe_ring.h"
 
 uint32_t toe_ring_load(uint32_t *p) { return TOE_LOAD_ACQ(p); }
@@ -145,17 +150,97 @@ int toe_fd_memfd(int fd, uint64_t size)
     return 0;
 }
 
-/* A socket's shared mapping, MAP_SHARED read-write (NULL: errno).  Python's mmap.mmap
- * would keep a dup of the memfd: a descriptor more per socket, and two more system calls. */
+/* A socket's shared mapping, MAP_SHARED read-write (NULL: errno); the reaper unmaps it.
+ * Python's mmap.mmap would keep a dup of the memfd: a descriptor more per socket, and two
+ * more system calls. */
 void *toe_map(int fd, uint64_t size)
 {
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     return p == MAP_FAILED ? NULL : p;
 }
 
-int toe_unmap(void *p, uint64_t size)
+/*
+ * The reaper: a released socket's mapping and descriptors are given back by a thread of
+ * their own.  The last munmap of a socket's memory frees its memfd (~25 us in the kernel,
+ * the longest single step of a short connection's release); done here it would sit on
+ * the path of the next connection's connect().  A descriptor keeps its number until the
+ * reaper closes it, so nothing can be confused with it meanwhile.  If the thread cannot
+ * be started, or too much waits, the caller does the work itself.
+ */
+struct toe_reaped { void *p; uint64_t size; int fd[2]; };
+#define TOE_REAP_MAX 4096
+static pthread_mutex_t reap_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t reap_cv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t reap_idle = PTHREAD_COND_INITIALIZER;
+static struct toe_reaped reap_q[TOE_REAP_MAX];
+static uint32_t reap_n, reap_busy;
+static int reap_state;                 /* 0 not started, 1 running, -1 cannot start */
+
+static void reap_one(const struct toe_reaped *r)
 {
-    return munmap(p, size) < 0 ? -errno : 0;
+    if (r->p)
+        munmap(r->p, r->size);
+    for (int i = 0; i < 2; i++)
+        if (r->fd[i] >= 0)
+            close(r->fd[i]);
+}
+
+static void *reaper(void *arg)
+{
+    static struct toe_reaped batch[TOE_REAP_MAX];
+    (void)arg;
+    pthread_mutex_lock(&reap_mu);
+    for (;;) {
+        while (reap_n == 0) {
+            reap_busy = 0;
+            pthread_cond_broadcast(&reap_idle);
+            pthread_cond_wait(&reap_cv, &reap_mu);
+        }
+        uint32_t n = reap_n;
+        memcpy(batch, reap_q, n * sizeof(batch[0]));
+        reap_n = 0;
+        reap_busy = 1;
+        pthread_mutex_unlock(&reap_mu);
+        for (uint32_t i = 0; i < n; i++)
+            reap_one(&batch[i]);
+        pthread_mutex_lock(&reap_mu);
+    }
+    return NULL;
+}
+
+void toe_reap(void *p, uint64_t size, int fd1, int fd2)
+{
+    struct toe_reaped r = {p, size, {fd1, fd2}};
+    pthread_mutex_lock(&reap_mu);
+    if (reap_state == 0) {
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);   /* signals stay the main thread's */
+        reap_state = pthread_create(&t, &a, reaper, NULL) == 0 ? 1 : -1;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&a);
+    }
+    if (reap_state == 1 && reap_n < TOE_REAP_MAX) {
+        reap_q[reap_n++] = r;
+        pthread_cond_signal(&reap_cv);
+        pthread_mutex_unlock(&reap_mu);
+        return;
+    }
+    pthread_mutex_unlock(&reap_mu);
+    reap_one(&r);
+}
+
+/* Wait until everything handed to the reaper is given back (tests, shutdown). */
+void toe_reap_flush(void)
+{
+    pthread_mutex_lock(&reap_mu);
+    while (reap_state == 1 && (reap_n || reap_busy))
+        pthread_cond_wait(&reap_idle, &reap_mu);
+    pthread_mutex_unlock(&reap_mu);
 }
 
 /* A listening TCP/IPv4 socket (LISTEN's kernel listener for INADDR_ANY). */
@@ -176,7 +261,8 @@ ffibuilder.set_source(
     "offload_daemon._toe_abi",
     HELPERS_SRC,
     include_dirs=[SHIM],
-    extra_compile_args=["-O2", "-Wall"],
+    extra_compile_args=["-O2", "-Wall", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from .tcp import SEND_STATES, TcpEnv, TcpStack
 from .timers import Timers
 
 RX_BATCH = 128
+ENDED_BATCH = 64          # connections the units ended, released at once even when not idle
 POOL_BUFFERS = 256
 POOL_BUF_BYTES = 65536 + 256
 
@@ -222,6 +223,8 @@ class Adapter(CommandHandler):
             d = timers.next_deadline()
             # ms, at most an hour (a deadline far away, e.g. a keepalive of 2^32 s, still fits)
             timeout = -1 if d is None else min(max(0, math.ceil((d - time.monotonic()) * 1000.0)), 3_600_000)
+            if fp.ended:
+                timeout = 0                # connections to release: look, and release them if idle
             n = poll(st, timeout)
             now = time.monotonic()
             for i in range(n):
@@ -241,6 +244,8 @@ class Adapter(CommandHandler):
                 timers.poll(now)
                 self.tcp.flush(now)
                 fp.push_candidates()
+                if fp.ended and (n == 0 or len(fp.ended) >= ENDED_BATCH):
+                    fp.finish_ended(now)
             except Exception:
                 self.counters_host.handler_errors += 1
                 log_exception("timers")
@@ -365,8 +370,7 @@ class Adapter(CommandHandler):
         and the tables that let a process name the socket. The TCP part is the engine's,
         or was the fast path's units' (FastPath.units_closed)."""
         del self.by_b[s.b_fd]
-        s.drain()
-        s.close_b()
+        s.close_b(reap=True)           # (nothing in B matters now: A is gone)
         self.counters_host.app_closes += 1
         self._unregister(s)
         self._drop_kernel_listener(s)

@@ -63,6 +63,10 @@ class FastPath:
         self._f = fp_ffi.new("struct fp_ccb *")
         # the host's side of a close the units took (B hung up): set by the adapter
         self.units_closed: Callable[[Sock], None] = lambda s: None
+        # connections whose end the units reported (`teardown`), released when the adapter
+        # is idle (finish_ended): a short connection's release is then off the path of the
+        # next one's connect(), as the kernel's deferred work is
+        self.ended: dict[Ccb, None] = {}
 
     # ---- software takes a connection back --------------------------------
 
@@ -78,6 +82,8 @@ class FastPath:
         if fp_lib.fp_pull(self.st, slot, f) != 0:
             return
         self._copy_out(f, c, base)
+        if f.punted and f.punt_reason == fp_lib.FP_PUNT_TEARDOWN:
+            self.ended[c] = None                     # taken back before its turn: still owed
         s = c.sock
         if f.cflags & fp_lib.FP_CF_ORPHAN and s is not None and not s.app_closed:
             s.app_closed = True                     # the units took the close: the host's part
@@ -219,11 +225,22 @@ class FastPath:
         c = self.by_slot.get(slot)
         if c is None:
             return
+        if reason == fp_lib.FP_PUNT_TEARDOWN:
+            self.ended[c] = None                     # released when idle (finish_ended)
+            return
         self.tcp.own(c)
         if reason in (fp_lib.FP_PUNT_ZERO_WINDOW, fp_lib.FP_PUNT_CORK):
             self.tcp.try_send(c, now)
-        elif reason == fp_lib.FP_PUNT_TEARDOWN:
-            self.tcp.units_ended(c, now)
+
+
+    def finish_ended(self, now: float) -> None:
+        """Release the connections the units ended (TcpStack.units_ended)."""
+        ended, self.ended = self.ended, {}
+        tcp = self.tcp
+        for c in ended:
+            if tcp.conns.get(c.key) is c:
+                tcp.own(c)
+                tcp.units_ended(c, now)
 
     def conn_of_slot(self, slot: int) -> Ccb | None:
         return self.by_slot.get(slot)

@@ -268,9 +268,13 @@ class HostSocket:
 
     # ---- lifetime ---------------------------------------------------------
 
-    def close_b(self) -> None:
+    def close_b(self, reap: bool = False) -> None:
+        """Close B; `reap`: by the reaper thread (A is gone, nobody waits for this)."""
         if self.b_fd >= 0:
-            os.close(self.b_fd)
+            if reap:
+                lib.toe_reap(ffi.NULL, 0, self.b_fd, -1)
+            else:
+                os.close(self.b_fd)
             self.b_fd = -1
 
     def kernel_pending(self) -> bool:
@@ -282,10 +286,9 @@ class HostSocket:
         return bool(p.poll(0))
 
     def release(self) -> None:
-        """Unmap the shared memory (the connection no longer needs the rings)."""
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
+        """Unmap the shared memory (the connection no longer needs the rings): the mapping
+        and the memfd go to the reaper thread (toe_reap), off the event loop."""
+        memfd, self.memfd = self.memfd, -1
         ring = getattr(self, "tx_ring", None)
         if ring is not None:
             ring.release()            # a memoryview of the mapping: nothing may read it after this
@@ -295,7 +298,9 @@ class HostSocket:
         if base != ffi.NULL:
             HostSocket.mapped_bytes -= self.shm_bytes
             self._base = ffi.NULL
-            lib.toe_unmap(base, self.shm_bytes)
+            lib.toe_reap(base, self.shm_bytes, memfd, -1)
+        elif memfd >= 0:
+            os.close(memfd)
 
     @property
     def mapped(self) -> bool:

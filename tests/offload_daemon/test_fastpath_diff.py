@@ -120,6 +120,7 @@ class World:
         tcp.flush(self.h.now)
         if self.fast is not None:
             self.fast.push_candidates()
+            self.fast.finish_ended(self.h.now)       # (the adapter does this when idle)
 
     def frames(self) -> list[tuple]:
         out = []
