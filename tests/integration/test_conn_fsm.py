@@ -86,7 +86,8 @@ def test_server_closes_first_the_whole_life_is_the_units(adapter, client_ns):
     wait_until(lambda: adapter.stat()["totals"]["connections"] == 0, "every connection to end", timeout=30)
     stat = adapter.stat()
     fp, tcp = stat["units"]["fast_path"], stat["units"]["tcp"]
-    assert (fp["syn_acks"], fp["fins_in"], fp["app_closes"], fp["fins_out"], fp["closes"]) == (n, n, n, n, n), fp
+    assert (fp["syns"], fp["syn_acks"], fp["fins_in"], fp["app_closes"], fp["fins_out"], fp["closes"]) == \
+        (n, n, n, n, n, n), fp
     assert fp["punts.teardown"] == n, fp
     # nothing of these connections went through the software path's segment handling
     for reason in ("handshake", "fin", "close", "rst", "follows", "no_ccb", "state", "flags"):
@@ -155,3 +156,17 @@ def test_close_with_data_in_the_ring_sends_all_of_it_then_the_fin(adapter, clien
     assert out.split() == res.stdout.split(), (out, res.stdout)   # every byte, then EOF
     fp = adapter.stat()["units"]["fast_path"]
     assert fp["app_closes"] == 1 and fp["fins_out"] == 1, fp
+
+
+def test_with_two_processors_the_close_is_softwares(adapter_factory, client_ns):
+    """--fastpath-procs 2: the handshake and the peer's FIN are still the units', but a B
+    end may be in the TX processor's epoll set, so the application's close goes to
+    software (`close`); every byte still arrives and every socket is released."""
+    adapter = adapter_factory("--fastpath-procs", "2")
+    n = 100
+    run_loop(adapter, client_ns, n, "server")
+    wait_until(lambda: adapter.stat()["totals"]["connections"] == 0, "every connection to end", timeout=30)
+    fp = adapter.stat()["units"]["fast_path"]
+    assert (fp["syns"], fp["syn_acks"], fp["fins_in"], fp["app_closes"]) == (n, n, n, 0), fp
+    assert fp["punts.close"] == n, fp
+    wait_until(lambda: adapter.stat()["limits"]["sockets"] == 0, "the sockets to be released", timeout=20)
