@@ -71,7 +71,7 @@ int toe_fd_memfd(int fd, uint64_t size);
 int toe_fd_tcp_listener(int fd);
 void *toe_map(int fd, uint64_t size);
 void toe_reap(void *p, uint64_t size, int fd1, int fd2);
-void toe_reap_flush(void);
+void toe_reap_stop(void);
 """
 
 HELPERS_SRC = r"""
@@ -165,16 +165,20 @@ void *toe_map(int fd, uint64_t size)
  * the longest single step of a short connection's release); done here it would sit on
  * the path of the next connection's connect().  A descriptor keeps its number until the
  * reaper closes it, so nothing can be confused with it meanwhile.  If the thread cannot
- * be started, or too much waits, the caller does the work itself.
+ * be started, or too much waits, or it was stopped, the caller does the work itself.
+ * toe_reap_stop() at the adapter's end: what waits is done and the thread joined, so the
+ * daemon exits as one thread (a process whose leader is a zombie while another thread
+ * still runs looks gone to `toe down` before it is).
  */
 struct toe_reaped { void *p; uint64_t size; int fd[2]; };
 #define TOE_REAP_MAX 4096
 static pthread_mutex_t reap_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t reap_cv = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t reap_idle = PTHREAD_COND_INITIALIZER;
 static struct toe_reaped reap_q[TOE_REAP_MAX];
-static uint32_t reap_n, reap_busy;
-static int reap_state;                 /* 0 not started, 1 running, -1 cannot start */
+static uint32_t reap_n;
+static int reap_state;                 /* 0 not started, 1 running, -1 none (failed or stopped) */
+static int reap_stopping;
+static pthread_t reap_thread;
 
 static void reap_one(const struct toe_reaped *r)
 {
@@ -191,20 +195,19 @@ static void *reaper(void *arg)
     (void)arg;
     pthread_mutex_lock(&reap_mu);
     for (;;) {
-        while (reap_n == 0) {
-            reap_busy = 0;
-            pthread_cond_broadcast(&reap_idle);
+        while (reap_n == 0 && !reap_stopping)
             pthread_cond_wait(&reap_cv, &reap_mu);
-        }
+        if (reap_n == 0)
+            break;                     /* stopping, and nothing left */
         uint32_t n = reap_n;
         memcpy(batch, reap_q, n * sizeof(batch[0]));
         reap_n = 0;
-        reap_busy = 1;
         pthread_mutex_unlock(&reap_mu);
         for (uint32_t i = 0; i < n; i++)
             reap_one(&batch[i]);
         pthread_mutex_lock(&reap_mu);
     }
+    pthread_mutex_unlock(&reap_mu);
     return NULL;
 }
 
@@ -213,16 +216,11 @@ void toe_reap(void *p, uint64_t size, int fd1, int fd2)
     struct toe_reaped r = {p, size, {fd1, fd2}};
     pthread_mutex_lock(&reap_mu);
     if (reap_state == 0) {
-        pthread_t t;
-        pthread_attr_t a;
-        pthread_attr_init(&a);
-        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);   /* signals stay the main thread's */
-        reap_state = pthread_create(&t, &a, reaper, NULL) == 0 ? 1 : -1;
+        reap_state = pthread_create(&reap_thread, NULL, reaper, NULL) == 0 ? 1 : -1;
         pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&a);
     }
     if (reap_state == 1 && reap_n < TOE_REAP_MAX) {
         reap_q[reap_n++] = r;
@@ -234,12 +232,17 @@ void toe_reap(void *p, uint64_t size, int fd1, int fd2)
     reap_one(&r);
 }
 
-/* Wait until everything handed to the reaper is given back (tests, shutdown). */
-void toe_reap_flush(void)
+void toe_reap_stop(void)
 {
     pthread_mutex_lock(&reap_mu);
-    while (reap_state == 1 && (reap_n || reap_busy))
-        pthread_cond_wait(&reap_idle, &reap_mu);
+    int running = reap_state == 1;
+    reap_stopping = 1;
+    pthread_cond_signal(&reap_cv);
+    pthread_mutex_unlock(&reap_mu);
+    if (running)
+        pthread_join(reap_thread, NULL);
+    pthread_mutex_lock(&reap_mu);
+    reap_state = -1;                   /* from now on the caller does the work */
     pthread_mutex_unlock(&reap_mu);
 }
 

@@ -432,6 +432,7 @@ class Adapter(CommandHandler):
                 pass
         if self.tap is not None:
             self.tap.close()
+        lib.toe_reap_stop()            # its last work done and the thread joined: we exit as one thread
         try:
             os.unlink(self.cfg.state_path)
         except FileNotFoundError:

@@ -49,12 +49,9 @@ int fp_fsm_check(const struct fp_ccb *c, const struct fp_seg *g)
             return FP_PUNT_HANDSHAKE;          /* its timer is software's */
         return -1;
     }
-    if ((f & (TCP_SYN | TCP_URG)) || !(f & TCP_ACK))
-        return FP_PUNT_FLAGS;
-    if (g->has_options)
-        return FP_PUNT_OPTIONS;
-    if (g->seq != c->rcv_nxt)
-        return FP_PUNT_OUT_OF_ORDER;
+    int why = fp_rx_in_order(c, g);
+    if (why >= 0)
+        return why;
     switch (c->state) {
     case FP_ST_ESTABLISHED:                    /* with a FIN: the hot path took the rest */
         if (g->payload_len && g->payload_len > fp_rcv_space(c))

@@ -425,6 +425,7 @@ static inline struct toe_sock_shm *fp_shm(const struct fp_ccb *c)
 
 /* shared between the units (each defined in the file of its unit) */
 int fp_rx_fast_ok(const struct fp_ccb *c, const struct fp_seg *g);  /* rx_checker.c */
+int fp_rx_in_order(const struct fp_ccb *c, const struct fp_seg *g);
 uint32_t fp_csum_add(const uint8_t *p, uint32_t len, uint32_t sum);   /* tx_hdrgen.c */
 uint16_t fp_csum_fold(uint32_t sum);
 uint32_t fp_rcv_space(const struct fp_ccb *c);                        /* ack_gen.c */

@@ -135,13 +135,24 @@ int fp_rx_fast_ok(const struct fp_ccb *c, const struct fp_seg *g)
         return FP_PUNT_RST;
     if (f & TCP_FIN)
         return FP_PUNT_FIN;
+    int why = fp_rx_in_order(c, g);
+    if (why >= 0)
+        return why;
+    if (g->payload_len && g->payload_len > fp_rcv_space(c))
+        return FP_PUNT_BEYOND_WINDOW;
+    return fp_ack_check(c, g);
+}
+
+/* The part of the test every synchronized state shares: an ACK without SYN or URG, no
+ * options, at rcv_nxt.  -1, or why not. */
+int fp_rx_in_order(const struct fp_ccb *c, const struct fp_seg *g)
+{
+    uint32_t f = g->flags;
     if ((f & (TCP_SYN | TCP_URG)) || !(f & TCP_ACK))
         return FP_PUNT_FLAGS;
     if (g->has_options)
         return FP_PUNT_OPTIONS;
     if (g->seq != c->rcv_nxt)
         return FP_PUNT_OUT_OF_ORDER;
-    if (g->payload_len && g->payload_len > fp_rcv_space(c))
-        return FP_PUNT_BEYOND_WINDOW;
-    return fp_ack_check(c, g);
+    return -1;
 }

@@ -319,14 +319,17 @@ again:;
         if (n64 > c->max_seg)
             n64 = c->max_seg;
         uint32_t n = (uint32_t)n64, partial = n % mss;
+        /* the data before the FIN of a closed socket is never held (tcp_nagle_test) */
+        int final = (c->cflags & FP_CF_FIN_WANTED) && n == unsent;
         if (partial) {
             if (n < mss && n < unsent && flight > 0)
                 break;                             /* sender SWS avoidance (RFC 9293 3.8.6.2.1) */
-            if (corked || n > pushable) {
+            if (!final && (corked || n > pushable)) {
                 fp_punt_conn(st, c, -1, FP_PUNT_CORK);
                 break;
             }
-            if (!nodelay && flight > 0 && seq_gt(c->snd_sml, c->snd_una) && seq_le(c->snd_sml, c->snd_nxt)) {
+            if (!final && !nodelay && flight > 0 && seq_gt(c->snd_sml, c->snd_una) &&
+                seq_le(c->snd_sml, c->snd_nxt)) {
                 if (n < mss)
                     break;                         /* Nagle (Minshall): a partial segment is out */
                 n -= partial;

@@ -452,6 +452,16 @@ def test_the_application_closes_first_with_data_unsent():
     assert _counts(p)[3:5] == (1, 1), _counts(p)
 
 
+def test_a_close_sends_what_nagle_held_with_the_fin():
+    """A byte held by Nagle (one partial segment in flight) goes out at close, with the FIN
+    right after it, as Linux's tcp_send_fin pushes what is queued (found by hypothesis)."""
+    p = Pair()
+    p.step("write", b"a")
+    p.step("write", b"b")                               # held: "a" is unacknowledged
+    p.step("close")
+    assert p.f.c.state == State.FIN_WAIT_1 and _counts(p)[3:5] == (1, 1)
+
+
 def test_a_close_with_unread_data_resets_in_software():
     p = Pair()
     p.step("data_and_close", b"unread")                  # an RST (RFC 9293 3.10.4), software's
