@@ -296,6 +296,9 @@ struct fp_state {
     struct fp_ccb *ccbs;
     int32_t *hash;
     int32_t *fd_map;
+    int32_t *free_slots;       /* a stack of the free CCB slots (the last freed on top) */
+    uint32_t nfree;
+    uint32_t pad3;
     uint64_t *bufs;            /* frame buffer addresses */
     struct fp_event *events;
     uint8_t *txbuf;            /* a frame whose checksum the units compute (offloads off) */

@@ -73,13 +73,17 @@ struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip
     st->ccbs = calloc(capacity, sizeof(struct fp_ccb));
     st->hash = malloc(hsize * sizeof(int32_t));
     st->fd_map = malloc(st->fd_map_len * sizeof(int32_t));
+    st->free_slots = malloc(capacity * sizeof(int32_t));
     st->bufs = calloc(nbufs, sizeof(uint64_t));
     st->events = calloc(FP_MAX_EVENTS, sizeof(struct fp_event));
     st->txbuf = malloc(65536 + 256);
-    if (!st->ccbs || !st->hash || !st->fd_map || !st->bufs || !st->events || !st->txbuf) {
+    if (!st->ccbs || !st->hash || !st->fd_map || !st->free_slots || !st->bufs || !st->events || !st->txbuf) {
         fp_free(st);
         return NULL;
     }
+    for (uint32_t i = 0; i < capacity; i++)    /* slot 0 on top: the table stays dense at its start */
+        st->free_slots[i] = (int32_t)(capacity - 1 - i);
+    st->nfree = capacity;
     memset(st->hash, 0xff, hsize * sizeof(int32_t));
     memset(st->fd_map, 0xff, st->fd_map_len * sizeof(int32_t));
     return st;
@@ -93,6 +97,7 @@ void fp_free(struct fp_state *st)
     free(st->ccbs);
     free(st->hash);
     free(st->fd_map);
+    free(st->free_slots);
     free(st->bufs);
     free(st->events);
     free(st->txbuf);
@@ -169,13 +174,11 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
     }
     if (st->fd_map[src->b_fd] >= 0)
         return -EEXIST;
-    if (st->active >= st->capacity) {
+    if (st->nfree == 0) {
         st->counters.table_full++;
         return -ENOSPC;
     }
-    uint32_t slot = 0;
-    while (st->ccbs[slot].in_use)             /* active < capacity: a free slot exists */
-        slot++;
+    uint32_t slot = (uint32_t)st->free_slots[--st->nfree];   /* O(1), whatever the table holds */
     struct fp_proc *p = st->proc;
     if (p)
         pthread_mutex_lock(&p->table_lock);
@@ -251,6 +254,7 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
     c->ack_now = 0;
     if (st->place_slot == slot)
         st->place_slot = -1;
+    st->free_slots[st->nfree++] = slot;
     st->active--;
     st->counters.pulls++;
     fp_unlock(st, slot);
@@ -313,8 +317,12 @@ void fp_end_burst(struct fp_state *st)
         struct fp_ccb *c = &st->ccbs[i];
         fp_lock(st, i);
         i = c->ack_next;
-        if (c->in_use && c->ack_now && !c->punted && c->ack_pending)
-            fp_send_ack(st, c);
+        if (c->in_use && c->ack_now && c->ack_pending) {
+            if (!c->punted)
+                fp_send_ack(st, c);
+            else
+                c->dack_deadline = 0;          /* still owed now: software sends it (FastPath.own) */
+        }
         c->ack_now = 0;
         fp_unlock(st, slot_of(st, c));
     }

@@ -324,14 +324,19 @@ again:;
         if (partial) {
             if (n < mss && n < unsent && flight > 0)
                 break;                             /* sender SWS avoidance (RFC 9293 3.8.6.2.1) */
-            if (!final && (corked || n > pushable)) {
+            /* a partial segment waits (tcp_output.py _hold_partial): under TCP_CORK or MSG_MORE
+             * (the timer is software's: the connection goes there for the tail), or under
+             * Nagle (Minshall) while a partial segment is out.  Whole segments before it go. */
+            int more = !final && (corked || n > pushable);
+            int nagle = !final && !more && !nodelay && flight > 0 && seq_gt(c->snd_sml, c->snd_una) &&
+                        seq_le(c->snd_sml, c->snd_nxt);
+            if (more && n < mss) {
                 fp_punt_conn(st, c, -1, FP_PUNT_CORK);
                 break;
             }
-            if (!final && !nodelay && flight > 0 && seq_gt(c->snd_sml, c->snd_una) &&
-                seq_le(c->snd_sml, c->snd_nxt)) {
+            if (more || nagle) {
                 if (n < mss)
-                    break;                         /* Nagle (Minshall): a partial segment is out */
+                    break;
                 n -= partial;
             }
         }
