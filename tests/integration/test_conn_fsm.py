@@ -155,7 +155,11 @@ def test_close_with_data_in_the_ring_sends_all_of_it_then_the_fin(adapter, clien
     out, _ = sink.communicate(timeout=60)
     assert out.split() == res.stdout.split(), (out, res.stdout)   # every byte, then EOF
     fp = adapter.stat()["units"]["fast_path"]
-    assert fp["app_closes"] == 1 and fp["fins_out"] == 1, fp
+    assert fp["app_closes"] == 1, fp               # the units took the close ...
+    # ... and sent the FIN after the ring, unless the connection went to software on the way
+    # (the sink's window closed: the persist timer; a loss: the RTO), which then sent it
+    handed = [k for k in fp if k.startswith("punts.") and k not in ("punts.unparsed", "punts.teardown")]
+    assert fp["fins_out"] == 1 or handed, fp
 
 
 def test_with_two_processors_the_close_is_softwares(adapter_factory, client_ns):
