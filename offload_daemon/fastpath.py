@@ -130,17 +130,23 @@ class FastPath:
     # ---- and hands it to the units ---------------------------------------
 
     @staticmethod
-    def eligible(c: Ccb) -> bool:
+    def _servable(c: Ccb) -> bool:
+        """A connection of an open socket the units can serve: mapped, B open and not shut,
+        not a listener's child waiting for accept()."""
         s = c.sock
+        return (s is not None and s.mapped and not s.app_closed and s.b_fd >= 0 and not s.b_shut
+                and c.listener is None and not c.orphan)
+
+    @classmethod
+    def eligible(cls, c: Ccb) -> bool:
+        if not cls._servable(c):
+            return False
         if c.state == State.SYN_SENT:               # the SYN is out: the SYN|ACK is the units'
-            return (s is not None and s.mapped and not s.app_closed and s.b_fd >= 0 and not s.b_shut
-                    and c.listener is None and not c.orphan and c.snd_max == ((c.iss + 1) & M32)
-                    and c.timer.armed and c.timer_kind == "syn" and c.adv_mss > 0)
-        return (c.state == State.ESTABLISHED and s is not None and s.mapped and not s.app_closed
-                and s.b_fd >= 0 and not s.b_shut and c.listener is None and not c.orphan
-                and not c.ooo and not c.in_recovery and c.dupacks == 0 and not c.fin_wanted
-                and not c.fin_sent and not c.rx_fin and c.snd_nxt == c.snd_max and c.cork_since is None
-                and c.ka_probes == 0 and c.snd_wnd > 0 and c.mss > 0
+            return (c.snd_max == ((c.iss + 1) & M32) and c.timer.armed and c.timer_kind == "syn"
+                    and c.adv_mss > 0)
+        return (c.state == State.ESTABLISHED and not c.ooo and not c.in_recovery and c.dupacks == 0
+                and not c.fin_wanted and not c.fin_sent and not c.rx_fin and c.snd_nxt == c.snd_max
+                and c.cork_since is None and c.ka_probes == 0 and c.snd_wnd > 0 and c.mss > 0
                 and (not c.timer.armed or c.timer_kind == "rto"))
 
     def offer(self, c: Ccb) -> None:
@@ -159,8 +165,7 @@ class FastPath:
         """Software's connect() (port, ISN, peer MAC chosen), its SYN sent by the units:
         the connection goes to them in SYN-SENT at once (nic_model/hw/conn_fsm.c). False:
         software sends it (the table is full, or the socket is not one the units can serve)."""
-        s = c.sock
-        if s is None or not s.mapped or s.app_closed or s.b_fd < 0 or s.b_shut or c.retries or c.fast_slot >= 0:
+        if not self._servable(c) or c.retries or c.fast_slot >= 0:
             return False
         c.rcv_wscale = RCV_WSCALE
         self.st.now = now                           # the SYN's RTO runs from software's clock
@@ -231,7 +236,6 @@ class FastPath:
         self.tcp.own(c)
         if reason in (fp_lib.FP_PUNT_ZERO_WINDOW, fp_lib.FP_PUNT_CORK):
             self.tcp.try_send(c, now)
-
 
     def finish_ended(self, now: float) -> None:
         """Release the connections the units ended (TcpStack.units_ended)."""

@@ -419,6 +419,7 @@ void fp_proc_awake(struct fp_state *st);
 double fp_mono(void);
 struct fp_event *fp_event_new(struct fp_state *st, uint32_t kind);
 void fp_doorbell_locked(struct fp_state *st, int slot, double now);
+int fp_hangup_locked(struct fp_state *st, struct fp_ccb *c, double now);
 int fp_scan_timeout(struct fp_state *st, int timeout_ms, double now);
 
 static inline struct toe_sock_shm *fp_shm(const struct fp_ccb *c)

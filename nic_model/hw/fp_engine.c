@@ -495,17 +495,20 @@ int fp_hangup(struct fp_state *st, int slot, double now)
         return 0;
     struct fp_ccb *c = &st->ccbs[slot];
     fp_lock(st, slot);
-    int taken = 0;
-    if (c->in_use && !c->punted) {
-        taken = fp_app_close(st, c, now) == 0;
-        if (!taken) {
-            c->punted = 1;                     /* the application closed it: software's */
-            c->punt_reason = FP_PUNT_CLOSE;
-            st->counters.punts[FP_PUNT_CLOSE]++;
-        }
-    }
+    int taken = c->in_use && !c->punted && fp_hangup_locked(st, c, now);
     fp_unlock(st, slot);
     return taken;
+}
+
+/* The same for a connection the units own, its slot locked (either processor). */
+int fp_hangup_locked(struct fp_state *st, struct fp_ccb *c, double now)
+{
+    if (fp_app_close(st, c, now) == 0)
+        return 1;
+    c->punted = 1;                             /* the application closed it: software's */
+    c->punt_reason = FP_PUNT_CLOSE;
+    st->counters.punts[FP_PUNT_CLOSE]++;
+    return 0;
 }
 
 /* One connection's deadlines (its lock held): an expired RTO punts it; a delayed ACK and

@@ -88,9 +88,7 @@ static void tx_event(struct fp_proc *p, int fd, uint32_t ev, double now)
     struct fp_ccb *c = &tx->ccbs[slot];
     if (c->in_use && !c->punted && c->b_fd == fd) {
         if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-            c->punted = 1; /* the application closed it: software's */
-            c->punt_reason = FP_PUNT_CLOSE;
-            tx->counters.punts[FP_PUNT_CLOSE]++;
+            fp_hangup_locked(tx, c, now);      /* software's here (conn_fsm.c: two processors) */
             struct fp_event *e = fp_event_new(tx, FP_EV_FD);
             if (e) {
                 e->fd = fd;
