@@ -62,6 +62,7 @@ uint32_t toe_rx_arm_window_at(struct toe_sock_shm *s, uint32_t at);
 uint32_t toe_ring_load(uint32_t *p);
 uint16_t toe_csum_fold(const uint8_t *buf, size_t len, uint32_t initial);
 int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uint32_t rx_size);
+void toe_shm_recycle(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size);
 uint32_t toe_d_rx_space(struct toe_sock_shm *s, uint32_t rx_size);
 int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, const uint8_t *src,
                   uint32_t len);
@@ -100,6 +101,22 @@ int toe_shm_init(struct toe_sock_shm *s, uint32_t sock_id, uint32_t tx_size, uin
         return -2;
     s->sock_id = sock_id;
     return 0;
+}
+
+/* A closed socket's header, reset for its process's next socket (REUSE): every field as
+ * the shim's make_sock() writes a new one, then the state that says so (release: the
+ * shim reads the rest after it). The rings keep their bytes, the same process's, out of
+ * reach: every index is 0. */
+void toe_shm_recycle(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size)
+{
+    memset(s, 0, sizeof(*s));
+    s->magic = TOE_SHM_MAGIC;
+    s->abi_version = TOE_ABI_VERSION;
+    s->tx_size = tx_size;
+    s->rx_size = rx_size;
+    s->sndbuf = tx_size;
+    s->rcvbuf = rx_size;
+    __atomic_store_n(&s->state, TOE_SS_RECYCLED, __ATOMIC_RELEASE);
 }
 
 /* Descriptors a shim passes, checked for what they must be (0 / -errno). */

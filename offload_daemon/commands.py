@@ -10,6 +10,7 @@ import os
 import secrets
 import select
 import socket
+import struct
 import sys
 import traceback
 from collections import deque
@@ -66,16 +67,21 @@ class CommandHandler:
 
     # ------------------------------------------------------------------ commands
 
-    def _limit_error(self, ctx: ProcessCtx) -> int:
-        """0, or the errno the kernel would give for the limit a new socket hits."""
+    def _limit_error(self, ctx: ProcessCtx, mapped: int = 0) -> int:
+        """0, or the errno the kernel would give for the limit a new socket hits (`mapped`:
+        its mapping is a spare, counted already). Kept mappings give way to new sockets."""
         cfg = self.cfg
         if self.pid_sockets.get(ctx.pid, 0) >= cfg.max_process_sockets:
             return errno.EMFILE                 # per process (all its channels), like RLIMIT_NOFILE
         if len(self.socks) >= cfg.max_sockets:
             return errno.ENFILE                 # adapter-wide, like the system file table
         shm = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
-        if HostSocket.mapped_bytes + shm > self.ring_limit:
-            return errno.ENOBUFS                # ring memory
+        if HostSocket.mapped_bytes - mapped + shm > self.ring_limit:
+            if HostSocket.spares > (1 if mapped else 0):
+                for other in self.ctl.procs.values():  # type: ignore[union-attr]
+                    other.drop_spares(shm)
+            if HostSocket.mapped_bytes - mapped + shm > self.ring_limit:
+                return errno.ENOBUFS            # ring memory
         return 0
 
     def _new_sock(self, ctx: ProcessCtx, fds: list[int], shm_bytes: int) -> HostSocket:
@@ -159,9 +165,10 @@ class CommandHandler:
 
     # descriptors each operation takes (SCM_RIGHTS); anything else is refused
     _FDS = {lib.TOE_OP_SOCKET: (3,), lib.TOE_OP_ACCEPT: (0, 3), lib.TOE_OP_LISTEN: (0, 1),
-            lib.TOE_OP_ADOPT: (1,), lib.TOE_OP_SOCKETS: tuple(range(3, 3 * lib.TOE_POOL_BATCH + 1, 3))}
+            lib.TOE_OP_ADOPT: (1,), lib.TOE_OP_SOCKETS: tuple(range(3, 3 * lib.TOE_POOL_BATCH + 1, 3)),
+            lib.TOE_OP_REUSE: tuple(range(2, 2 * lib.TOE_POOL_BATCH + 1, 2))}
 
-    def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float) -> bool:
+    def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float, msg: bytes = b"") -> bool:
         """Answer one command into rsp. Every descriptor in `fds` is either taken by the
         socket it belongs to or closed here, on every path. False: drop the channel."""
         self.counters_host.commands += 1
@@ -173,7 +180,10 @@ class CommandHandler:
         try:
             if len(fds) not in self._FDS.get(op, (0,)):
                 raise BadCommand(errno.EINVAL)
-            rsp.result = self._command(ctx, op, cmd, fds, rsp, now)
+            if op == lib.TOE_OP_REUSE:
+                rsp.result = self._reuse(ctx, cmd, msg, fds)
+            else:
+                rsp.result = self._command(ctx, op, cmd, fds, rsp, now)
         except BadCommand as e:
             rsp.result = -e.errno
             self.counters_host.bad_commands += 1
@@ -300,6 +310,46 @@ class CommandHandler:
             done += 1
         return done
 
+    def _reuse(self, ctx: ProcessCtx, cmd, msg: bytes, fds: list[int]) -> int:
+        """REUSE: closed sockets of this channel whose mappings the daemon kept (Spare),
+        named by their old ids after the command, each with [B, A] of a new pair. Each is
+        checked like SOCKETS' and registered under a new id, written into its header (reset
+        when it was kept). The answer is the mask of the ids taken; a mapping not taken is
+        released, as the shim then drops it."""
+        n = cmd.arg0
+        if not 0 < n <= lib.TOE_POOL_BATCH or len(msg) != lib.TOE_CMD_SIZE + 4 * n or len(fds) != 2 * n:
+            raise BadCommand(errno.EINVAL)
+        ids = struct.unpack_from(f"={n}I", msg, lib.TOE_CMD_SIZE)
+        cfg = self.cfg
+        size = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
+        mask = 0
+        for i, old in enumerate(ids):
+            spare = ctx.spares.pop(old, None)
+            if spare is None:
+                self.counters_host.foreign_ids += 1
+                continue
+            b_fd, a_fd = fds[2 * i], fds[2 * i + 1]
+            cookie = lib.toe_fd_cookie(a_fd)
+            if (self._limit_error(ctx, size) or lib.toe_fd_unix_stream(b_fd) < 0
+                    or lib.toe_fd_unix_stream(a_fd) < 0 or not cookie or cookie in self.by_cookie):
+                spare.drop(size)
+                continue
+            os.set_blocking(b_fd, False)
+            try:
+                s = HostSocket(self._new_id(), ctx, b_fd, -1, cfg.tx_ring_bytes, cfg.rx_ring_bytes,
+                               cookie, spare)
+            except OSError:                      # the application wrote over the reset header
+                continue
+            fds[2 * i] = -1
+            self._register(s, pooled=True)
+            s.shm.state = lib.TOE_SS_NEW
+            s.shm.sock_id = s.id
+            self.counters_host.sockets += 1
+            self.counters_host.pooled += 1
+            self.counters_host.recycled += 1
+            mask |= 1 << i
+        return mask
+
     def _accept(self, ctx: ProcessCtx, ls: HostSocket, cmd, fds: list[int], rsp, now: float) -> int:
         """ACCEPT into a socket passed with the command ([B, memfd, A]), or, without
         descriptors, into one of the channel's own unconnected sockets named by arg1 (a
@@ -364,6 +414,7 @@ class CommandHandler:
         if s is None or not s.mapped or s.memfd < 0:
             return -errno.ENOENT
         self.ctl.rsp_fds = [s.memfd]  # type: ignore[union-attr]
+        s.recyclable = False               # the adopter maps it too
         rsp.sock_id = s.id
         rsp.tx_ring_bytes = s.tx_size
         rsp.rx_ring_bytes = s.rx_size
@@ -384,6 +435,9 @@ class CommandHandler:
         changes user or enters a seccomp sandbox before its first call keeps working."""
         if len(self.ctl.procs) >= MAX_CHANNELS:  # type: ignore[union-attr]
             return -errno.ENFILE
+        # the child will have every mapping the parent has now: none of them is recycled
+        ctx.forks += 1
+        ctx.drop_spares(lib.TOE_SHM_HDR_SIZE + self.cfg.tx_ring_bytes + self.cfg.rx_ring_bytes)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.ctl.add_channel(mine, ctx)  # type: ignore[union-attr]
         self.ep.register(mine.fileno(), select.EPOLLIN)

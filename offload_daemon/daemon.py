@@ -386,6 +386,7 @@ class Adapter(CommandHandler):
         ctx.conn.close()
         ctx.alive = False
         ctx.drop_all()               # its sockets live on in whoever still holds their A ends
+        ctx.drop_spares(self.cfg.socket_bytes)
         if ctx.commands and ctx.allowed:
             self.exited.append(ctx)  # `toe stat` after a short `toe run` still shows what it did
 
@@ -422,6 +423,8 @@ class Adapter(CommandHandler):
             s.close_b()
             s.release()
         if self.ctl is not None:
+            for ctx in self.ctl.procs.values():
+                ctx.drop_spares(self.cfg.socket_bytes)
             self.ctl.close()
         if self.api is not None:
             self.api.close()

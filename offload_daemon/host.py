@@ -44,6 +44,7 @@ class HostIfCounters(UnitCounters):
     doorbells: int = 0
     wakes: int = 0                    # WAKE: kicks that could not go through a stuffed A
     pooled: int = 0                   # sockets registered in batches (SOCKETS) for shims' pools
+    recycled: int = 0                 # ... of which a closed socket's mapping, reused (REUSE)
     app_closes: int = 0
     bad_commands: int = 0
     foreign_ids: int = 0
@@ -60,13 +61,16 @@ class HostSocket:
     """One offloaded socket: B end + shared mapping."""
 
     mapped_bytes = 0                  # ring memory mapped over all sockets (the adapter's limit)
+    spares = 0                        # of which kept for REUSE (Spare), over all processes
+    spares_released = 0               # kept mappings released unused (evicted, FORK, exit)
 
     def __init__(self, sid: int, proc: "ProcessCtx", b_fd: int, memfd: int, tx_size: int,
-                 rx_size: int, cookie: int):
+                 rx_size: int, cookie: int, spare: "Spare | None" = None):
         """Takes ownership of memfd (closed on failure; b_fd stays the caller's until this
         returns). tx_size/rx_size are the adapter's ring sizes: the mapping must be exactly
         that big and its header must say so; from then on the daemon uses only its own copy
-        (the header is writable by the application)."""
+        (the header is writable by the application). With `spare`, the mapping is that of
+        a closed socket of the same process, already checked and mapped (REUSE)."""
         self.id = sid
         self.proc = proc
         self.pid = proc.pid
@@ -78,19 +82,28 @@ class HostSocket:
         self.memfd = -1               # kept open to hand to an adopting process
         self._base = ffi.NULL         # the mapping (toe_map: no descriptor of its own)
         self.shm: Any = None          # struct toe_sock_shm * while mapped
-        try:
-            err = lib.toe_fd_memfd(memfd, shm_bytes)
-            if err < 0:
-                raise OSError(-err, "not a sealed memfd of the announced size")
-            base = lib.toe_map(memfd, shm_bytes)
-            if base == ffi.NULL:
-                raise OSError(ffi.errno, "cannot map the socket's memory")
-        except BaseException:
-            os.close(memfd)
-            raise
+        # REUSE may give the mapping to the process's next socket when this one is over:
+        # only if it made it (SOCKET, SOCKETS, ACCEPT, REUSE), has not forked since, and
+        # nobody else was handed the memfd (ADOPT)
+        self.recyclable = True
+        self.fork_gen = proc.forks
+        if spare is not None:
+            memfd, base = spare.memfd, spare.base
+            HostSocket.spares -= 1
+        else:
+            try:
+                err = lib.toe_fd_memfd(memfd, shm_bytes)
+                if err < 0:
+                    raise OSError(-err, "not a sealed memfd of the announced size")
+                base = lib.toe_map(memfd, shm_bytes)
+                if base == ffi.NULL:
+                    raise OSError(ffi.errno, "cannot map the socket's memory")
+            except BaseException:
+                os.close(memfd)
+                raise
+            HostSocket.mapped_bytes += shm_bytes
         self._base = base
         self.memfd = memfd
-        HostSocket.mapped_bytes += shm_bytes
         self.shm = ffi.cast("struct toe_sock_shm *", base)
         if lib.toe_shm_init(self.shm, sid, tx_size, rx_size) != 0:
             self.release()
@@ -285,9 +298,8 @@ class HostSocket:
         p.register(self.kernel_listener, select.POLLIN)
         return bool(p.poll(0))
 
-    def release(self) -> None:
-        """Unmap the shared memory (the connection no longer needs the rings): the mapping
-        and the memfd go to the reaper thread (toe_reap), off the event loop."""
+    def _unmap(self) -> tuple[int, Any]:
+        """The mapping leaves this object: (memfd, base), the caller's now."""
         memfd, self.memfd = self.memfd, -1
         ring = getattr(self, "tx_ring", None)
         if ring is not None:
@@ -295,16 +307,67 @@ class HostSocket:
             self.tx_ring = None  # type: ignore[assignment]
         self.shm = None  # type: ignore[assignment]
         base = getattr(self, "_base", ffi.NULL)
+        self._base = ffi.NULL
+        return memfd, base
+
+    def release(self) -> None:
+        """Unmap the shared memory (the connection no longer needs the rings): the mapping
+        and the memfd go to the reaper thread (toe_reap), off the event loop."""
+        memfd, base = self._unmap()
         if base != ffi.NULL:
-            HostSocket.mapped_bytes -= self.shm_bytes
-            self._base = ffi.NULL
-            lib.toe_reap(base, self.shm_bytes, memfd, -1)
+            Spare(memfd, base).release(self.shm_bytes)
         elif memfd >= 0:
             os.close(memfd)
+
+    def retire(self) -> None:
+        """The socket is over for good (its A is gone, its connection needs no ring): its
+        header is reset and its mapping kept for the process's next socket (REUSE), or
+        released. The process keeps at most TOE_RECYCLE_MAX (its oldest goes), the
+        adapter SPARES_MAX."""
+        ctx = self.proc
+        if not (self.recyclable and ctx.alive and ctx.forks == self.fork_gen and self.mapped
+                and HostSocket.spares < SPARES_MAX):
+            self.release()
+            return
+        lib.toe_shm_recycle(self.shm, self.tx_size, self.rx_size)
+        memfd, base = self._unmap()
+        spares = ctx.spares
+        if len(spares) >= lib.TOE_RECYCLE_MAX:
+            spares.pop(next(iter(spares))).drop(self.shm_bytes)
+        spares[self.id] = Spare(memfd, base)
+        HostSocket.spares += 1
 
     @property
     def mapped(self) -> bool:
         return self.shm is not None
+
+
+SPARES_MAX = 1024                 # recycled mappings kept over all processes
+
+
+class Spare:
+    """A closed socket's mapping kept for its process's next socket (REUSE): the memfd
+    (checked when the socket was made) and the daemon's mapping of it, counted in
+    HostSocket.mapped_bytes."""
+
+    __slots__ = ("memfd", "base")
+
+    def __init__(self, memfd: int, base: Any):
+        self.memfd = memfd
+        self.base = base
+
+    def release(self, size: int) -> None:
+        """Unmapped and closed by the reaper thread (toe_reap), off the event loop."""
+        HostSocket.mapped_bytes -= size
+        lib.toe_reap(self.base, size, self.memfd, -1)
+        self.base = ffi.NULL
+        self.memfd = -1
+
+    def drop(self, size: int) -> None:
+        """A kept mapping released unused."""
+        HostSocket.spares -= 1
+        HostSocket.spares_released += 1
+        self.release(size)
 
 
 def _shutdown_wr(fd: int) -> None:
@@ -359,6 +422,8 @@ class ProcessCtx:
         self.refused = 0              # would-be handovers refused in strict mode
         self.handover_reasons: dict[str, int] = {}
         self.alive = True
+        self.forks = 0                # FORK channels made for children: older mappings are shared
+        self.spares: dict[int, Spare] = {}   # closed sockets' mappings by old id, oldest first
 
     def hold(self, s: HostSocket) -> None:
         self.socks[s.id] = s
@@ -368,6 +433,13 @@ class ProcessCtx:
         for s in self.socks.values():
             s.holders.discard(self)
         self.socks.clear()
+
+    def drop_spares(self, size: int) -> None:
+        """The kept mappings are released (a FORK shares them with the child, or the
+        process is gone)."""
+        for sp in self.spares.values():
+            sp.drop(size)
+        self.spares.clear()
 
 
 def _comm(pid: int) -> str:
@@ -385,6 +457,8 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _ZERO_RSP = bytes(lib.TOE_RSP_SIZE)
+# a command, and REUSE's ids after it; one byte more shows a message too long
+_MSG_MAX = lib.TOE_CMD_SIZE + 4 * lib.TOE_POOL_BATCH + 1
 SERVE_BUDGET = 64                 # commands of one channel per event-loop pass
 
 
@@ -437,7 +511,7 @@ class ControlServer:
     def _recv(self, ctx: ProcessCtx) -> tuple[bytes, list[int], bool] | None:
         """One message: (bytes, descriptors, descriptors lost to MSG_CTRUNC); None when the
         channel has nothing more (BlockingIOError is the caller's)."""
-        msg, anc, flags, _ = ctx.conn.recvmsg(lib.TOE_CMD_SIZE * 2, _ANC, _RECV_FLAGS)
+        msg, anc, flags, _ = ctx.conn.recvmsg(_MSG_MAX, _ANC, _RECV_FLAGS)
         fds: list[int] = []
         creds = None
         for level, kind, data in anc:
@@ -480,13 +554,13 @@ class ControlServer:
                 rsp.result = -errno.EACCES
                 self.adapter.counters_host.refused_channels += 1
                 keep = False
-            elif len(msg) != lib.TOE_CMD_SIZE or truncated or len(fds) > MAX_CMD_FDS:
+            elif not _framed(msg) or truncated or len(fds) > MAX_CMD_FDS:
                 _close_all(fds)
-                rsp.result = -errno.EPROTO if len(msg) != lib.TOE_CMD_SIZE else -errno.EINVAL
+                rsp.result = -errno.EPROTO if not _framed(msg) else -errno.EINVAL
                 self.adapter.counters_host.bad_commands += 1
             else:
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
-                keep = self.adapter.command(ctx, cmd, fds, rsp, now)
+                keep = self.adapter.command(ctx, cmd, fds, rsp, now, msg)
             try:
                 if self.rsp_fds:
                     socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds,
@@ -509,6 +583,18 @@ class ControlServer:
             ctx.conn.close()
         self.procs.clear()
         self.sock.close()
+
+
+def _framed(msg: bytes) -> bool:
+    """One struct toe_cmd; for REUSE, followed by its arg0 ids."""
+    n = len(msg)
+    if n == lib.TOE_CMD_SIZE:
+        return True
+    if n < lib.TOE_CMD_SIZE:
+        return False
+    op, _, count = struct.unpack_from("=IIi", msg)
+    return op == lib.TOE_OP_REUSE and 0 < count <= lib.TOE_POOL_BATCH and \
+        n == lib.TOE_CMD_SIZE + 4 * count
 
 
 def _close_all(fds: list[int]) -> None:

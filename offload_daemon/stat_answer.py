@@ -76,6 +76,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
         units["fast_path"] = u.own_counters()
         frames_in, frames_out = units["tap_port"]["rx_frames"], units["tap_port"]["tx_frames"]
     procs = [{"pid": p.pid, "uid": p.uid, "comm": p.comm, "sockets": p.sockets, "pooled": p.pooled,
+              "spares": len(p.spares),
               "offloaded": p.offloaded, "handovers": p.handovers, "refused": p.refused,
               "handover_reasons": dict(p.handover_reasons), "alive": p.alive,
               "forked_from": p.parent_pid or None}
@@ -101,6 +102,8 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                    "max_process_sockets": ad.cfg.max_process_sockets,
                    "max_ring_bytes": ad.ring_limit, "sockets": len(ad.socks),
                    "ring_bytes": HostSocket.mapped_bytes,
+                   # closed sockets' mappings kept for REUSE (in ring_bytes), and dropped unused
+                   "spares": HostSocket.spares, "spares_released": HostSocket.spares_released,
                    "channels": len(ad.ctl.procs)},  # type: ignore[union-attr]
         "connections": conns,
         "closed": closed,

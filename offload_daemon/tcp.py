@@ -401,12 +401,12 @@ class TcpStack(TcpInput, TcpOutput):
             lst.embryonic.clear()
             sock.listener = None
             self.unbind(sock)
-            sock.release()
+            sock.retire()
             return
         c = sock.ccb
         if c is None:
             self.unbind(sock)
-            sock.release()
+            sock.retire()
             return
         self.own(c)
         c.orphan = True
@@ -484,7 +484,7 @@ class TcpStack(TcpInput, TcpOutput):
         s = c.sock
         if s is not None and s.app_closed:
             self.unbind(s)
-            s.release()
+            s.retire()
             s.ccb = None
             c.sock = None
 
@@ -518,7 +518,7 @@ class TcpStack(TcpInput, TcpOutput):
         if s is not None:
             if s.app_closed:
                 self.unbind(s)
-                s.release()
+                s.retire()
                 s.ccb = None
             elif s.mapped and prev not in (State.TIME_WAIT,):
                 s.closed_if_reset()

@@ -135,8 +135,8 @@ static void warn_once(const char *fmt, ...)
     va_end(ap);
 }
 
-static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
-                       int *sent, int *rfds, int *nrfds);
+static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                       struct toe_rsp *rsp, int *sent, int *rfds, int *nrfds);
 
 /* FORK: a channel for the child, holding this process's sockets (ctl_mu held).
  * -1 when there is nothing to share or the daemon cannot make one. */
@@ -149,7 +149,7 @@ static int fork_channel_locked(void)
         return -1;
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_FORK;
-    if (xfer_locked(&cmd, NULL, 0, &rsp, &sent, &fd, &n) < 0 || n != 1)
+    if (xfer_locked(&cmd, NULL, 0, NULL, 0, &rsp, &sent, &fd, &n) < 0 || n != 1)
         return -1;
     if (rsp.result < 0) {
         toe_real_close(fd);
@@ -256,21 +256,24 @@ const struct toe_adapter *toe_ctl_adapter(void)
  * Send one command and read its response.  *sent tells whether the command
  * left (a failure after that must not be retried).  0 or -errno.
  */
-static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
-                       int *sent, int *rfds, int *nrfds)
+static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                       struct toe_rsp *rsp, int *sent, int *rfds, int *nrfds)
 {
     union {
         char buf[CMSG_SPACE(3 * TOE_POOL_BATCH * sizeof(int))];
         struct cmsghdr align;
     } u;
-    struct iovec iov = {.iov_base = cmd, .iov_len = sizeof(*cmd)};
+    /* REUSE's ids follow the command in the same message */
+    struct iovec iov[2] = {{.iov_base = cmd, .iov_len = sizeof(*cmd)},
+                           {.iov_base = (void *)ids, .iov_len = (size_t)nids * sizeof(*ids)}};
+    size_t len = sizeof(*cmd) + iov[1].iov_len;
     struct msghdr mh;
     ssize_t r;
 
     *sent = 0;
     memset(&mh, 0, sizeof(mh));
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = nids > 0 ? 2 : 1;
     if (nfds > 0) {
         memset(&u, 0, sizeof(u));
         mh.msg_control = u.buf;
@@ -283,13 +286,13 @@ static int xfer_locked(struct toe_cmd *cmd, const int *fds, int nfds, struct toe
     }
     /* without descriptors: send(), the call a sandboxed child may still make */
     do
-        r = nfds > 0 ? toe_real_sendmsg(ctl_fd, &mh, MSG_NOSIGNAL)
-                     : toe_real_send(ctl_fd, cmd, sizeof(*cmd), MSG_NOSIGNAL);
+        r = nfds > 0 || nids > 0 ? toe_real_sendmsg(ctl_fd, &mh, MSG_NOSIGNAL)
+                                 : toe_real_send(ctl_fd, cmd, sizeof(*cmd), MSG_NOSIGNAL);
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
     *sent = 1;
-    if (r != (ssize_t)sizeof(*cmd))
+    if (r != (ssize_t)len)
         return -EPROTO;
 
     struct iovec riov = {.iov_base = rsp, .iov_len = sizeof(*rsp)};
@@ -379,7 +382,7 @@ static int connect_locked(void)
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_HELLO;
     cmd.pid = (uint32_t)getpid();
-    r = xfer_locked(&cmd, NULL, 0, &rsp, &sent, NULL, NULL);
+    r = xfer_locked(&cmd, NULL, 0, NULL, 0, &rsp, &sent, NULL, NULL);
     if (r == 0 && rsp.result < 0)
         r = rsp.result;
     if (r == -EACCES)
@@ -424,7 +427,7 @@ static void reclaim_locked(void)
         int mfd = -1, nr = 1, sent;
         memset(&cmd, 0, sizeof(cmd));
         cmd.op = TOE_OP_ADOPT;
-        if (xfer_locked(&cmd, &fd, 1, &rsp, &sent, &mfd, &nr) < 0)
+        if (xfer_locked(&cmd, NULL, 0, &fd, 1, &rsp, &sent, &mfd, &nr) < 0)
             return;
         if (nr == 1)
             toe_real_close(mfd);
@@ -488,13 +491,28 @@ int toe_ctl_up_quiet(void)
     return ctl_up(1) > 0;
 }
 
+static int call(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                struct toe_rsp *rsp, int *rfds, int *nrfds);
+
 int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp)
 {
-    return toe_ctl_call_rfds(cmd, fds, nfds, rsp, NULL, NULL);
+    return call(cmd, NULL, 0, fds, nfds, rsp, NULL, NULL);
 }
 
 int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
                       int *rfds, int *nrfds)
+{
+    return call(cmd, NULL, 0, fds, nfds, rsp, rfds, nrfds);
+}
+
+int toe_ctl_call_ids(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                     struct toe_rsp *rsp)
+{
+    return call(cmd, ids, nids, fds, nfds, rsp, NULL, NULL);
+}
+
+static int call(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                struct toe_rsp *rsp, int *rfds, int *nrfds)
 {
     int saved = errno, r = -ENOTCONN, sent, want = rfds ? *nrfds : 0;
     toe_ctl_init();
@@ -512,7 +530,7 @@ int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_
         }
         if (rfds)
             *nrfds = want;
-        r = xfer_locked(cmd, fds, nfds, rsp, &sent, rfds, nrfds);
+        r = xfer_locked(cmd, ids, nids, fds, nfds, rsp, &sent, rfds, nrfds);
         if (r == 0)
             break;
         toe_real_close(ctl_fd);

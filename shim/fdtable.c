@@ -434,6 +434,8 @@ void toe_fd_atfork_child(void)
     }
 }
 
+static void renew(struct toe_sock *s);
+
 struct toe_sock *toe_sock_alloc(void)
 {
     pthread_mutex_lock(&pop_mu);
@@ -448,14 +450,29 @@ struct toe_sock *toe_sock_alloc(void)
             return NULL;
         __atomic_store_n(&s->refs, 0, __ATOMIC_RELAXED);
     }
-    /* refs stays 0 while we clear the rest: racing lookups cannot take it */
+    renew(s);
+    return s;
+}
+
+/* Everything but refs cleared (refs is 0 meanwhile: racing lookups cannot take it), the
+ * locks initialised, then the caller's reference. */
+static void renew(struct toe_sock *s)
+{
     memset((char *)s + sizeof(s->refs), 0, sizeof(*s) - sizeof(s->refs));
     s->kfd = -1;
     pthread_mutex_init(&s->rx_lock, NULL);
     pthread_mutex_init(&s->tx_lock, NULL);
     pthread_mutex_init(&s->opt_lock, NULL);
     __atomic_store_n(&s->refs, 1, __ATOMIC_RELEASE);
-    return s;
+}
+
+void toe_sock_revive(struct toe_sock *s)
+{
+    struct toe_sock_shm *shm = s->shm;
+    size_t len = s->map_len;
+    renew(s);
+    s->shm = shm;
+    s->map_len = len;
 }
 
 void toe_sock_put(struct toe_sock *s)
@@ -463,12 +480,20 @@ void toe_sock_put(struct toe_sock *s)
     if (__atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     int saved = errno;
-    if (s->shm)
-        munmap(s->shm, s->map_len);
-    s->shm = NULL;
     if (s->kfd >= 0)
         toe_real_close(s->kfd);
     s->kfd = -1;
+    errno = saved;
+    if (!toe_pool_keep(s))
+        toe_sock_free(s);
+}
+
+void toe_sock_free(struct toe_sock *s)
+{
+    int saved = errno;
+    if (s->shm)
+        munmap(s->shm, s->map_len);
+    s->shm = NULL;
     errno = saved;
     struct toe_sock *h = __atomic_load_n(&free_head, __ATOMIC_RELAXED);
     do {

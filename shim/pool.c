@@ -15,6 +15,16 @@
  * Batches grow as the process asks for sockets (1, 2, 4 ... TOE_POOL_BATCH), so a
  * process that makes one socket pays for one.  A fork() child does not inherit the
  * pool (its copies are closed); exec closes it (close-on-exec).
+ *
+ * Recycling: a closed socket keeps its mapping (toe_pool_keep, from the last
+ * toe_sock_put) in one of TOE_RECYCLE_MAX slots.  When its connection no longer needs
+ * the rings, the daemon resets the header (state TOE_SS_RECYCLED) and keeps its own
+ * mapping; the next refill takes such sockets first, with a new pair each, in one
+ * REUSE command: no memfd, no mapping on either side.  Only sockets this process made
+ * since its last fork() are kept (a fork child has every mapping the parent had then),
+ * and the slots are emptied at every fork, in the parent and in the child.  A kept
+ * socket the daemon does not reset within KEPT_AGE_MAX refills (it released it, or the
+ * connection lingers) is unmapped.
  */
 #include "sock_int.h"
 
@@ -38,8 +48,17 @@ static void publish_locked(void)
         __atomic_store_n(&owned[i], i < npool ? pool[i].a : -1, __ATOMIC_RELEASE);
 }
 static int next_batch = 1;
+#define KEPT_AGE_MAX 8
+
+/* closed sockets whose mappings wait for the daemon's reset: atomic slots, filled by a
+ * compare-and-swap from NULL (any thread, no lock: close() may run in a signal handler),
+ * emptied only under pool_mu */
+static struct toe_sock *kept[TOE_RECYCLE_MAX];
+static unsigned gen_now; /* atomic: bumped at every fork() */
 static pid_t pool_pid;
 static int pool_off;          /* the daemon refused a batch: make sockets one by one */
+
+static int make_locked(int n);
 
 static void drop_locked(int i, int close_a)
 {
@@ -50,8 +69,124 @@ static void drop_locked(int i, int close_a)
     publish_locked();
 }
 
-/* n more sockets into the pool (pool_mu held): one SOCKETS command for them all. */
+unsigned toe_pool_gen(void)
+{
+    return __atomic_load_n(&gen_now, __ATOMIC_ACQUIRE);
+}
+
+int toe_pool_keep(struct toe_sock *s)
+{
+    if (!s->recyclable || !s->shm || !s->sock_id || s->gen != toe_pool_gen())
+        return 0;
+    s->recycle_age = 0;
+    for (int i = 0; i < TOE_RECYCLE_MAX; i++) {
+        struct toe_sock *none = NULL;
+        if (__atomic_compare_exchange_n(&kept[i], &none, s, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return 1;
+    }
+    return 0;
+}
+
+/* Kept sockets the daemon has reset, at most n, out of their slots (pool_mu held); those it
+ * will not reset (made before a fork, or waiting too long) are unmapped. */
+static int take_kept(struct toe_sock **out, int n, int all)
+{
+    unsigned gen = toe_pool_gen();
+    int k = 0;
+    for (int i = 0; i < TOE_RECYCLE_MAX && (all || k < n); i++) {
+        struct toe_sock *s = __atomic_load_n(&kept[i], __ATOMIC_ACQUIRE);
+        if (!s)
+            continue;
+        int ready = !all && s->gen == gen && LOAD(&s->shm->state) == TOE_SS_RECYCLED;
+        if (!ready && !all && s->gen == gen && ++s->recycle_age < KEPT_AGE_MAX)
+            continue;
+        __atomic_store_n(&kept[i], NULL, __ATOMIC_RELEASE); /* only we empty slots */
+        if (ready)
+            out[k++] = s;
+        else
+            toe_sock_free(s);
+    }
+    return k;
+}
+
+/* The n kept sockets ks[] into the pool (pool_mu held): a new pair each, one REUSE command
+ * naming them by their old ids.  The ones the daemon does not take are unmapped. */
+static int reuse_locked(struct toe_sock **ks, int n)
+{
+    uint32_t ids[TOE_POOL_BATCH];
+    int fds[2 * TOE_POOL_BATCH], m = 0;
+    for (int i = 0; i < n; i++) {
+        int sv[2], hi = -1;
+        if (make_pair(SOCK_NONBLOCK | SOCK_CLOEXEC, sv) == 0) {
+            hi = toe_real_fcntl(sv[0], F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
+            if (hi >= 0 && !toe_fd_fits(hi)) {
+                toe_real_close(hi);
+                hi = -1;
+            }
+            toe_real_close(sv[0]);
+            if (hi < 0)
+                toe_real_close(sv[1]);
+        }
+        if (hi < 0) {
+            toe_sock_free(ks[i]);
+            continue;
+        }
+        ids[m] = ks[i]->sock_id;
+        ks[m] = ks[i];
+        fds[2 * m] = sv[1];
+        fds[2 * m + 1] = hi;
+        m++;
+    }
+    if (!m)
+        return 0;
+    struct toe_cmd cmd;
+    struct toe_rsp rsp;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_REUSE;
+    cmd.arg0 = m;
+    int r = toe_ctl_call_ids(&cmd, ids, m, fds, 2 * m, &rsp);
+    uint32_t taken = r == 0 && rsp.result > 0 ? (uint32_t)rsp.result : 0;
+    int got = 0;
+    for (int i = 0; i < m; i++) {
+        struct toe_sock *s = ks[i];
+        int a = fds[2 * i + 1];
+        uint32_t id = LOAD(&s->shm->sock_id);
+        toe_real_close(fds[2 * i]);
+        if (!(taken >> i & 1) || !id) {
+            toe_real_close(a);
+            toe_sock_free(s);
+            continue;
+        }
+        toe_sock_revive(s);
+        s->sock_id = id;
+        s->recyclable = 1;
+        s->gen = toe_pool_gen();
+        s->cookie = sock_cookie(a);
+        stuff(a, NULL); /* an unconnected socket is not writable */
+        pool[npool].a = a;
+        pool[npool].s = s;
+        npool++;
+        publish_locked();
+        got++;
+    }
+    return got;
+}
+
+/* n more sockets into the pool (pool_mu held): the kept ones the daemon has reset (REUSE),
+ * then new ones (SOCKETS) for the rest.  The process's sockets grow until a batch is all
+ * kept ones (two batches' worth: TOE_RECYCLE_MAX), then a refill is one REUSE. */
 static int refill_locked(int n)
+{
+    struct toe_sock *ks[TOE_POOL_BATCH];
+    int nk = take_kept(ks, n, 0);
+    int got = nk ? reuse_locked(ks, nk) : 0;
+    if (got < n && make_locked(n - got) == 0)
+        got++;
+    return got ? 0 : -1;
+}
+
+/* n new sockets into the pool (pool_mu held): one SOCKETS command for them all. */
+static int make_locked(int n)
 {
     struct toe_sock *socks[TOE_POOL_BATCH];
     int as[TOE_POOL_BATCH], fds[3 * TOE_POOL_BATCH], made = 0;
@@ -184,16 +319,19 @@ void toe_pool_forget(unsigned int first, unsigned int last)
 void toe_pool_atfork_prepare(void)
 {
     pthread_mutex_lock(&pool_mu);
+    __atomic_add_fetch(&gen_now, 1, __ATOMIC_ACQ_REL); /* what exists now is the child's too */
 }
 
 void toe_pool_atfork_parent(void)
 {
+    take_kept(NULL, 0, 1);
     pthread_mutex_unlock(&pool_mu);
 }
 
 void toe_pool_atfork_child(void)
 {
     toe_mutex_init_ec(&pool_mu);
+    take_kept(NULL, 0, 1);
     while (npool)
         drop_locked(npool - 1, 1);
     publish_locked();

@@ -154,6 +154,8 @@ int wait_writable(int fd) TOE_INTERNAL;
  * bm[0..1] (close_pair_side).  NULL with errno. */
 struct toe_sock *make_sock(int flags, int *a, int bm[3]) TOE_INTERNAL;
 void close_pair_side(int bm[3]) TOE_INTERNAL;
+/* The pair alone (sv[0] = A with the flags' SOCK_NONBLOCK / SOCK_CLOEXEC): 0, or -1 with errno. */
+int make_pair(int flags, int sv[2]) TOE_INTERNAL;
 /* A's SO_COOKIE: how the daemon finds the socket again after exec (ADOPT). */
 uint64_t sock_cookie(int fd) TOE_INTERNAL;
 

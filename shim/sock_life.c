@@ -14,26 +14,39 @@
  * never change under the daemon's mapping), the mapping.
  * bm[] receives [B, memfd, A] for SCM_RIGHTS; the caller closes bm[0..1].
  */
+int make_pair(int flags, int sv[2])
+{
+    int one = 1;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+        return -1;
+    int e = EMFILE;
+    if (!toe_fd_fits(sv[0]))
+        goto fail;
+    if ((!(flags & SOCK_NONBLOCK) && toe_real_fcntl(sv[0], F_SETFL, NULL) < 0) ||
+        (!(flags & SOCK_CLOEXEC) && toe_real_fcntl(sv[0], F_SETFD, NULL) < 0)) {
+        e = errno;
+        goto fail;
+    }
+    /* the kernel clamps to its minimum: a little filler makes A unwritable */
+    toe_real_setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+    return 0;
+fail:
+    toe_real_close(sv[0]);
+    toe_real_close(sv[1]);
+    errno = e;
+    return -1;
+}
+
 struct toe_sock *make_sock(int flags, int *a, int bm[3])
 {
     const struct toe_adapter *ad = toe_ctl_adapter();
     size_t len = TOE_SHM_HDR_SIZE + (size_t)ad->tx_ring_bytes + ad->rx_ring_bytes;
-    int sv[2], mfd = -1, one = 1, e;
+    int sv[2], mfd = -1, e;
     void *p = MAP_FAILED;
     struct toe_sock *s;
 
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+    if (make_pair(flags, sv) < 0)
         return NULL;
-    if (!toe_fd_fits(sv[0])) {
-        e = EMFILE;
-        goto fail;
-    }
-    if (!(flags & SOCK_NONBLOCK) && toe_real_fcntl(sv[0], F_SETFL, NULL) < 0)
-        goto fail_errno;
-    if (!(flags & SOCK_CLOEXEC) && toe_real_fcntl(sv[0], F_SETFD, NULL) < 0)
-        goto fail_errno;
-    /* the kernel clamps to its minimum: a little filler makes A unwritable */
-    toe_real_setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
     mfd = memfd_create("toe-sock", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (mfd < 0 || ftruncate(mfd, (off_t)len) < 0)
         goto fail_errno;
@@ -56,6 +69,8 @@ struct toe_sock *make_sock(int flags, int *a, int bm[3])
     m->rcvbuf = ad->rx_ring_bytes;
     s->shm = m;
     s->map_len = len;
+    s->recyclable = 1;
+    s->gen = toe_pool_gen();
     *a = sv[0];
     bm[0] = sv[1];
     bm[1] = mfd;

@@ -20,7 +20,7 @@
 
 #include <stdint.h>
 
-#define TOE_ABI_VERSION 5
+#define TOE_ABI_VERSION 6
 #define TOE_SHM_MAGIC 1414481200
 
 /* Sizes checked on both sides (_Static_assert below, ffi.sizeof in Python). */
@@ -43,9 +43,14 @@
 #define TOE_OP_FORK 11
 #define TOE_OP_WAKE 12 /* a kick that cannot go through A (A is stuffed) */
 #define TOE_OP_SOCKETS 13 /* a batch of sockets for the shim's pool */
+#define TOE_OP_REUSE 14   /* a batch of recycled sockets for the shim's pool */
 
-/* SOCKETS registers at most this many sockets (3 descriptors each) */
+/* SOCKETS registers at most this many sockets (3 descriptors each), REUSE this many
+ * recycled ones (2 descriptors each) */
 #define TOE_POOL_BATCH 16
+
+/* recycled mappings kept per process, on either side (a closed socket's memfd, mapped) */
+#define TOE_RECYCLE_MAX 32
 
 /* struct toe_cmd.arg0 of HANDOVER: why a socket went to the kernel */
 #define TOE_HO_LOOPBACK 1    /* connect() to 127.0.0.0/8 or 0.0.0.0 */
@@ -65,6 +70,7 @@
 #define TOE_SS_CONNECTING 3
 #define TOE_SS_CONNECTED 4
 #define TOE_SS_CLOSED 5
+#define TOE_SS_RECYCLED 6 /* the daemon reset this closed socket's header for REUSE */
 
 /* ---- struct toe_sock_shm.flags (daemon-written bits) ---- */
 #define TOE_SF_RX_EOF 1
@@ -90,6 +96,13 @@
  * tx_ring_bytes/rx_ring_bytes.  FORK's answer carries a new channel holding
  * the same sockets, for a forked child.  A command may name (sock_id) only a
  * socket its channel created, accepted, adopted or inherited through FORK.
+ *
+ * REUSE (ABI 6) is followed, in the same message, by arg0 uint32 ids (at most
+ * TOE_POOL_BATCH): closed sockets of this channel whose header the daemon reset
+ * (state TOE_SS_RECYCLED).  It carries [B end, A end] of a new pair per id; the
+ * answer's result is a bit mask of the ids taken (bit i: ids[i]), each with its new
+ * id in its header.  A socket is recycled only within the process that made it,
+ * never after a FORK or an ADOPT (docs/abi.md "Recycling").
  */
 struct toe_cmd {
     uint32_t op;

@@ -22,7 +22,8 @@
  * Reference counting: a struct toe_sock holds one reference per fd of this
  * process that points at it (fd table entries) plus one per operation in
  * flight (toe_fd_get() .. toe_sock_put()).  The last reference unmaps the
- * shared memory and recycles the struct onto a free list: struct toe_sock
+ * shared memory (or keeps it for the pool's REUSE, pool.c) and recycles the
+ * struct onto a free list: struct toe_sock
  * memory is never returned to malloc, which is what makes the lock-free
  * lookup safe (see fdtable.c).
  */
@@ -82,6 +83,9 @@ struct toe_sock {
     uint64_t cookie;            /* SO_COOKIE of A (0: unknown); finds adopted duplicates */
     int kfd;                    /* INADDR_ANY listener: kernel listening socket on the same port, or -1 */
     struct toe_sock *free_next; /* free list link */
+    unsigned gen;               /* the fork generation it was made in (pool.c: recycling) */
+    unsigned char recyclable;   /* made by this process (not adopted): its mapping may be reused */
+    unsigned char recycle_age;  /* refills that found it closed but not yet reset */
 };
 
 /* What HELLO told us about the adapter. */
@@ -188,8 +192,13 @@ void toe_fd_atfork_child(void);
 /* A zeroed struct toe_sock holding one reference (the caller's), locks
  * initialised, or NULL (ENOMEM). */
 struct toe_sock *toe_sock_alloc(void);
-/* Drop one reference; the last one unmaps the shared memory.  Keeps errno. */
+/* Drop one reference; the last one unmaps the shared memory, or keeps the mapping for
+ * recycling (toe_pool_keep).  Keeps errno. */
 void toe_sock_put(struct toe_sock *s);
+/* A struct without references (a kept one): unmapped, onto the free list.  Keeps errno. */
+void toe_sock_free(struct toe_sock *s);
+/* A kept struct made new again, its mapping kept, holding one reference (the caller's). */
+void toe_sock_revive(struct toe_sock *s);
 
 /* ---------------- pool.c: ready sockets for socket() ---------------- */
 
@@ -197,6 +206,10 @@ void toe_sock_put(struct toe_sock *s);
 int toe_pool_owns(int fd);
 /* Descriptors [first, last] are about to be closed or replaced: their pooled sockets leave. */
 void toe_pool_forget(unsigned int first, unsigned int last);
+/* The last reference of s is gone: 1 if its mapping is kept for REUSE (s is the pool's). */
+int toe_pool_keep(struct toe_sock *s);
+/* The fork generation: sockets made before the last fork() are never recycled. */
+unsigned toe_pool_gen(void);
 void toe_pool_atfork_prepare(void);
 void toe_pool_atfork_parent(void);
 void toe_pool_atfork_child(void);
@@ -225,6 +238,9 @@ int toe_ctl_call(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *
  * response; *nrfds is set to the number received.  Extra ones are closed. */
 int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_rsp *rsp,
                       int *rfds, int *nrfds);
+/* The same with nids uint32 ids after the command in its message (REUSE). */
+int toe_ctl_call_ids(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
+                     struct toe_rsp *rsp);
 /* Non-zero when fd is this process's control channel. */
 int toe_ctl_is_channel(int fd);
 /* The current channel fd, or -1. */

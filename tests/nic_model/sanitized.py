@@ -287,7 +287,7 @@ class Engine:
     def sane_header(self) -> None:
         ctypes.memset(self.shm_addr, 0, HDR)
         self.set("magic", 1414481200)
-        self.set("abi_version", 5)
+        self.set("abi_version", 6)
         self.set("tx_size", RING)
         self.set("rx_size", RING)
         tail = self.ccb.tx_head + self.r.randrange(0, RING + 1)

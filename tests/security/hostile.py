@@ -75,11 +75,12 @@ class OP:
     FORK = lib.TOE_OP_FORK
     WAKE = lib.TOE_OP_WAKE
     SOCKETS = lib.TOE_OP_SOCKETS
+    REUSE = lib.TOE_OP_REUSE
 
 
 OP_NAMES = {v: k for k, v in vars(OP).items() if not k.startswith("_")}
 KNOWN_OPS = sorted(OP_NAMES)
-UNKNOWN_OPS = [0, 14, 0xFFFF_FFFF]
+UNKNOWN_OPS = [0, 15, 0xFFFF_FFFF]
 CMD_SIZE = lib.TOE_CMD_SIZE
 RSP_SIZE = lib.TOE_RSP_SIZE
 HDR_SIZE = lib.TOE_SHM_HDR_SIZE

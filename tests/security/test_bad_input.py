@@ -175,8 +175,8 @@ def expected(op: int, variant: str, sent_kinds: list[str]) -> tuple[set[int] | N
             return {E["EOPNOTSUPP"]}, False
         if op in (OP.HELLO, OP.FORK):
             return ANY, False
-        if op in (OP.SOCKET, OP.SOCKETS, OP.ADOPT):
-            return {E["EINVAL"]}, False             # without their descriptors
+        if op in (OP.SOCKET, OP.SOCKETS, OP.REUSE, OP.ADOPT):
+            return {E["EINVAL"]}, False             # without their descriptors (REUSE: its ids)
         # a random sock_id is not ours (EBADF), but random fields may be refused first (EINVAL):
         # either way nothing is done (test_isolation pins EBADF with well-formed fields)
         return {E["EBADF"], E["EINVAL"]}, False
@@ -720,7 +720,7 @@ def test_hello_answers_adapter_info(ad):
     """HELLO (no descriptors): the adapter's address, ring sizes, daemon pid and ABI version."""
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, hello_fields, hostile.ctl_path(ad.tap))
     assert got["result"] == 0 and got["nfds"] == 0, got
-    assert got["abi_version"] == hostile.ABI_VERSION == 5, got
+    assert got["abi_version"] == hostile.ABI_VERSION == 6, got
     for key in ("tx_ring_bytes", "rx_ring_bytes"):
         n = got[key]
         assert n >= 4096 and n & (n - 1) == 0, f"{key} {n} is not a power of two >= 4096"
