@@ -244,6 +244,7 @@ class FastPath:
         for c in ended:
             if tcp.conns.get(c.key) is c:
                 tcp.own(c)
+                self.ended.pop(c, None)             # (own() owes it again: it is being paid)
                 tcp.units_ended(c, now)
 
     def conn_of_slot(self, slot: int) -> Ccb | None:

@@ -460,11 +460,14 @@ class TcpStack(TcpInput, TcpOutput):
     def units_ended(self, c: Ccb, now: float) -> None:
         """The fast path's units acknowledged the end of a close they took
         (nic_model/hw/conn_fsm.c): LAST-ACK with our FIN acked is over; an orphan in
-        FIN-WAIT-2 waits for the peer's FIN at most FIN_TIMEOUT (tcp_fin_timeout)."""
+        FIN-WAIT-2 waits for the peer's FIN at most FIN_TIMEOUT (tcp_fin_timeout); the
+        peer's FIN with the ACK of ours gave TIME-WAIT (the units sent its ACK)."""
         if c.state == State.LAST_ACK and c.fin_sent and seq_gt(c.snd_una, c.fin_seq):
             self._free(c)
         elif c.state == State.FIN_WAIT_2 and c.orphan:
             self._arm(c, "fin_wait_2", FIN_TIMEOUT, now)
+        elif c.state == State.TIME_WAIT and c.rx_fin:
+            self._time_wait(c, now)
 
     def _time_wait(self, c: Ccb, now: float) -> None:
         c.state = State.TIME_WAIT

@@ -16,11 +16,15 @@
  *                 the TX ring goes out, then our FIN (FIN-WAIT-1 / LAST-ACK);
  *   our FIN acked LAST-ACK is over; FIN-WAIT-1 becomes FIN-WAIT-2.  Both hand the
  *                 connection back (FP_PUNT_TEARDOWN): software releases the socket, or
- *                 waits for the peer's FIN with the orphan's timer (tcp_fin_timeout).
+ *                 waits for the peer's FIN with the orphan's timer (tcp_fin_timeout);
+ *   FIN-WAIT-1    the peer's FIN in the segment that acknowledges ours (the peer closed
+ *                 as soon as it read our FIN): our ACK, TIME-WAIT, handed back
+ *                 (FP_PUNT_TEARDOWN) for software's TIME-WAIT timer.
  *
  * Everything else in these states is software's, as before: an RST, a SYN|ACK that does
  * not acknowledge our SYN, simultaneous open, keepalive to arm, data for a closed socket,
- * a retransmitted FIN, the peer's FIN after ours (TIME-WAIT), an RTO.  The rules are the
+ * a retransmitted FIN, the peer's FIN before ours is acknowledged (simultaneous close,
+ * CLOSING) or after a segment that did (FIN-WAIT-2 is software's), an RTO.  The rules are the
  * software path's (offload_daemon/tcp_input.py: _in_syn_sent, _established, _fin;
  * tcp.py: app_closed; tcp_output.py: try_send's FIN), so that a connection punted at any
  * point meets in software the state software would have made.
@@ -57,11 +61,17 @@ int fp_fsm_check(const struct fp_ccb *c, const struct fp_seg *g)
         if (g->payload_len && g->payload_len > fp_rcv_space(c))
             return FP_PUNT_BEYOND_WINDOW;
         break;
+    case FP_ST_FIN_WAIT_1:
+        /* the application closed (software resets data for it); the peer's FIN is the
+         * units' with the ACK of ours (TIME-WAIT), software's before it (CLOSING) */
+        if (g->payload_len)
+            return FP_PUNT_STATE;
+        if ((f & TCP_FIN) && (!(c->cflags & FP_CF_FIN_SENT) || g->ack != c->snd_max || c->snd_nxt != c->snd_max))
+            return FP_PUNT_FIN;
+        break;
     case FP_ST_CLOSE_WAIT:
     case FP_ST_LAST_ACK:
-    case FP_ST_FIN_WAIT_1:
-        /* after the peer's FIN (a retransmission), or for a socket the application closed
-         * (software resets it), or the peer's FIN after ours (CLOSING / TIME-WAIT) */
+        /* after the peer's FIN (a retransmission), or for a socket the application closed */
         if (f & TCP_FIN)
             return FP_PUNT_FIN;
         if (g->payload_len)
@@ -112,14 +122,14 @@ void fp_synack(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, do
     fp_try_send(st, c, now);
 }
 
-/* ESTABLISHED: the peer's FIN, in order, after the segment's ACK and payload were taken
- * (RFC 9293 3.10.7.4's eighth check; the software path's _fin). */
+/* The peer's FIN, in order, after the segment's ACK and payload were taken (RFC 9293
+ * 3.10.7.4's eighth check; the software path's _fin): in ESTABLISHED, or in FIN-WAIT-2
+ * that this segment's ACK of our FIN has just made (fp_fin_acked handed it back). */
 void fp_peer_fin(struct fp_state *st, struct fp_ccb *c)
 {
     struct toe_sock_shm *shm = fp_shm(c);
     c->rcv_nxt++;
     c->cflags |= FP_CF_RX_FIN;
-    c->state = FP_ST_CLOSE_WAIT;
     /* EOF without a token: shutting B makes A readable with POLLIN and POLLRDHUP in one
      * wake-up, as the kernel's FIN does (HostSocket.set_eof) */
     __atomic_fetch_or(&shm->flags, TOE_SF_RX_EOF, __ATOMIC_RELEASE);
@@ -127,10 +137,17 @@ void fp_peer_fin(struct fp_state *st, struct fp_ccb *c)
         shutdown(c->b_fd, SHUT_WR);
         c->cflags |= FP_CF_B_SHUT;
     }
-    c->ack_pending = 1;                        /* a FIN is acknowledged at once */
-    c->dack_deadline = 0;
-    fp_owe_ack(st, c);
+    c->dack_deadline = 0;                      /* a FIN is acknowledged at once */
     st->counters.fins_in++;
+    if (c->state == FP_ST_FIN_WAIT_2) {        /* TIME-WAIT: the ACK now, the timer software's */
+        c->state = FP_ST_TIME_WAIT;
+        fp_send_ack(st, c);
+        c->ack_pending = 0;
+        return;
+    }
+    c->state = FP_ST_CLOSE_WAIT;
+    c->ack_pending = 1;
+    fp_owe_ack(st, c);
 }
 
 /* B hung up: the application closed the socket.  0: the units go on with the close;

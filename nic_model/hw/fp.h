@@ -70,7 +70,7 @@
 #define FP_PUNT_FORCED 17      /* software took the connection back (a command, a timer, stat) */
 #define FP_PUNT_HANDSHAKE 18   /* a SYN|ACK the units leave to software (a wrong ACK, data, keepalive on) */
 #define FP_PUNT_STATE 19       /* a segment the units do not take in this state (data after a FIN) */
-#define FP_PUNT_TEARDOWN 20    /* the connection ended (LAST-ACK acked) or waits on a timer (FIN-WAIT-2) */
+#define FP_PUNT_TEARDOWN 20    /* the connection ended (LAST-ACK acked) or waits on a timer (FIN-WAIT-2, TIME-WAIT) */
 #define FP_NPUNTS 21
 
 /* TCP states (struct fp_ccb.state): offload_daemon/tcp_ccb.py's State numbers */
@@ -80,6 +80,7 @@
 #define FP_ST_FIN_WAIT_2 6
 #define FP_ST_CLOSE_WAIT 7
 #define FP_ST_LAST_ACK 9
+#define FP_ST_TIME_WAIT 10
 
 /* struct fp_ccb.cflags */
 #define FP_CF_RX_FIN 1         /* the peer's FIN is in (rcv_nxt counts it) */

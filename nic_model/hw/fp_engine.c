@@ -441,7 +441,9 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
     if (c->state == FP_ST_SYN_SENT) {
         fp_synack(st, c, &g, now);
     } else {
-        int fin = !hot && c->state == FP_ST_ESTABLISHED;   /* fp_fsm_check passed a FIN only there */
+        /* fp_fsm_check passed a FIN only in these (FIN-WAIT-1: with the ACK of ours) */
+        int fin = !hot && (g.flags & TCP_FIN) &&
+                  (c->state == FP_ST_ESTABLISHED || c->state == FP_ST_FIN_WAIT_1);
         take(st, c, &g, f + g.payload_off, now);
         if (fin)
             fp_peer_fin(st, c);                /* even if the ACK punted it: the segment is taken */

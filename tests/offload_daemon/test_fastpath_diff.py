@@ -452,6 +452,48 @@ def test_the_application_closes_first_with_data_unsent():
     assert _counts(p)[3:5] == (1, 1), _counts(p)
 
 
+def test_the_peers_fin_with_the_ack_of_ours_gives_time_wait_in_the_units():
+    """The application closes first; the peer reads our FIN and closes at once: its FIN
+    comes with the ACK of ours. The units send the last ACK and hand the connection back
+    in TIME-WAIT, for software's timer."""
+    p = Pair(active=True)
+    p.step("write", b"GET / HTTP/1.0\r\n\r\n")
+    p.peer_data(b"HTTP/1.0 200 OK\r\n\r\nbody")
+    p.step("read")
+    p.step("close")
+    assert p.f.c.state == State.FIN_WAIT_1
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
+    assert p.f.c.state == p.s.c.state == State.TIME_WAIT and not p.f.hs.mapped
+    assert _counts(p)[2:5] == (1, 1, 1), _counts(p)
+    assert p.f.units.counters.punts[fp_lib.FP_PUNT_TEARDOWN] == 1
+    assert p.f.units.counters.punts[fp_lib.FP_PUNT_FIN] == 0
+    p.step("advance", 0.5)
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, (s["rcv_nxt"] - 1) & 0xFFFFFFFF, s["snd_max"], b"")   # its FIN again
+    assert p.f.c.state == State.TIME_WAIT
+
+
+@pytest.mark.parametrize("what", ["before_our_fin_is_acked", "with_data", "ack_then_fin"])
+def test_fins_after_ours_the_units_leave_to_software(what):
+    """The peer's FIN before it acknowledged ours (simultaneous close: CLOSING), with data
+    for the closed socket (an RST), or after a separate ACK (FIN-WAIT-2 is software's)."""
+    p = Pair()
+    p.step("close")
+    s = p.s.state()
+    if what == "before_our_fin_is_acked":
+        p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_una"], b"")
+    elif what == "with_data":
+        p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"late")
+    else:
+        p.peer_ack()
+        s = p.s.state()
+        p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
+    assert _counts(p)[2] == 0, _counts(p)
+    p.peer_ack()
+    p.step("advance", 0.5)
+
+
 def test_a_close_sends_what_nagle_held_with_the_fin():
     """A byte held by Nagle (one partial segment in flight) goes out at close, with the FIN
     right after it, as Linux's tcp_send_fin pushes what is queued (found by hypothesis)."""
@@ -527,10 +569,12 @@ def test_random_traces_agree(steps):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(STEP, max_size=12), st.booleans(), st.lists(STEP, max_size=4), st.integers(0, 4))
-def test_random_traces_then_a_close_agree(before, peer_fin_first, between, acks):
+@given(st.lists(STEP, max_size=12), st.booleans(), st.lists(STEP, max_size=4), st.integers(0, 4),
+       st.booleans())
+def test_random_traces_then_a_close_agree(before, peer_fin_first, between, acks, peer_fin_last):
     """Whatever the connection went through, its close (the units' or software's) agrees:
-    the peer's FIN or not, more steps, the application's close, the peer's ACKs."""
+    the peer's FIN or not, more steps, the application's close, the peer's ACKs, and its
+    FIN with the ACK of everything we sent."""
     p = Pair()
     _run(p, before)
     if peer_fin_first:
@@ -540,6 +584,10 @@ def test_random_traces_then_a_close_agree(before, peer_fin_first, between, acks)
     p.step("close")
     for _ in range(acks):
         p.peer_ack()
+        p.step("advance", 0.05)
+    if peer_fin_last and not peer_fin_first:
+        s = p.s.state()
+        p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
         p.step("advance", 0.05)
 
 
