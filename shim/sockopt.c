@@ -281,7 +281,7 @@ enum opt_norm {
     NV_TTL,      /* -1: the sysctl */
 };
 
-#define OPT_NOTIFY 1    /* tell the adapter (SETSOCKOPT) */
+#define OPT_NOTIFY 1    /* tell the adapter (SETSOCKOPT): it has timers to arm (keepalive) */
 #define OPT_TX_LIMIT 2  /* A's writability follows: tx_limits_changed (tells the adapter) */
 #define OPT_REC_INT 4   /* record at most an int of the value */
 #define OPT_LEN1 8      /* at least one byte, else EINVAL (after the check) */
@@ -289,11 +289,12 @@ enum opt_norm {
 #define OPT_PASSCRED 32 /* EOPNOTSUPP where Linux refuses SO_PASSCRED on TCP (6.16) */
 #define OPT_DFLT 64     /* GT_REC: dflt when nothing is recorded */
 #define OPT_EMPTY 128   /* GT_REC: an empty value when nothing is recorded */
+#define OPT_KICK 256    /* a connected socket's next send reads it: a doorbell (kick) is enough */
 
 struct opt_row {
     int level, name;
     uint8_t set, check, store, get, norm;
-    uint8_t flags;
+    uint16_t flags;
     int lo, hi;          /* CK_*; ST_BUF: lo is the floor */
     uint32_t bit;        /* ST_FLAG, GT_FLAG: TOE_OF_* */
     uint16_t field;      /* ST_U32, ST_BUF, GT_U32: offsetof(struct toe_sock_shm, ...) */
@@ -361,7 +362,7 @@ static const struct opt_row opt_rows[] = {
     OFLAG(SOL_SOCKET, SO_KEEPALIVE, TOE_OF_KEEPALIVE, OPT_NOTIFY),
     OFLAG(SOL_SOCKET, SO_REUSEADDR, TOE_OF_REUSEADDR, 0),
     OFLAG(SOL_SOCKET, SO_REUSEPORT, TOE_OF_REUSEPORT, 0),
-    OSPECIAL(SOL_SOCKET, SO_LINGER, SET_LINGER, ST_LINGER, GT_LINGER, OPT_NOTIFY),
+    OSPECIAL(SOL_SOCKET, SO_LINGER, SET_LINGER, ST_LINGER, GT_LINGER, 0),   /* read at close */
     /* SOL_SOCKET: recorded, answered like the kernel */
     KBOOL(SOL_SOCKET, SO_DEBUG),
     KBOOL(SOL_SOCKET, SO_DONTROUTE),
@@ -384,8 +385,8 @@ static const struct opt_row opt_rows[] = {
     OREC(SOL_SOCKET, SO_PASSCRED, OPT_PASSCRED | OPT_DFLT, 0), /* 0: before Linux 6.16 */
     OREC(SOL_SOCKET, SO_BINDTODEVICE, OPT_EMPTY, 0),           /* no device: an empty name */
     /* IPPROTO_TCP: modelled */
-    OFLAG(IPPROTO_TCP, TCP_NODELAY, TOE_OF_NODELAY, OPT_NOTIFY),
-    OFLAG(IPPROTO_TCP, TCP_CORK, TOE_OF_CORK, OPT_NOTIFY),
+    OFLAG(IPPROTO_TCP, TCP_NODELAY, TOE_OF_NODELAY, OPT_KICK),
+    OFLAG(IPPROTO_TCP, TCP_CORK, TOE_OF_CORK, OPT_KICK),
     OU32(IPPROTO_TCP, TCP_KEEPIDLE, keepidle_s, CK_RANGE, 1, 32767, OPT_NOTIFY, 7200),
     OU32(IPPROTO_TCP, TCP_KEEPINTVL, keepintvl_s, CK_RANGE, 1, 32767, OPT_NOTIFY, 75),
     OU32(IPPROTO_TCP, TCP_KEEPCNT, keepcnt, CK_RANGE, 1, 127, OPT_NOTIFY, 9),
@@ -580,6 +581,8 @@ int toe_sock_setsockopt(struct toe_sock *s, int fd, int level, int name, const v
         tx_limits_changed(s, fd, level, name, val, len);
     else if (r->flags & OPT_NOTIFY)
         notify_opt(s, level, name, val, len);
+    else if ((r->flags & OPT_KICK) && state_of(s) == TOE_SS_CONNECTED)
+        kick(s, fd); /* what Nagle or the cork held goes now: no round trip */
     errno = saved;
     return 0;
 }

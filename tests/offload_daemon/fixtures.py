@@ -9,12 +9,14 @@ same cffi primitives the shim uses).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
 import select
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from nic_model.counters import AckGenCounters
 from nic_model.rx import Segment
@@ -111,6 +113,8 @@ class AppSide:
 
 
 class Harness:
+    live: list[Harness] = []          # closed by close_all (tests/offload_daemon/conftest.py)
+
     def __init__(self, ring: int = 1 << 16, offloads: bool = True, **cfg):
         self.cfg = AdapterConfig(tx_ring_bytes=ring, rx_ring_bytes=ring, **cfg)
         self.tx = FakeTx()
@@ -123,6 +127,30 @@ class Harness:
         self.proc = ProcessCtx(self._ctl_b, os.getpid(), os.getuid(), os.getgid())
         self._sid = 0
         self.apps: list[AppSide] = []
+        self.hosts: list[HostSocket] = []
+        self.extra: list[Any] = []    # more things with a close() (a World's units' descriptors)
+        Harness.live.append(self)
+
+    def close(self) -> None:
+        """Every descriptor and mapping this harness made (the daemon side's by release)."""
+        self.proc.drop_spares(lib.TOE_SHM_HDR_SIZE + 2 * self.ring)
+        for hs in self.hosts:
+            hs.close_b()
+            hs.release()
+        for app in self.apps:
+            app.a.close()
+            with contextlib.suppress(BufferError):
+                app.mm.close()
+        for x in self.extra:
+            x.close()
+        self._ctl_a.close()
+        self._ctl_b.close()
+        self.hosts, self.apps, self.extra = [], [], []
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls.live:
+            cls.live.pop().close()
 
     @property
     def sent(self) -> list[Sent]:
@@ -150,6 +178,7 @@ class Harness:
         os.close(fd)
         app = AppSide(a, mm)
         self.apps.append(app)
+        self.hosts.append(hs)
         return hs, app
 
     def advance(self, seconds: float) -> None:

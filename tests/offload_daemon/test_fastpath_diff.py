@@ -85,6 +85,7 @@ class World:
             self.units = FastPathUnits(8, self.tap_w.fileno(), self.ep.fileno(), ME, MY_MAC, True, 65000,
                                        self.bufs)
             self.fast = FastPath(self.units, self.h.tcp, True, 65000)
+            self.h.extra += [self.tap_r, self.tap_w, self.ep]
             self.fast.units_closed = lambda s: s.close_b()      # the adapter's part of a close
         if connecting:
             self.h.tcp.fast = self.h.ad.fast = self.fast
@@ -565,7 +566,10 @@ def _run(p: Pair, steps: list) -> None:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(STEP, min_size=1, max_size=25))
 def test_random_traces_agree(steps):
-    _run(Pair(), steps)
+    try:
+        _run(Pair(), steps)
+    finally:
+        Harness.close_all()                          # per example: hypothesis runs many
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -575,6 +579,13 @@ def test_random_traces_then_a_close_agree(before, peer_fin_first, between, acks,
     """Whatever the connection went through, its close (the units' or software's) agrees:
     the peer's FIN or not, more steps, the application's close, the peer's ACKs, and its
     FIN with the ACK of everything we sent."""
+    try:
+        _close_after(before, peer_fin_first, between, acks, peer_fin_last)
+    finally:
+        Harness.close_all()
+
+
+def _close_after(before, peer_fin_first, between, acks, peer_fin_last) -> None:
     p = Pair()
     _run(p, before)
     if peer_fin_first:
