@@ -68,6 +68,7 @@ int toe_d_rx_push(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size, co
                   uint32_t len);
 int toe_fd_unix_stream(int fd);
 uint64_t toe_fd_cookie(int fd);
+uint64_t toe_fd_pair(int b, int a);
 int toe_fd_memfd(int fd, uint64_t size);
 int toe_fd_tcp_listener(int fd);
 void *toe_map(int fd, uint64_t size);
@@ -147,6 +148,19 @@ uint64_t toe_fd_cookie(int fd)
     uint64_t c = 0;
     socklen_t l = sizeof(c);
     if (getsockopt(fd, SOL_SOCKET, SO_COOKIE, &c, &l) < 0 || l != sizeof(c))
+        return 0;
+    return c;
+}
+
+/* A socket's pair as a shim passes it: B and A both AF_UNIX stream sockets. A's SO_COOKIE
+ * (0: not a pair, or A has none), with B made nonblocking (the daemon's end). */
+uint64_t toe_fd_pair(int b, int a)
+{
+    if (toe_fd_unix_stream(b) < 0 || toe_fd_unix_stream(a) < 0)
+        return 0;
+    uint64_t c = toe_fd_cookie(a);
+    int fl = fcntl(b, F_GETFL);
+    if (!c || fl < 0 || fcntl(b, F_SETFL, fl | O_NONBLOCK) < 0)
         return 0;
     return c;
 }

@@ -96,12 +96,9 @@ class CommandHandler:
         if len(fds) != 3 or shm_bytes != lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes:
             raise OSError(errno.EINVAL, "expected [B, memfd, A] and the adapter's ring sizes")
         b_fd, memfd, a_fd = fds
-        if lib.toe_fd_unix_stream(b_fd) < 0 or lib.toe_fd_unix_stream(a_fd) < 0:
-            raise OSError(errno.EINVAL, "A and B must be AF_UNIX stream sockets")
-        cookie = lib.toe_fd_cookie(a_fd)
+        cookie = lib.toe_fd_pair(b_fd, a_fd)
         if not cookie or cookie in self.by_cookie:
-            raise OSError(errno.EINVAL, "A is not a new socket")
-        os.set_blocking(b_fd, False)
+            raise OSError(errno.EINVAL, "A and B must be a new pair of AF_UNIX stream sockets")
         sid = self._new_id()
         fds[1] = -1                              # HostSocket owns memfd from here, even on failure
         s = HostSocket(sid, ctx, b_fd, memfd, cfg.tx_ring_bytes, cfg.rx_ring_bytes, cookie)
@@ -328,13 +325,11 @@ class CommandHandler:
             if spare is None:
                 self.counters_host.foreign_ids += 1
                 continue
-            b_fd, a_fd = fds[2 * i], fds[2 * i + 1]
-            cookie = lib.toe_fd_cookie(a_fd)
-            if (self._limit_error(ctx, size) or lib.toe_fd_unix_stream(b_fd) < 0
-                    or lib.toe_fd_unix_stream(a_fd) < 0 or not cookie or cookie in self.by_cookie):
+            b_fd = fds[2 * i]
+            cookie = lib.toe_fd_pair(b_fd, fds[2 * i + 1])
+            if not cookie or cookie in self.by_cookie or self._limit_error(ctx, size):
                 spare.drop(size)
                 continue
-            os.set_blocking(b_fd, False)
             try:
                 s = HostSocket(self._new_id(), ctx, b_fd, -1, cfg.tx_ring_bytes, cfg.rx_ring_bytes,
                                cookie, spare)

@@ -94,6 +94,7 @@ class AdapterConfig:
     tx_ring_bytes: int = 1 << 20
     rx_ring_bytes: int = 1 << 20
     time_wait_s: float = 60.0
+    max_time_wait: int = 32768           # connections in TIME-WAIT at once (tcp_max_tw_buckets)
     pcap: str | None = None              # write every adapter frame here
     # Seed 003's hybrid: established connections' packets in the compiled units
     # (nic_model/hw); off: every packet through the software path (the comparison,

@@ -104,6 +104,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                    "ring_bytes": HostSocket.mapped_bytes,
                    # closed sockets' mappings kept for REUSE (in ring_bytes), and dropped unused
                    "spares": HostSocket.spares, "spares_released": HostSocket.spares_released,
+                   "time_wait": len(ad.tcp.time_waits), "max_time_wait": ad.cfg.max_time_wait,
                    "channels": len(ad.ctl.procs)},  # type: ignore[union-attr]
         "connections": conns,
         "closed": closed,

@@ -100,6 +100,7 @@ class TcpStack(TcpInput, TcpOutput):
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
         self.closed_count = 0
+        self.time_waits: set[Ccb] = set()  # in TIME-WAIT now: at most cfg.max_time_wait
         self.closed_data_fast = 0          # data segments of closed connections, by path
         self.closed_data_sw = 0
         # connections waiting to advertise freed RX space; the app's window doorbell can be
@@ -470,6 +471,16 @@ class TcpStack(TcpInput, TcpOutput):
             self._time_wait(c, now)
 
     def _time_wait(self, c: Ccb, now: float) -> None:
+        """TIME-WAIT for 2 MSL (--time-wait). Like Linux's tcp_max_tw_buckets, at most
+        max_time_wait connections wait at once: past it one ends at once (its last ACK is
+        sent), so a server that closes first at a high rate holds bounded memory."""
+        tw = self.time_waits
+        if c not in tw and len(tw) >= self.cfg.max_time_wait:
+            self.stats.time_wait_overflow += 1
+            c.state = State.TIME_WAIT
+            self._free(c)
+            return
+        tw.add(c)
         c.state = State.TIME_WAIT
         self.stats.time_wait += 1
         self._arm(c, "time_wait", self.cfg.time_wait_s, now)
@@ -509,6 +520,8 @@ class TcpStack(TcpInput, TcpOutput):
         self.timers.cancel(c.dack_timer)
         prev = c.state
         c.state = State.CLOSED
+        if prev == State.TIME_WAIT:
+            self.time_waits.discard(c)
         self.tx.invalidate(c.key)
         self.dirty.discard(c)
         self.wnd_watch.discard(c)

@@ -177,6 +177,8 @@ class TcpCounters(UnitCounters):
     bad_segments: int = 0
     conn_timeouts: int = 0
     time_wait: int = 0
+    time_wait_overflow: int = 0      # closed without TIME-WAIT: --max-time-wait reached (Linux's
+                                     # "time wait bucket table overflow")
     keepalive_probes: int = 0
     keepalive_timeouts: int = 0
     aborts_on_linger: int = 0

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ring memory of all open sockets in MiB (default 0: half of the memory, "
                         f"here {default_ring_mb()}; one socket takes "
                         f"{AdapterConfig().socket_bytes / MIB:.1f} MiB with the default --ring-kb)")
+    limits.add_argument("--max-time-wait", type=ranged(1, 1 << 22), metavar="N",
+                        help=f"connections kept in TIME-WAIT at once; past it a connection closes "
+                        f"without it, as with Linux's tcp_max_tw_buckets (default "
+                        f"{AdapterConfig.max_time_wait})")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop an adapter", description="Stop the adapter's daemon; "

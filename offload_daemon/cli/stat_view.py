@@ -78,6 +78,9 @@ def limits_line(lim: dict[str, Any]) -> str:
     ring, ring_cap = rest.pop("ring_bytes", None), rest.pop("max_ring_bytes", None)
     if ring is not None or ring_cap is not None:
         parts.append(f"ring memory {fmt_mib(ring)} / {fmt_mib(ring_cap)}")
+    tw, tw_cap = rest.pop("time_wait", None), rest.pop("max_time_wait", None)
+    if tw is not None or tw_cap is not None:
+        parts.append(f"time-wait {fmt(tw)} / {fmt(tw_cap)}")
     parts += [f"{k.replace('_', ' ')} {fmt(v)}" for k, v in rest.items()]
     return "[bold]limits[/]  " + ("  ".join(parts) if parts else "-")
 

@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
     if args.pcap is not None:
         kw["pcap"] = os.path.abspath(args.pcap)
     kw["allow_users"], kw["allow_group"] = allow_from_args(args)
-    for flag in ("max_sockets", "max_process_sockets", "max_ring_mb"):
+    for flag in ("max_sockets", "max_process_sockets", "max_ring_mb", "max_time_wait"):
         if getattr(args, flag) is not None:
             kw[flag] = getattr(args, flag)
     config = AdapterConfig(**kw).resolved()

@@ -51,6 +51,7 @@ def one_line_error(res, *fragments):
         (["up", "--allow-group", "no-such-group-toe"], "no group named 'no-such-group-toe'"),
         (["up", "--max-sockets", "0"], "--max-sockets"),
         (["up", "--max-process-sockets", "lots"], "--max-process-sockets"),
+        (["up", "--max-time-wait", "0"], "--max-time-wait"),
         (["up", "--max-sockets", "10", "--max-process-sockets", "20"], "--max-process-sockets 20 is more than"),
         (["up", "--max-ring-mb", "1"], "less than one socket's rings"),
         (["up", "--max-ring-mb", "-1"], "--max-ring-mb"),

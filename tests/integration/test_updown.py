@@ -244,7 +244,7 @@ def test_up_opens_the_adapter_to_the_users_and_group_given():
     group = 64999
     res = run_toe("up", "--netns", ns, "--tap", tap, "--allow-users", f"nobody,{NOBODY - 1}",
                   "--allow-group", str(group), "--max-sockets", "64", "--max-process-sockets", "8",
-                  "--max-ring-mb", "256")
+                  "--max-ring-mb", "256", "--max-time-wait", "100")
     try:
         assert res.returncode == 0, res.stderr
         assert f"for root, uid {NOBODY - 1}, nobody ({NOBODY}), group gid {group};" in res.stdout, res.stdout
@@ -253,11 +253,12 @@ def test_up_opens_the_adapter_to_the_users_and_group_given():
             assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o660, 0, group), path
             assert os.getxattr(path, ACL_XATTR) == acl_xattr([NOBODY - 1, NOBODY]), path
         lim = json.loads(run_toe("stat", "--tap", tap, "--json").stdout).get("limits", {})
-        assert (lim.get("max_sockets"), lim.get("max_process_sockets"), lim.get("max_ring_bytes")) \
-            == (64, 8, 256 << 20), lim
+        assert (lim.get("max_sockets"), lim.get("max_process_sockets"), lim.get("max_ring_bytes"),
+                lim.get("max_time_wait")) == (64, 8, 256 << 20, 100), lim
         status, out, err = toe_as(NOBODY, "stat", "--tap", tap)          # listed: may ask
         assert status == 0, err
-        assert "limits  sockets 0 / 64  per process 8  ring memory 0.0 MiB / 256.0 MiB" in out, out
+        assert "limits  sockets 0 / 64  per process 8  ring memory 0.0 MiB / 256.0 MiB  time-wait 0 / 100" \
+            in out, out
         status, out, err = toe_as(NOBODY - 2, "stat", "--tap", tap)
         assert status == 1 and err.splitlines() == [
             f"toe: you (uid {NOBODY - 2}) are not allowed to use adapter {tap} ({api_path(tap)}); "

@@ -336,6 +336,26 @@ def test_active_close_through_time_wait(h):
     assert c.key not in h.tcp.conns
 
 
+def test_time_wait_is_bounded_like_tcp_max_tw_buckets():
+    """--max-time-wait 2: a third connection that closes first ends at once (its last ACK
+    sent), counted; the first two wait their 2 MSL, and the room is free again after."""
+    h = Harness(max_time_wait=2)
+    conns = []
+    for i in range(3):
+        c, hs, app = h.established_passive(port=80 + i)
+        h.tcp.app_closed(hs, h.now)
+        fin = h.take()[-1]
+        h.deliver(h.seg(T.FIN | T.ACK, c.rcv_nxt, fin.seq + 1, dport=80 + i))
+        last = h.take()
+        assert [s.flags for s in last] == [T.ACK], last
+        conns.append(c)
+    assert [c.state for c in conns] == [State.TIME_WAIT, State.TIME_WAIT, State.CLOSED]
+    assert conns[2].key not in h.tcp.conns
+    assert h.tcp.stats.time_wait == 2 and h.tcp.stats.time_wait_overflow == 1
+    h.advance(h.cfg.time_wait_s + 1)
+    assert not h.tcp.time_waits and all(c.key not in h.tcp.conns for c in conns)
+
+
 def test_simultaneous_close_goes_through_closing(h):
     c, hs, app = h.established_passive()
     h.tcp.shutdown(hs, 1, h.now)
