@@ -105,6 +105,18 @@ def test_nagle_holds_a_small_segment_only_while_one_is_unacked(testbed, dut, pee
     conn.expect("PA", payload=b"2" * 100, within=0.5)
 
 
+def test_tcp_nodelay_sends_what_nagle_holds_at_once(testbed, dut, peer, port):
+    """Linux's do_tcp_setsockopt pushes pending frames when TCP_NODELAY is set: the held
+    segment goes without waiting for the ACK (toe: a kick, no round trip to the daemon)."""
+    fd, conn, _ = peer.connected_from(dut)
+    dut.send(fd, b"1" * 100)
+    conn.expect("PA", payload=b"1" * 100)
+    dut.send(fd, b"2" * 100)                    # held by Nagle: the first is unacked
+    conn.expect_none(0.1)
+    dut.setsockopt(fd, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.expect("PA", payload=b"2" * 100, within=0.5)
+
+
 def test_msg_more_waits_for_the_next_write(testbed, dut, peer, port):
     fd, conn, _ = peer.connected_from(dut)
     dut.send(fd, b"head:", MSG_MORE)
