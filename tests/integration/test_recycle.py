@@ -166,3 +166,58 @@ def test_a_fork_child_has_no_kept_mapping(adapter, client_ns):
     before, child = map(int, res.stdout.split())
     assert before > 1, (before, child)         # the live socket, and kept or pooled ones
     assert child == 1, (before, child)         # the live socket only
+
+
+# threads open, use and close connections at once: sockets are kept, reset and reused while
+# other threads close theirs (the slots are lock-free) and refill the pool
+THREADS = r"""
+import hashlib, socket, sys, threading
+host, port, nthreads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+bad, digests = [], [None] * nthreads
+def run(t):
+    h = hashlib.sha256()
+    for i in range(n):
+        k = t * n + i
+        s = socket.socket()
+        s.connect((host, port))
+        s.sendall(k.to_bytes(4, "big"))
+        want = hashlib.sha256(k.to_bytes(4, "big")).digest() * 6250
+        got = bytearray()
+        while len(got) < len(want):
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+        if got != want:
+            bad.append((k, len(got)))
+        h.update(got)
+        s.close()
+    digests[t] = h.hexdigest()
+ts = [threading.Thread(target=run, args=(t,)) for t in range(nthreads)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print(bad[:3], *digests)
+"""
+
+
+def test_threads_recycling_at_once_keep_every_byte(adapter, client_ns):
+    nthreads, n = 6, 40
+    port = unique_port()
+    server = adapter.popen([sys.executable, "-u", "-c", SERVER, adapter.host_ip, str(port)],
+                           stdout=subprocess.PIPE, text=True)
+    wait_for_line(server, "listening")
+    before = adapter.stat()["units"]["host_if"].get("recycled", 0)
+    res = client_ns.toe_run(adapter, [sys.executable, "-c", THREADS, adapter.host_ip, str(port), str(nthreads),
+                                      str(n)], text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.split()
+    want = []
+    for t in range(nthreads):
+        h = hashlib.sha256()
+        for i in range(n):
+            h.update(hashlib.sha256((t * n + i).to_bytes(4, "big")).digest() * 6250)
+        want.append(h.hexdigest())
+    assert out[0] == "[]" and out[1:] == want, res.stdout[:500]
+    assert adapter.stat()["units"]["host_if"].get("recycled", 0) - before >= nthreads * n // 2
