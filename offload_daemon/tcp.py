@@ -63,6 +63,7 @@ from .tcp_ccb import (
     TcpStackBase,
     TxPort,
     ip_str,
+    no_timer,
 )
 from .tcp_input import TcpInput
 from .tcp_output import TcpOutput
@@ -518,6 +519,9 @@ class TcpStack(TcpInput, TcpOutput):
         self._disarm(c)
         self.timers.cancel(c.ka_timer)
         self.timers.cancel(c.dack_timer)
+        # its timers' callbacks hold it: without them, refcounting frees it (no cycle left
+        # for the collector; nothing arms a closed connection's timers)
+        c.timer.callback = c.ka_timer.callback = c.dack_timer.callback = no_timer
         prev = c.state
         c.state = State.CLOSED
         if prev == State.TIME_WAIT:

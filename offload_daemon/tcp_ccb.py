@@ -270,9 +270,9 @@ class Ccb:
         self.fin_seq_set = False
         self.rx_fin = False
         self.ack_pending = False
-        self.timer = Timer(_no_timer)
+        self.timer = Timer(no_timer)
         self.timer_kind = ""
-        self.ka_timer = Timer(_no_timer)     # keepalive, beside the retransmission timer
+        self.ka_timer = Timer(no_timer)     # keepalive, beside the retransmission timer
         self.ka_probes = 0
         self.last_rx = now
         self.cork_since: float | None = None
@@ -281,7 +281,7 @@ class Ccb:
         self.rcv_unacked = 0             # in-order bytes received since our last ACK
         self.pingpong = False            # interactive: ACKs wait (DELACK_S) for a reply to ride on
         self.last_data_rx = -1.0
-        self.dack_timer = Timer(_no_timer)
+        self.dack_timer = Timer(no_timer)
         self.fast_slot = -1              # the fast path's CCB slot while the units own it
         self.fast_data = 0               # data segments (in + out) the units handled
         self.sw_data = 0                 # ... the software path handled
@@ -316,7 +316,7 @@ class Ccb:
                 "tx_doorbell_armed": bool(m.tx_doorbell_armed)}
 
 
-def _no_timer(now: float) -> None:
+def no_timer(now: float) -> None:
     pass
 
 
