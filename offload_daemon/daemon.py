@@ -13,7 +13,6 @@ the inspection API, timers, and signals (through a wake-up pipe).
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import math
 import os
@@ -443,20 +442,6 @@ class Adapter(CommandHandler):
             pass
 
 
-# The cycle collector. A closed connection leaves no cycle (TcpStack._free breaks its
-# timers' callbacks), but connections that live on (TIME-WAIT: a minute each on a server
-# that closes first) grow the young generations, and with Python's default thresholds a
-# collection ran every ~700 allocations and a full one as often as its rule allowed: half
-# the collector's time goes with these (measured on a server under toe run, CRR). The
-# objects setup made are frozen out of every collection.
-GC_YOUNG = 10_000
-
-
-def tune_gc() -> None:
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG, 10, 10)
-
-
 def run(cfg: AdapterConfig) -> int:
     """Run the adapter until SIGTERM/SIGINT. Returns the exit status."""
     try:
@@ -477,7 +462,6 @@ def run(cfg: AdapterConfig) -> int:
         print(f"toe: adapter {cfg.tap} up: {cfg.addr} (mac {ethernet.mac_str(ad.my_mac)}), "
               f"kernel side {cfg.host_addr}, offloads {'on' if cfg.offloads else 'off'}",
               file=sys.stderr, flush=True)
-        tune_gc()
         ad.loop()
         return 0
     finally:
