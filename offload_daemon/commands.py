@@ -75,11 +75,11 @@ class CommandHandler:
             return errno.EMFILE                 # per process (all its channels), like RLIMIT_NOFILE
         if len(self.socks) >= cfg.max_sockets:
             return errno.ENFILE                 # adapter-wide, like the system file table
-        shm = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
+        shm = cfg.socket_bytes
         if HostSocket.mapped_bytes - mapped + shm > self.ring_limit:
             if HostSocket.spares > (1 if mapped else 0):
                 for other in self.ctl.procs.values():  # type: ignore[union-attr]
-                    other.drop_spares(shm)
+                    other.drop_spares()
             if HostSocket.mapped_bytes - mapped + shm > self.ring_limit:
                 return errno.ENOBUFS            # ring memory
         return 0
@@ -93,7 +93,7 @@ class CommandHandler:
         if err:
             self.counters_host.limit_refusals += 1
             raise OSError(err, "limit")
-        if len(fds) != 3 or shm_bytes != lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes:
+        if len(fds) != 3 or shm_bytes != cfg.socket_bytes:
             raise OSError(errno.EINVAL, "expected [B, memfd, A] and the adapter's ring sizes")
         b_fd, memfd, a_fd = fds
         cookie = lib.toe_fd_pair(b_fd, a_fd)
@@ -318,7 +318,7 @@ class CommandHandler:
             raise BadCommand(errno.EINVAL)
         ids = struct.unpack_from(f"={n}I", msg, lib.TOE_CMD_SIZE)
         cfg = self.cfg
-        size = lib.TOE_SHM_HDR_SIZE + cfg.tx_ring_bytes + cfg.rx_ring_bytes
+        size = cfg.socket_bytes
         mask = 0
         for i, old in enumerate(ids):
             spare = ctx.spares.pop(old, None)
@@ -328,7 +328,7 @@ class CommandHandler:
             b_fd = fds[2 * i]
             cookie = lib.toe_fd_pair(b_fd, fds[2 * i + 1])
             if not cookie or cookie in self.by_cookie or self._limit_error(ctx, size):
-                spare.drop(size)
+                spare.drop()
                 continue
             try:
                 s = HostSocket(self._new_id(), ctx, b_fd, -1, cfg.tx_ring_bytes, cfg.rx_ring_bytes,
@@ -432,7 +432,7 @@ class CommandHandler:
             return -errno.ENFILE
         # the child will have every mapping the parent has now: none of them is recycled
         ctx.forks += 1
-        ctx.drop_spares(lib.TOE_SHM_HDR_SIZE + self.cfg.tx_ring_bytes + self.cfg.rx_ring_bytes)
+        ctx.drop_spares()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.ctl.add_channel(mine, ctx)  # type: ignore[union-attr]
         self.ep.register(mine.fileno(), select.EPOLLIN)

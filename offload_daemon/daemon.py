@@ -386,7 +386,7 @@ class Adapter(CommandHandler):
         ctx.conn.close()
         ctx.alive = False
         ctx.drop_all()               # its sockets live on in whoever still holds their A ends
-        ctx.drop_spares(self.cfg.socket_bytes)
+        ctx.drop_spares()
         if ctx.commands and ctx.allowed:
             self.exited.append(ctx)  # `toe stat` after a short `toe run` still shows what it did
 
@@ -424,7 +424,7 @@ class Adapter(CommandHandler):
             s.release()
         if self.ctl is not None:
             for ctx in self.ctl.procs.values():
-                ctx.drop_spares(self.cfg.socket_bytes)
+                ctx.drop_spares()
             self.ctl.close()
         if self.api is not None:
             self.api.close()

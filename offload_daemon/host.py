@@ -315,7 +315,7 @@ class HostSocket:
         and the memfd go to the reaper thread (toe_reap), off the event loop."""
         memfd, base = self._unmap()
         if base != ffi.NULL:
-            Spare(memfd, base).release(self.shm_bytes)
+            Spare(memfd, base, self.shm_bytes).release()
         elif memfd >= 0:
             os.close(memfd)
 
@@ -333,8 +333,8 @@ class HostSocket:
         memfd, base = self._unmap()
         spares = ctx.spares
         if len(spares) >= lib.TOE_RECYCLE_MAX:
-            spares.pop(next(iter(spares))).drop(self.shm_bytes)
-        spares[self.id] = Spare(memfd, base)
+            spares.pop(next(iter(spares))).drop()
+        spares[self.id] = Spare(memfd, base, self.shm_bytes)
         HostSocket.spares += 1
 
     @property
@@ -350,24 +350,25 @@ class Spare:
     (checked when the socket was made) and the daemon's mapping of it, counted in
     HostSocket.mapped_bytes."""
 
-    __slots__ = ("memfd", "base")
+    __slots__ = ("memfd", "base", "size")
 
-    def __init__(self, memfd: int, base: Any):
+    def __init__(self, memfd: int, base: Any, size: int):
         self.memfd = memfd
         self.base = base
+        self.size = size
 
-    def release(self, size: int) -> None:
+    def release(self) -> None:
         """Unmapped and closed by the reaper thread (toe_reap), off the event loop."""
-        HostSocket.mapped_bytes -= size
-        lib.toe_reap(self.base, size, self.memfd, -1)
+        HostSocket.mapped_bytes -= self.size
+        lib.toe_reap(self.base, self.size, self.memfd, -1)
         self.base = ffi.NULL
         self.memfd = -1
 
-    def drop(self, size: int) -> None:
+    def drop(self) -> None:
         """A kept mapping released unused."""
         HostSocket.spares -= 1
         HostSocket.spares_released += 1
-        self.release(size)
+        self.release()
 
 
 def _shutdown_wr(fd: int) -> None:
@@ -434,11 +435,11 @@ class ProcessCtx:
             s.holders.discard(self)
         self.socks.clear()
 
-    def drop_spares(self, size: int) -> None:
+    def drop_spares(self) -> None:
         """The kept mappings are released (a FORK shares them with the child, or the
         process is gone)."""
         for sp in self.spares.values():
-            sp.drop(size)
+            sp.drop()
         self.spares.clear()
 
 

@@ -128,9 +128,9 @@ class TcpStack(TcpInput, TcpOutput):
         def delayed_ack(t: float) -> None:
             self._on_delayed_ack(c, t)
 
-        c.timer = Timer(fire)
-        c.ka_timer = Timer(keepalive)
-        c.dack_timer = Timer(delayed_ack)
+        c.timer.callback = fire              # (Ccb made the timers; _free drops these again)
+        c.ka_timer.callback = keepalive
+        c.dack_timer.callback = delayed_ack
         return c
 
     def own(self, c: Ccb) -> None:

@@ -69,6 +69,29 @@ static void drop_locked(int i, int close_a)
     publish_locked();
 }
 
+/* A moved to a high descriptor (close-on-exec) that takes no number the application
+ * expects; A itself is closed either way.  The high descriptor, or -1. */
+static int to_high(int a)
+{
+    int hi = toe_real_fcntl(a, F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
+    if (hi >= 0 && !toe_fd_fits(hi)) {
+        toe_real_close(hi);
+        hi = -1;
+    }
+    toe_real_close(a);
+    return hi;
+}
+
+/* A registered socket into the pool (pool_mu held), its A at the high descriptor a. */
+static void add_locked(int a, struct toe_sock *s)
+{
+    stuff(a, NULL); /* an unconnected socket is not writable */
+    pool[npool].a = a;
+    pool[npool].s = s;
+    npool++;
+    publish_locked();
+}
+
 unsigned toe_pool_gen(void)
 {
     return __atomic_load_n(&gen_now, __ATOMIC_ACQUIRE);
@@ -117,16 +140,8 @@ static int reuse_locked(struct toe_sock **ks, int n)
     int fds[2 * TOE_POOL_BATCH], m = 0;
     for (int i = 0; i < n; i++) {
         int sv[2], hi = -1;
-        if (make_pair(SOCK_NONBLOCK | SOCK_CLOEXEC, sv) == 0) {
-            hi = toe_real_fcntl(sv[0], F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
-            if (hi >= 0 && !toe_fd_fits(hi)) {
-                toe_real_close(hi);
-                hi = -1;
-            }
-            toe_real_close(sv[0]);
-            if (hi < 0)
-                toe_real_close(sv[1]);
-        }
+        if (make_pair(SOCK_NONBLOCK | SOCK_CLOEXEC, sv) == 0 && (hi = to_high(sv[0])) < 0)
+            toe_real_close(sv[1]);
         if (hi < 0) {
             toe_sock_free(ks[i]);
             continue;
@@ -162,11 +177,7 @@ static int reuse_locked(struct toe_sock **ks, int n)
         s->recyclable = 1;
         s->gen = toe_pool_gen();
         s->cookie = sock_cookie(a);
-        stuff(a, NULL); /* an unconnected socket is not writable */
-        pool[npool].a = a;
-        pool[npool].s = s;
-        npool++;
-        publish_locked();
+        add_locked(a, s);
         got++;
     }
     return got;
@@ -195,16 +206,12 @@ static int make_locked(int n)
         struct toe_sock *s = make_sock(SOCK_NONBLOCK | SOCK_CLOEXEC, &a, bm);
         if (!s)
             break;
-        int hi = toe_real_fcntl(a, F_DUPFD_CLOEXEC, (void *)(long)TOE_HIGH_FD);
-        if (hi < 0 || !toe_fd_fits(hi)) {
-            if (hi >= 0)
-                toe_real_close(hi);
-            toe_real_close(a);
+        int hi = to_high(a);
+        if (hi < 0) {
             close_pair_side(bm);
             toe_sock_put(s);
             break;
         }
-        toe_real_close(a);
         s->cookie = sock_cookie(hi);
         socks[made] = s;
         as[made] = hi;
@@ -230,11 +237,7 @@ static int make_locked(int n)
         uint32_t id = LOAD(&socks[i]->shm->sock_id);
         if (i < got && id) {
             socks[i]->sock_id = id;
-            stuff(as[i], NULL); /* an unconnected socket is not writable */
-            pool[npool].a = as[i];
-            pool[npool].s = socks[i];
-            npool++;
-            publish_locked();
+            add_locked(as[i], socks[i]);
         } else {
             toe_real_close(as[i]);
             toe_sock_put(socks[i]);

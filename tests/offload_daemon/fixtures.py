@@ -133,7 +133,7 @@ class Harness:
 
     def close(self) -> None:
         """Every descriptor and mapping this harness made (the daemon side's by release)."""
-        self.proc.drop_spares(lib.TOE_SHM_HDR_SIZE + 2 * self.ring)
+        self.proc.drop_spares()
         for hs in self.hosts:
             hs.close_b()
             hs.release()
