@@ -120,25 +120,22 @@ void toe_shm_recycle(struct toe_sock_shm *s, uint32_t tx_size, uint32_t rx_size)
     __atomic_store_n(&s->state, TOE_SS_RECYCLED, __ATOMIC_RELEASE);
 }
 
-/* Descriptors a shim passes, checked for what they must be (0 / -errno). */
-static int is_socket(int fd)
-{
-    struct stat st;
-    return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
-}
-
+/* Descriptors a shim passes, checked for what they must be (0 / -errno).  A descriptor
+ * that is no socket fails getsockopt() with ENOTSOCK: no fstat() first (these checks run
+ * for every socket of every pool refill). */
 static int sockopt_is(int fd, int opt, int want)
 {
     int v = 0;
     socklen_t l = sizeof(v);
-    return getsockopt(fd, SOL_SOCKET, opt, &v, &l) == 0 && v == want;
+    if (getsockopt(fd, SOL_SOCKET, opt, &v, &l) < 0)
+        return errno == ENOTSOCK ? -ENOTSOCK : -EINVAL;
+    return v == want ? 0 : -EINVAL;
 }
 
 int toe_fd_unix_stream(int fd)
 {
-    if (!is_socket(fd))
-        return -ENOTSOCK;
-    return sockopt_is(fd, SO_DOMAIN, AF_UNIX) && sockopt_is(fd, SO_TYPE, SOCK_STREAM) ? 0 : -EINVAL;
+    int r = sockopt_is(fd, SO_DOMAIN, AF_UNIX);
+    return r < 0 ? r : sockopt_is(fd, SO_TYPE, SOCK_STREAM);
 }
 
 /* SO_COOKIE of a socket (0 if it has none): read by the daemon itself, never taken
@@ -153,14 +150,15 @@ uint64_t toe_fd_cookie(int fd)
 }
 
 /* A socket's pair as a shim passes it: B and A both AF_UNIX stream sockets. A's SO_COOKIE
- * (0: not a pair, or A has none), with B made nonblocking (the daemon's end). */
+ * (0: not a pair, or A has none), with B made nonblocking (the daemon's end; the shim
+ * makes it so, and then nothing is changed). */
 uint64_t toe_fd_pair(int b, int a)
 {
     if (toe_fd_unix_stream(b) < 0 || toe_fd_unix_stream(a) < 0)
         return 0;
     uint64_t c = toe_fd_cookie(a);
     int fl = fcntl(b, F_GETFL);
-    if (!c || fl < 0 || fcntl(b, F_SETFL, fl | O_NONBLOCK) < 0)
+    if (!c || fl < 0 || (!(fl & O_NONBLOCK) && fcntl(b, F_SETFL, fl | O_NONBLOCK) < 0))
         return 0;
     return c;
 }
@@ -280,12 +278,10 @@ void toe_reap_stop(void)
 /* A listening TCP/IPv4 socket (LISTEN's kernel listener for INADDR_ANY). */
 int toe_fd_tcp_listener(int fd)
 {
-    if (!is_socket(fd))
-        return -ENOTSOCK;
-    return sockopt_is(fd, SO_DOMAIN, AF_INET) && sockopt_is(fd, SO_PROTOCOL, IPPROTO_TCP) &&
-                   sockopt_is(fd, SO_ACCEPTCONN, 1)
-               ? 0
-               : -EINVAL;
+    int r = sockopt_is(fd, SO_DOMAIN, AF_INET);
+    if (r == 0)
+        r = sockopt_is(fd, SO_PROTOCOL, IPPROTO_TCP);
+    return r == 0 ? sockopt_is(fd, SO_ACCEPTCONN, 1) : r;
 }
 """
 

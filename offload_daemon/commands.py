@@ -46,6 +46,9 @@ def log_exception(what: str) -> None:
     sys.stderr.flush()
 
 
+_IDS_BATCH = 256
+
+
 class CommandHandler:
     """The commands, as methods of the Adapter (whose state they use: declared here)."""
 
@@ -55,6 +58,7 @@ class CommandHandler:
     net_ints: tuple[int, int, int]    # the network's address, mask and broadcast as ints
     counters_host: HostIfCounters
     socks: dict[int, HostSocket]
+    _ids: list[int]                   # random socket ids not handed out yet (_new_id)
     by_b: dict[int, HostSocket]
     by_kl: dict[int, HostSocket]
     by_cookie: dict[int, HostSocket]
@@ -106,9 +110,14 @@ class CommandHandler:
         return s
 
     def _new_id(self) -> int:
-        """Socket ids are random: a process cannot guess another's (and may name only its own)."""
+        """Socket ids are random: a process cannot guess another's (and may name only its own).
+        From the system's CSPRNG, 256 at a time (a getrandom() per socket was one system
+        call in ~35 per short connection)."""
+        ids = self._ids
         while True:
-            sid = secrets.randbits(32)
+            if not ids:
+                ids.extend(struct.unpack(f"{_IDS_BATCH}I", secrets.token_bytes(4 * _IDS_BATCH)))
+            sid = ids.pop()
             if sid and sid not in self.socks:
                 return sid
 

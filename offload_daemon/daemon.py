@@ -65,6 +65,7 @@ class Adapter(CommandHandler):
         self.counters_host = HostIfCounters()
         self.ackgen = AckGenCounters()
         self.socks: dict[int, HostSocket] = {}
+        self._ids: list[int] = []
         self.by_b: dict[int, HostSocket] = {}
         self.by_kl: dict[int, HostSocket] = {}      # kernel listening sockets of INADDR_ANY listeners
         self.by_cookie: dict[int, HostSocket] = {}  # SO_COOKIE of A -> socket (ADOPT)
@@ -370,7 +371,7 @@ class Adapter(CommandHandler):
         and the tables that let a process name the socket. The TCP part is the engine's,
         or was the fast path's units' (FastPath.units_closed)."""
         del self.by_b[s.b_fd]
-        s.close_b(reap=True)           # (nothing in B matters now: A is gone)
+        s.close_b()                    # (A is gone: a close of B is cheaper than waking the reaper)
         self.counters_host.app_closes += 1
         self._unregister(s)
         self._drop_kernel_listener(s)

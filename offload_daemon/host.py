@@ -281,13 +281,9 @@ class HostSocket:
 
     # ---- lifetime ---------------------------------------------------------
 
-    def close_b(self, reap: bool = False) -> None:
-        """Close B; `reap`: by the reaper thread (A is gone, nobody waits for this)."""
+    def close_b(self) -> None:
         if self.b_fd >= 0:
-            if reap:
-                lib.toe_reap(ffi.NULL, 0, self.b_fd, -1)
-            else:
-                os.close(self.b_fd)
+            os.close(self.b_fd)
             self.b_fd = -1
 
     def kernel_pending(self) -> bool:
@@ -460,7 +456,10 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _ZERO_RSP = bytes(lib.TOE_RSP_SIZE)
 # a command, and REUSE's ids after it; one byte more shows a message too long
 _MSG_MAX = lib.TOE_CMD_SIZE + 4 * lib.TOE_POOL_BATCH + 1
-SERVE_BUDGET = 64                 # commands of one channel per event-loop pass
+# commands of one channel per event-loop pass: one. A shim waits for each answer, so a
+# second message is rarely there, and looking for it cost a failed recvmsg() per command;
+# the channel is level-triggered, so what does wait comes on the next pass
+SERVE_BUDGET = 1
 
 
 class ControlServer:
