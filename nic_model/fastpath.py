@@ -56,6 +56,30 @@ class FastPathUnits:
         lib.fp_counters_sum(self.st, self._sum)
         return self._sum
 
+    # ---- TIME-WAIT records (nic_model/hw/time_wait.c) ----------------------
+
+    def tw_setup(self, capacity: int, duration_s: float, window: int) -> None:
+        """TIME-WAIT in the units: at most `capacity` records (0: software keeps it), each
+        `duration_s` (2 MSL), answering with the window of a connection without a socket."""
+        if lib.fp_tw_setup(self.st, capacity, duration_s, window) < 0:
+            raise FastPathError("cannot allocate the fast path's TIME-WAIT table")
+
+    def tw_has(self, rip: int, rport: int, lport: int) -> bool:
+        return lib.fp_tw_find(self.st, rip, rport, lport) >= 0
+
+    def tw_count(self) -> int:
+        return lib.fp_tw_count(self.st)
+
+    def tw_records(self) -> list:
+        """The records, oldest first (copies)."""
+        out = []
+        w = ffi.new("struct fp_tw *")
+        i = lib.fp_tw_next(self.st, -1, w)
+        while i >= 0:
+            out.append(ffi.new("struct fp_tw *", w[0]))
+            i = lib.fp_tw_next(self.st, i, w)
+        return out
+
     def set_policy(self, delack_s: float, ato_s: float) -> None:
         self.st.delack_s = delack_s
         self.st.ato_s = ato_s
@@ -108,7 +132,10 @@ class FastPathUnits:
                "pulls": k.pulls, "deadline_scans": k.scans, "table_full": k.table_full, "connections": self.st.active,
                "processors": self.procs, "syns": k.syns, "syn_acks": k.syn_acks, "fins_in": k.fins_in,
                "fins_out": k.fins_out,
-               "app_closes": k.app_closes, "closes": k.closes}
+               "app_closes": k.app_closes, "closes": k.closes,
+               "time_wait": self.tw_count(), "time_wait_entered": k.tw_entered,
+               "time_wait_segments": k.tw_segments, "time_wait_acks": k.tw_acks,
+               "time_wait_reopened": k.tw_reopened, "time_wait_expired": k.tw_expired}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
         t = ffi.new("struct fp_counters *")
         if lib.fp_proc_counters(self.st, t) == 0:   # the TX processor's share of the above

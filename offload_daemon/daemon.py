@@ -142,7 +142,10 @@ class Adapter(CommandHandler):
                 units.start_procs(cfg.fastpath_procs)
             except fpmod.FastPathError as e:
                 raise SetupError(str(e)) from None
-            self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
+            try:
+                self.fp = FastPath(units, self.tcp, cfg.offloads, self.tx_max_payload)
+            except fpmod.FastPathError as e:
+                raise SetupError(str(e)) from None
             self.tcp.fast = self.tcp.env.fast = self.fp
             self.fp.units_closed = self._app_gone  # type: ignore[assignment]
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,

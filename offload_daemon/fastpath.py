@@ -23,7 +23,7 @@ from nic_model.fastpath import FastPathUnits
 
 from .abi import ffi as abi_ffi
 from .seq import M32
-from .tcp_ccb import CWND_MAX, RCV_WSCALE, Ccb, Sock, State
+from .tcp_ccb import CWND_MAX, PRE_ACCEPT_WINDOW, RCV_WSCALE, Ccb, Sock, State, ip_str
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tcp import TcpStack
@@ -34,6 +34,7 @@ _FLOAT = ("rtt_time", "srtt", "rttvar", "rto", "last_rx", "last_data_rx")
 _COUNTS = ("bytes_in", "bytes_out", "segs_in", "segs_out")
 _SAME = _U32 + _FLOAT + _COUNTS
 _ZERO_CCB = bytes(fp_ffi.sizeof("struct fp_ccb"))
+NO_UID = 0xFFFFFFFF                               # fp_ccb.uid of a connection without an owner yet
 
 
 def _make_copy(names: tuple[str, ...]):
@@ -67,6 +68,11 @@ class FastPath:
         # is idle (finish_ended): a short connection's release is then off the path of the
         # next one's connect(), as the kernel's deferred work is
         self.ended: dict[Ccb, None] = {}
+        # an orphan's TIME-WAIT is a record of the units' (nic_model/hw/time_wait.c), with
+        # software's limit and duration, answering with the window software's TIME-WAIT
+        # gives (a connection without a socket: tcp_output.py _rcv_space)
+        cfg = tcp.cfg
+        units.tw_setup(cfg.max_time_wait, cfg.time_wait_s, min(PRE_ACCEPT_WINDOW, cfg.rx_ring_bytes))
 
     # ---- software takes a connection back --------------------------------
 
@@ -177,6 +183,7 @@ class FastPath:
         f = self._f
         fp_ffi.memmove(f, _ZERO_CCB, len(_ZERO_CCB))
         f.conn_id = c.id
+        f.uid = NO_UID if c.uid is None else c.uid
         f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
         f.local_port, f.remote_port = c.local_port, c.remote_port
         f.b_fd = s.b_fd
@@ -246,6 +253,43 @@ class FastPath:
                 tcp.own(c)
                 self.ended.pop(c, None)             # (own() owes it again: it is being paid)
                 tcp.units_ended(c, now)
+
+    def tw_take(self, c: Ccb, now: float) -> bool:
+        """Software's connection in TIME-WAIT (its last ACK sent) becomes a record of the
+        units' (nic_model/hw/time_wait.c); False: their table is full (software keeps it)."""
+        f = self._f
+        fp_ffi.memmove(f, _ZERO_CCB, len(_ZERO_CCB))
+        f.conn_id = c.id
+        f.uid = NO_UID if c.uid is None else c.uid
+        f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
+        f.local_port, f.remote_port = c.local_port, c.remote_port
+        f.peer_mac[0:6] = c.peer_mac
+        f.snd_nxt, f.rcv_nxt, f.rcv_adv = c.snd_nxt, c.rcv_nxt, c.rcv_adv
+        f.rcv_wscale, f.mss = c.rcv_wscale, c.mss
+        return fp_lib.fp_tw_enter(self.st, f, now) == 0
+
+    def tw_kept(self, key: tuple[int, int, int]) -> bool:
+        return self.units.tw_has(*key)
+
+    def tw_count(self, software: int) -> int:
+        """The units' TIME-WAIT records; `software`: software's own (they share the limit)."""
+        fp_lib.fp_tw_set_sw(self.st, software)
+        return fp_lib.fp_tw_count(self.st)
+
+    def tw_info(self) -> list[dict]:
+        """The units' TIME-WAIT records as `toe stat` shows connections (their bytes are
+        counted with the closed connections already)."""
+        out = []
+        for w in self.units.tw_records():
+            out.append({"id": w.conn_id, "local": f"{ip_str(w.local_ip)}:{w.local_port}",
+                        "remote": f"{ip_str(w.remote_ip)}:{w.remote_port}", "state": "TIME_WAIT",
+                        "bytes_in": 0, "bytes_out": 0, "segs_in": 0, "segs_out": 0,
+                        "snd_una": w.snd_nxt, "snd_nxt": w.snd_nxt, "rcv_nxt": w.rcv_nxt,
+                        "snd_wnd": 0, "rcv_wnd": (w.rcv_adv - w.rcv_nxt) & M32, "cwnd": 0, "ssthresh": 0,
+                        "mss": w.mss, "srtt_us": 0, "rto_ms": 0, "retransmits": 0, "pid": None,
+                        "uid": None if w.uid == NO_UID else w.uid, "orphan": True, "timer": "time_wait",
+                        "path": "fast", "data_fast": 0, "data_software": 0})
+        return out
 
     def conn_of_slot(self, slot: int) -> Ccb | None:
         return self.by_slot.get(slot)

@@ -39,6 +39,8 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
         for c in ad.tcp.conns.values():
             fp.refresh(c)
     every = [c.info() for c in ad.tcp.conns.values()]
+    if fp is not None:
+        every += fp.tw_info()
     conns = every if uid is None else [c for c in every if c.get("uid") == uid]
     closed = [c for c in ad.tcp.closed_info() if uid is None or c.get("uid") == uid]
     listeners = []
@@ -104,7 +106,7 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                    "ring_bytes": HostSocket.mapped_bytes,
                    # closed sockets' mappings kept for REUSE (in ring_bytes), and dropped unused
                    "spares": HostSocket.spares, "spares_released": HostSocket.spares_released,
-                   "time_wait": len(ad.tcp.time_waits), "max_time_wait": ad.cfg.max_time_wait,
+                   "time_wait": ad.tcp.time_wait_count(), "max_time_wait": ad.cfg.max_time_wait,
                    "channels": len(ad.ctl.procs)},  # type: ignore[union-attr]
         "connections": conns,
         "closed": closed,

@@ -201,11 +201,21 @@ class TcpStack(TcpInput, TcpOutput):
             p = lo + (start + i) % n
             if p in self.bound or p in self.listeners:
                 continue
-            if rip and (rip, rport, p) in self.conns:
+            if rip and self._tuple_used((rip, rport, p)):
                 continue
             self._eph_next += i + 1
             return p
         raise OSError(errno.EADDRNOTAVAIL, "no free ephemeral port")
+
+    def _tuple_used(self, key: tuple[int, int, int]) -> bool:
+        """A connection (remote ip, remote port, local port) exists: software's, or a
+        TIME-WAIT record of the units'."""
+        return key in self.conns or (self.fast is not None and self.fast.tw_kept(key))
+
+    def time_wait_count(self) -> int:
+        """Connections in TIME-WAIT: software's and the units' records (one limit for both)."""
+        n = len(self.time_waits)
+        return n + (self.fast.tw_count(n) if self.fast is not None else 0)
 
     def _bind_port(self, sock: Sock, ip: int, port: int) -> None:
         sock.bound = (ip, port)
@@ -282,7 +292,7 @@ class TcpStack(TcpInput, TcpOutput):
                 return -(e.errno or errno.EADDRNOTAVAIL)
             self._bind_port(sock, self.my_ip, port)
         lport = sock.bound[1]  # type: ignore[index]
-        if (rip, rport, lport) in self.conns:
+        if self._tuple_used((rip, rport, lport)):
             return -errno.EADDRNOTAVAIL
         c = self._new_ccb(self.my_ip, lport, rip, rport, now)
         c.sock = sock
@@ -463,25 +473,42 @@ class TcpStack(TcpInput, TcpOutput):
         """The fast path's units acknowledged the end of a close they took
         (nic_model/hw/conn_fsm.c): LAST-ACK with our FIN acked is over; an orphan in
         FIN-WAIT-2 waits for the peer's FIN at most FIN_TIMEOUT (tcp_fin_timeout); the
-        peer's FIN with the ACK of ours gave TIME-WAIT (the units sent its ACK)."""
+        peer's FIN with the ACK of ours gave TIME-WAIT (the units sent its ACK): the units
+        keep it as a record of theirs (nic_model/hw/time_wait.c) if their table had room,
+        and the connection is over here; else software's timer."""
         if c.state == State.LAST_ACK and c.fin_sent and seq_gt(c.snd_una, c.fin_seq):
             self._free(c)
         elif c.state == State.FIN_WAIT_2 and c.orphan:
             self._arm(c, "fin_wait_2", FIN_TIMEOUT, now)
         elif c.state == State.TIME_WAIT and c.rx_fin:
-            self._time_wait(c, now)
+            if self.fast is not None and self.fast.tw_kept(c.key):
+                self.stats.time_wait += 1       # a record of the units' waits: the connection is over
+                self._free(c)
+            else:
+                self._time_wait(c, now)
 
     def _time_wait(self, c: Ccb, now: float) -> None:
         """TIME-WAIT for 2 MSL (--time-wait). Like Linux's tcp_max_tw_buckets, at most
         max_time_wait connections wait at once: past it one ends at once (its last ACK is
         sent), so a server that closes first at a high rate holds bounded memory."""
         tw = self.time_waits
-        if c not in tw and len(tw) >= self.cfg.max_time_wait:
+        s = c.sock
+        if c not in tw and (s is None or s.app_closed) and self.fast is not None:
+            # an orphan's TIME-WAIT needs no socket and no CCB: a record of the units'
+            if c.ack_pending:
+                self.send_ack(c)
+            if self.fast.tw_take(c, now):
+                self.stats.time_wait += 1
+                c.state = State.TIME_WAIT
+                self._free(c)
+                return
+        if c not in tw and self.time_wait_count() >= self.cfg.max_time_wait:
             self.stats.time_wait_overflow += 1
             c.state = State.TIME_WAIT
             self._free(c)
             return
         tw.add(c)
+        self.time_wait_count()                  # (tells the units: the limit is shared)
         c.state = State.TIME_WAIT
         self.stats.time_wait += 1
         self._arm(c, "time_wait", self.cfg.time_wait_s, now)

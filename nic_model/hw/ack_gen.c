@@ -15,12 +15,16 @@
 /* What the receive window is cut from: the RX ring, or half of SO_RCVBUF below it. */
 uint32_t fp_rcv_buf(const struct fp_ccb *c)
 {
+    if (!c->shm_addr)
+        return c->rx_size;                     /* no socket (TIME-WAIT, time_wait.c) */
     uint32_t rcvbuf = TOE_LOAD_RLX(&fp_shm(c)->rcvbuf);
     return rcvbuf && rcvbuf < c->rx_size ? rcvbuf / 2 : c->rx_size;
 }
 
 uint32_t fp_rcv_space(const struct fp_ccb *c)
 {
+    if (!c->shm_addr)
+        return c->rx_size;
     uint32_t space = toe_d_rx_space(fp_shm(c), c->rx_size), buf = fp_rcv_buf(c);
     if (buf == c->rx_size)
         return space;

@@ -19,7 +19,9 @@
  *                 waits for the peer's FIN with the orphan's timer (tcp_fin_timeout);
  *   FIN-WAIT-1    the peer's FIN in the segment that acknowledges ours (the peer closed
  *                 as soon as it read our FIN): our ACK, TIME-WAIT, handed back
- *                 (FP_PUNT_TEARDOWN) for software's TIME-WAIT timer.
+ *                 (FP_PUNT_TEARDOWN): an orphan's TIME-WAIT is then a record of the
+ *                 units' (time_wait.c, FP_CF_TW) and software frees the connection; a
+ *                 socket still open (SHUT_WR), or a full table, is software's timer.
  *
  * Everything else in these states is software's, as before: an RST, a SYN|ACK that does
  * not acknowledge our SYN, simultaneous open, keepalive to arm, data for a closed socket,
@@ -139,10 +141,12 @@ void fp_peer_fin(struct fp_state *st, struct fp_ccb *c)
     }
     c->dack_deadline = 0;                      /* a FIN is acknowledged at once */
     st->counters.fins_in++;
-    if (c->state == FP_ST_FIN_WAIT_2) {        /* TIME-WAIT: the ACK now, the timer software's */
+    if (c->state == FP_ST_FIN_WAIT_2) {        /* TIME-WAIT: the ACK now, then a record here */
         c->state = FP_ST_TIME_WAIT;
         fp_send_ack(st, c);
         c->ack_pending = 0;
+        if ((c->cflags & FP_CF_ORPHAN) && fp_tw_enter(st, c, st->now) == 0)
+            c->cflags |= FP_CF_TW;             /* else the timer is software's */
         return;
     }
     c->state = FP_ST_CLOSE_WAIT;

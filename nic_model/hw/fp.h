@@ -89,6 +89,7 @@
 #define FP_CF_ORPHAN 8         /* the application closed the socket: B is out of the epoll set (b_fd -1) */
 #define FP_CF_B_SHUT 16        /* B is shut for writing (the application reads EOF) */
 #define FP_CF_SEND_SYN 32      /* at push (SYN-SENT): the units send the SYN */
+#define FP_CF_TW 64            /* TIME-WAIT is a record of the units' now (time_wait.c) */
 
 /* hand-back records (struct fp_event.kind) */
 #define FP_EV_FD 1             /* an epoll event for software: fd, events */
@@ -190,7 +191,7 @@ struct fp_ccb {
     int32_t hnext;             /* hash chain */
     uint32_t ack_now;          /* an ACK is owed at the end of this burst */
     int32_t ack_next;          /* list of connections owing one */
-    uint32_t pad;
+    uint32_t uid;              /* the socket owner's (software, at push: `toe stat` per user) */
     /* header template (the header generator's CCB cache line) */
     uint32_t ip_base;          /* one's-complement sum of the constant IPv4 words */
     uint32_t pseudo_base;      /* ... of the pseudo-header's constant words */
@@ -265,6 +266,33 @@ struct fp_counters {
     /* buffers (seed 002): with no_reuse, one mapping per packet each way */
     uint64_t dma_maps;
     uint64_t dma_unmaps;
+    /* TIME-WAIT records (time_wait.c) */
+    uint64_t tw_entered;       /* connections that waited here instead of in software */
+    uint64_t tw_segments;      /* segments for a record */
+    uint64_t tw_acks;          /* ... answered with an ACK */
+    uint64_t tw_reopened;      /* ... a new incarnation's SYN (the record went) */
+    uint64_t tw_expired;
+};
+
+/* A connection in TIME-WAIT kept by the units (time_wait.c) */
+struct fp_tw {
+    uint32_t in_use;
+    uint32_t conn_id;
+    uint32_t uid;
+    uint32_t local_ip;
+    uint32_t remote_ip;
+    uint16_t local_port;
+    uint16_t remote_port;
+    uint32_t snd_nxt;
+    uint32_t rcv_nxt;
+    uint32_t rcv_adv;
+    uint16_t rcv_wscale;
+    uint16_t mss;
+    uint8_t peer_mac[8];
+    int32_t hnext;
+    int32_t prev;
+    int32_t next;
+    double expires;
 };
 
 struct fp_state {
@@ -305,6 +333,7 @@ struct fp_state {
     uint8_t *txbuf;            /* a frame whose checksum the units compute (offloads off) */
     struct fp_counters counters;
     void *proc;                /* seed 003's second processor (tx_proc.c), or NULL: one */
+    void *tw;                  /* TIME-WAIT records (time_wait.c), or NULL: software's */
 };
 
 /* engine (fp_engine.c) */
@@ -322,6 +351,15 @@ void fp_scan(struct fp_state *st, double now);
 void fp_end_burst(struct fp_state *st);
 int fp_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
 int fp_hangup(struct fp_state *st, int slot, double now);
+
+/* TIME-WAIT records (time_wait.c) */
+int fp_tw_setup(struct fp_state *st, uint32_t cap, double duration, uint32_t space);
+void fp_tw_free(struct fp_state *st);
+void fp_tw_set_sw(struct fp_state *st, uint32_t n);
+uint32_t fp_tw_count(struct fp_state *st);
+int fp_tw_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
+int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now);
+int fp_tw_next(struct fp_state *st, int i, struct fp_tw *out);
 
 /* seed 003's two processors (tx_proc.c): a TX processor thread takes the doorbells of the
  * units' connections; this one (the RX processor) the TAP, the deadlines and software */
@@ -448,6 +486,8 @@ int fp_app_close(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_send_fin(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_send_syn(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_fin_acked(struct fp_state *st, struct fp_ccb *c);
+int fp_tw_rx(struct fp_state *st, const struct fp_seg *g, double now);
+void fp_tw_expire(struct fp_state *st, double now);
 void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
 void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_wake(struct fp_ccb *c);

@@ -94,6 +94,7 @@ void fp_free(struct fp_state *st)
     if (!st)
         return;
     fp_proc_stop(st);
+    fp_tw_free(st);
     free(st->ccbs);
     free(st->hash);
     free(st->fd_map);
@@ -414,12 +415,16 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
     else
         k->csum_verified++;
     if (cls == FP_CLS_TCP_SYN) {
+        if (st->tw && fp_tw_rx(st, &g, now))
+            return 0;                          /* a TIME-WAIT record's (time_wait.c) */
         lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_SYN, -1);
         return 1;
     }
     int slot = fp_find(st, g.src, g.sport, g.dport);
     if (slot < 0) {
+        if (st->tw && fp_tw_rx(st, &g, now))
+            return 0;
         lend(st, f, len, buf);
         punt_frame(st, buf, len, FP_PUNT_NO_CCB, -1);
         return 1;
@@ -559,6 +564,7 @@ void fp_scan(struct fp_state *st, double now)
         fp_unlock(st, (int)i);
     }
     st->next_scan = next;
+    fp_tw_expire(st, now);
 }
 
 /*

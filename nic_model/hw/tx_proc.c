@@ -148,6 +148,7 @@ int fp_proc_start(struct fp_state *st)
     tx->next_scan = 0;
     tx->ip_id = st->ip_id + 0x8000;
     tx->proc = p;
+    tx->tw = NULL;                             /* TIME-WAIT records are the RX processor's */
     int err = -ENOMEM;
     if (p->tx_ep < 0 || p->wake_fd < 0 || p->stop_fd < 0 || !p->hb || !p->locks || !tx->events || !tx->txbuf)
         goto fail;

@@ -249,6 +249,9 @@ class Engine:
         for i, b in enumerate(self.bufs):
             assert lib.fp_set_buf(st, i, int(ffi.cast("uintptr_t", b))) == 0
         assert lib.fp_set_buf(st, self.NBUFS, 0) == -1
+        # TIME-WAIT records (time_wait.c): the connection's own, when it gets there, meets
+        # the frames that come while it is out of the table (repush)
+        assert lib.fp_tw_setup(st, 4, 0.5, 1 << 16) == 0
         self.shm_addr = guarded_mapping(SHM_BYTES)
         self.hdr = (ctypes.c_char * HDR).from_address(self.shm_addr)
         self.shm = ffi.cast("uint32_t *", self.shm_addr)
@@ -362,6 +365,8 @@ class Engine:
         window = r.choice([65535, 65535, 0, r.randrange(0, 65536)])
         vflags = r.choice([0, 1, 1, 2])
         options = b"" if r.random() < 0.95 else bytes((1, 1, 8, 10)) + r.randbytes(8)
+        if c is not None and c.state == FIN_WAIT_1 and c.cflags & 8 and good and r.random() < 0.5:
+            flags, seq, ack, payload = 0x11, rcv_nxt, smax, b""    # the peer's FIN with the ACK of ours
         if c is not None and c.state == SYN_SENT and r.random() < 0.7:   # the SYN|ACK
             flags, ack, payload = 0x12, (c.snd_nxt if good else ack), b"" if good else payload
             options = r.choice([b"", bytes((2, 4, 5, 0xB4, 1, 3, 3, r.randrange(256))), bytes((2, 4, 0, 0)),
@@ -406,6 +411,20 @@ class Engine:
         self.op(f"fp_pull/fp_push(slot={self.slot})")
         assert lib.fp_pull(self.st, self.slot, c) == 0
         assert lib.fp_pull(self.st, self.slot, c) == -1
+        if r.random() < 0.3:                # frames while no CCB has it (a TIME-WAIT record may)
+            if r.random() < 0.5:            # software's TIME-WAIT handed to the units (time_wait.c)
+                w = ffi.new("struct fp_ccb *", c[0])
+                w.snd_nxt, w.rcv_nxt, w.rcv_adv = r.getrandbits(32), r.getrandbits(32), r.getrandbits(32)
+                w.rcv_wscale = r.choice([0, 7, 14, 255])
+                w.mss = r.choice([0, 536, 1460, 0xFFFFFFFF])
+                self.op("fp_tw_enter")
+                lib.fp_tw_enter(self.st, w, self.now)
+            for _ in range(r.randrange(1, 4)):
+                self.feed(self.next_frame())
+            self.op("fp_end_burst")
+            lib.fp_end_burst(self.st)
+            self.check_events()
+            self.drain()
         if r.random() < 0.3:                # software moved the connection on
             c.rcv_nxt = r.getrandbits(32)
             c.snd_una = r.getrandbits(32)
@@ -488,7 +507,8 @@ class Engine:
         k = self.st.counters
         self.stats.update(rx_segments=k.rx_segments, rx_payload=k.rx_payload_bytes, tx_segments=k.segments,
                           pure_acks=k.pure_acks, tx_errors=k.tx_errors, syns=k.syns, syn_acks=k.syn_acks,
-                          fins_in=k.fins_in, app_closes=k.app_closes, fins_out=k.fins_out, closes=k.closes)
+                          fins_in=k.fins_in, app_closes=k.app_closes, fins_out=k.fins_out, closes=k.closes,
+                          tw_entered=k.tw_entered, tw_segments=k.tw_segments)
         self.lib.fp_free(self.st)
         for s in (self.tap_mine, self.tap_units, self.a, self.b):
             s.close()

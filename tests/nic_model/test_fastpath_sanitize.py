@@ -63,8 +63,9 @@ def test_rx_parse_reads_nothing_past_the_frame(san_module):
 
 def test_engine_with_a_lying_header(san_module):
     out = _run(san_module, parse_frames=0, engine_frames=30000, mode="single")
-    # the connection state unit's paths were taken too (conn_fsm.c), with the header lying
-    for what in ("syns", "syn_acks", "fins_in", "app_closes", "fins_out", "closes"):
+    # the connection state unit's paths were taken too (conn_fsm.c), and TIME-WAIT records
+    # (time_wait.c), with the header lying
+    for what in ("syns", "syn_acks", "fins_in", "app_closes", "fins_out", "closes", "tw_entered", "tw_segments"):
         counts = [int(n) for n in re.findall(rf"'{what}': (\d+)", out)]
         assert len(counts) == 2 and min(counts) > 0, (what, out)   # offloads on and off
 

@@ -72,8 +72,9 @@ class World:
     """One engine with one connection, the fast path on or off: established (accepted, or
     `active`: connected), or `connecting` (its SYN sent)."""
 
-    def __init__(self, fast: bool, ring: int = 1 << 16, active: bool = False, connecting: bool = False):
-        self.h = Harness(ring=ring)
+    def __init__(self, fast: bool, ring: int = 1 << 16, active: bool = False, connecting: bool = False,
+                 **cfg):
+        self.h = Harness(ring=ring, **cfg)
         self.h.tcp._eph_secret = 1                      # both worlds pick the same port (and so ISN)
         self.fast = None
         self.rx = RxChecker(MY_MAC, ME, csum)
@@ -200,10 +201,26 @@ class World:
             fp_lib.fp_scan(self.units.st, self.h.now)
         self._settle()
 
+    def _tw_record(self):
+        if self.fast is None:
+            return None
+        return next((w for w in self.units.tw_records()
+                     if (w.remote_ip, w.remote_port, w.local_port) == self.c.key), None)
+
     def state(self) -> dict:
         c = self.c
         if self.fast is not None:
             self.fast.refresh(c)
+        # TIME-WAIT: software's connection, or the units' record of it (time_wait.c): what
+        # answers the peer from now on is compared (the frames, and these)
+        w = self._tw_record()
+        if w is not None:
+            assert c.state == State.CLOSED and self.h.tcp.conns.get(c.key) is not c
+            return {"state": State.TIME_WAIT, "in_table": True, "snd_una": w.snd_nxt, "snd_nxt": w.snd_nxt,
+                    "snd_max": w.snd_nxt, "rcv_nxt": w.rcv_nxt, "mapped": self.hs.mapped}
+        if c.state == State.TIME_WAIT:
+            return {"state": c.state, "in_table": self.h.tcp.conns.get(c.key) is c, "snd_una": c.snd_una,
+                    "snd_nxt": c.snd_nxt, "snd_max": c.snd_max, "rcv_nxt": c.rcv_nxt, "mapped": self.hs.mapped}
         d = {f: getattr(c, f) for f in CCB_FIELDS}
         # (B itself may differ: after a close the units took, software closes it at the pull)
         d.update(in_table=self.h.tcp.conns.get(c.key) is c, mapped=self.hs.mapped)
@@ -440,7 +457,8 @@ def test_the_peer_closes_first_and_the_application_after_it():
 def test_the_application_closes_first_with_data_unsent():
     """A close with most of a write still in the TX ring: the units send it, then the FIN;
     the ACK of the FIN leaves an orphan in FIN-WAIT-2 on software's timer; the peer's FIN
-    then gives TIME-WAIT (software's, as the side that closed first)."""
+    then gives TIME-WAIT (software's, as the side that closed first), which software hands
+    to the units as a record of theirs (an orphan's TIME-WAIT needs no CCB)."""
     p = Pair(active=True)
     p.step("write", bytes(range(256)) * 300)             # 76,800 bytes: more than cwnd
     p.step("close")
@@ -449,14 +467,23 @@ def test_the_application_closes_first_with_data_unsent():
     assert p.f.c.state == State.FIN_WAIT_2 and p.f.c.orphan
     s = p.s.state()
     p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
-    assert p.f.c.state == State.TIME_WAIT
+    assert p.s.c.state == p.f.state()["state"] == State.TIME_WAIT and p.f.c.state == State.CLOSED
+    assert p.f.units.counters.tw_entered == 1 and p.f.h.tcp.time_waits == set()
     assert _counts(p)[3:5] == (1, 1), _counts(p)
 
 
-def test_the_peers_fin_with_the_ack_of_ours_gives_time_wait_in_the_units():
+def _over(p: Pair, name: str, *args) -> None:
+    """A step that ends TIME-WAIT: the same frames from both; the CCBs are not compared
+    (software's counted the segments that came in TIME-WAIT, the units' record did not)."""
+    for w in (p.s, p.f):
+        getattr(w, name)(*args)
+    fs, ff = p.s.frames(), p.f.frames()
+    assert ff == fs, f"after {name}{args!r}: frames differ\nsoftware {fs}\nhybrid   {ff}"
+
+
+def _time_wait_pair() -> Pair:
     """The application closes first; the peer reads our FIN and closes at once: its FIN
-    comes with the ACK of ours. The units send the last ACK and hand the connection back
-    in TIME-WAIT, for software's timer."""
+    comes with the ACK of ours (TIME-WAIT)."""
     p = Pair(active=True)
     p.step("write", b"GET / HTTP/1.0\r\n\r\n")
     p.peer_data(b"HTTP/1.0 200 OK\r\n\r\nbody")
@@ -465,14 +492,65 @@ def test_the_peers_fin_with_the_ack_of_ours_gives_time_wait_in_the_units():
     assert p.f.c.state == State.FIN_WAIT_1
     s = p.s.state()
     p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
-    assert p.f.c.state == p.s.c.state == State.TIME_WAIT and not p.f.hs.mapped
+    return p
+
+
+def test_the_peers_fin_with_the_ack_of_ours_gives_time_wait_in_the_units():
+    """The units send the last ACK and keep TIME-WAIT as a record of theirs
+    (nic_model/hw/time_wait.c): software's connection is over (no CCB slot, no socket,
+    no timer). Every segment that can still come gets software's answer: the FIN again
+    an ACK and the wait starts over, an old duplicate an ACK, an RST nothing; the record
+    ends after 2 MSL, counted from the last FIN."""
+    p = _time_wait_pair()
+    assert p.s.c.state == State.TIME_WAIT and p.f.c.state == State.CLOSED and not p.f.hs.mapped
+    assert p.f.h.tcp.conns == {} and p.f.h.tcp.time_waits == set() and p.f.units.st.active == 0
+    assert p.f.h.tcp.time_wait_count() == p.s.h.tcp.time_wait_count() == 1
+    assert p.f.h.tcp.stats.time_wait == p.s.h.tcp.stats.time_wait == 1
     assert _counts(p)[2:5] == (1, 1, 1), _counts(p)
     assert p.f.units.counters.punts[fp_lib.FP_PUNT_TEARDOWN] == 1
     assert p.f.units.counters.punts[fp_lib.FP_PUNT_FIN] == 0
-    p.step("advance", 0.5)
+    assert p.f.units.counters.tw_entered == 1
     s = p.s.state()
-    p.step("peer", T.ACK | T.FIN, (s["rcv_nxt"] - 1) & 0xFFFFFFFF, s["snd_max"], b"")   # its FIN again
-    assert p.f.c.state == State.TIME_WAIT
+    rcv, snd = s["rcv_nxt"], s["snd_nxt"]
+    p.step("advance", 0.5)
+    p.step("peer", T.ACK | T.FIN, (rcv - 1) & 0xFFFFFFFF, snd, b"")     # its FIN again: an ACK
+    p.step("peer", T.ACK, (rcv - 100) & 0xFFFFFFFF, snd, b"")           # an old duplicate: an ACK
+    p.step("peer", T.ACK, rcv, snd, b"")                                 # in order: nothing
+    p.step("peer", T.ACK | T.RST, rcv, snd, b"")                         # an RST: ignored
+    assert p.f.units.counters.tw_acks == 2 and p.f.units.counters.tw_segments == 4
+    p.step("advance", p.s.h.cfg.time_wait_s - 0.1)     # 2 MSL from the first FIN, not the last
+    assert p.s.state()["state"] == p.f.state()["state"] == State.TIME_WAIT
+    _over(p, "advance", 0.7)
+    assert p.s.frames() == p.f.frames() == []
+    assert p.s.c.state == State.CLOSED and p.f.units.tw_records() == []
+    assert p.f.h.tcp.time_wait_count() == p.s.h.tcp.time_wait_count() == 0
+    assert p.f.units.counters.tw_expired == 1
+
+
+def test_a_new_incarnations_syn_ends_the_units_time_wait():
+    """A SYN above rcv_nxt for a connection in TIME-WAIT is a new incarnation: the record
+    goes and the SYN is software's (here: no listener, an RST, as software answers)."""
+    p = _time_wait_pair()
+    rcv = p.s.state()["rcv_nxt"]
+    _over(p, "peer", T.SYN, (rcv + 1000) & 0xFFFFFFFF, 0, b"")
+    assert p.s.c.state == State.CLOSED and p.s.h.tcp.conns == {}
+    assert p.f.units.tw_records() == [] and p.f.units.counters.tw_reopened == 1
+
+
+def test_the_units_time_wait_shares_the_limit_with_software():
+    """A full TIME-WAIT (--max-time-wait, counted over software's and the units') leaves
+    the next connection's to software, which ends it at once (its ACK sent), as before."""
+    p = Pair(active=True, max_time_wait=1)
+    for w in (p.s, p.f):
+        w.h.tcp.time_waits.add(None)  # type: ignore[arg-type]   # software holds one already
+        assert w.h.tcp.time_wait_count() == 1                    # (which tells the units)
+    p.step("write", b"x")
+    p.peer_ack()
+    p.step("close")
+    s = p.s.state()
+    p.step("peer", T.ACK | T.FIN, s["rcv_nxt"], s["snd_max"], b"")
+    assert p.f.units.tw_records() == [] and p.f.units.counters.tw_entered == 0
+    assert p.f.h.tcp.stats.time_wait_overflow == p.s.h.tcp.stats.time_wait_overflow == 1
 
 
 @pytest.mark.parametrize("what", ["before_our_fin_is_acked", "with_data", "ack_then_fin"])
