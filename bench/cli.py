@@ -1,7 +1,8 @@
 """`toe bench`: the adapter measured against the kernel, in one run, as ratios.
 
     toe bench stream|rr|crr [--size N | --sizes LIST] [--duration S] [--repeat K]
-                            [--tool builtin|iperf3|sockperf] [--pin [none|split|same]]
+                            [--tool builtin|iperf3|sockperf] [--side client|server]
+                            [--pin [none|split|same]]
                             [--fastpath on|off|both] [--poll-us N]
                             [--no-offloads] [--out DIR]
     toe bench seeds [--only 000,003,002,001] [--sizes LIST] [--duration S] [--repeat K] ...
@@ -15,7 +16,9 @@ and PNG plots to --out (default results/bench-<time>/).
 --fastpath picks the adapter (`toe up --fastpath`): on (the hybrid, default),
 off (software-only), both (kernel, hybrid and software-only interleaved, two
 adapters side by side). --poll-us N goes to the adapter (`toe up --poll-us N`)
-and to the client (TOE_POLL_US=N). The targets are the hybrid's.
+and to the client (TOE_POLL_US=N). The targets are the hybrid's. --side server puts the
+builtin server under test (the peer runs the client): a server's passive opens, accept()
+and closes, reported as scenario "<kind>-server".
 """
 
 from __future__ import annotations
@@ -109,6 +112,11 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--tool", choices=runner.TOOLS, default="builtin",
                        help="client program: the built-in toe_perf (default), iperf3 (stream) "
                        "or sockperf (stream-send, rr)")
+        p.add_argument("--side", choices=runner.SIDES, default="client",
+                       help="the application under test (on the kernel path, and under the adapter): "
+                       "the client (default; the peer runs the server), or the server (the builtin "
+                       "toe_perf server; the peer runs the client): a server's passive opens, "
+                       "accept() and closes. Targets are the client side's")
         p.add_argument("--fastpath", choices=FASTPATH_CHOICES, default="on",
                        help="the adapter's fast path (toe up --fastpath): on (default, the hybrid), off "
                        "(software-only), both (kernel, hybrid and software-only interleaved); the "
@@ -252,29 +260,33 @@ def cmd_kind(args: argparse.Namespace) -> int:
                          f"{', '.join(runner.TOOL_TESTS[args.tool])}); use the builtin client")
     for t in tests:
         for s in sizes:
-            runner.check_job(args.tool, t, s)
+            runner.check_job(args.tool, t, s, args.side)
+    scenario = kind if args.side == "client" else f"{kind}-server"
     fastpath = fastpath_settings(args.fastpath)
     require_tools(args.tool)
     require_root_and_tun()
     out, con, err = out_dir(args), *_consoles()
     started = _now()
-    plan = list(runner.jobs(kind, args.tool, tests, sizes, PATHS, args.repeat, args.duration, fastpath))
+    plan = list(runner.jobs(scenario, args.tool, tests, sizes, PATHS, args.repeat, args.duration, fastpath,
+                            args.side))
     with Testbed(pin=args.pin, offloads=not args.no_offloads, fastpath=fastpath, poll_us=args.poll_us,
                  procs=args.fastpath_procs) as tb:
         env = environment(tb)
-        con.print(header_line(kind, len(plan), args.duration, args.tool, tb))
+        con.print(header_line(kind, len(plan), args.duration, args.tool, tb, args.side))
         samples = runner.run_jobs(tb, plan, err)
     summary = report.summarize(samples)
-    report.render_summary(con, summary, TABLE_METRICS[kind], title=summary_title(kind, args.repeat, fastpath))
-    checks = check_targets(summary, {kind})
+    report.render_summary(con, summary, TABLE_METRICS[kind], title=summary_title(scenario, args.repeat, fastpath))
+    checks = check_targets(summary, {kind}) if args.side == "client" else []
     if checks:
         report.targets_table(con, checks)
+    elif args.side == "server":
+        con.print("targets: not checked (they are the client side's)", highlight=False)
     elif "on" not in fastpath:
         con.print("targets: not checked (they are the hybrid's, fastpath on)", highlight=False)
     doc = make_doc(kind, sys.argv[1:], env, samples, [], started)
     doc["targets"] = checks
     plots = not args.no_plots and report.plotting_available()
-    doc["plots"] = plot_kind(kind, summary, out) if plots else []
+    doc["plots"] = plot_kind(kind, summary, out, scenario) if plots else []
     paths = report.write_results(out, doc)
     con.print(f"results: {paths['json']}, {paths['csv']}" +
               (f", {len(doc['plots'])} plots" if doc["plots"] else ""))
@@ -292,9 +304,10 @@ def procs_text(tb: Testbed) -> str:
     return " (2 processors)" if tb.procs == 2 and "on" in tb.fastpaths else ""
 
 
-def header_line(kind: str, runs: int, duration: float, tool: str, tb: Testbed) -> str:
+def header_line(kind: str, runs: int, duration: float, tool: str, tb: Testbed, side: str = "client") -> str:
     """The line before a run: what runs, where, and the adapter's options."""
-    return (f"toe bench {kind}: {runs} runs of {duration:g} s, {tool} client, placement {tb.pin} "
+    what = f"{tool} client" if side == "client" else f"{tool} server under test (the peer's client)"
+    return (f"toe bench {kind}: {runs} runs of {duration:g} s, {what}, placement {tb.pin} "
             f"{placement_text(tb.cpus)}, offloads {'on' if tb.offloads else 'off'}, "
             f"{fastpath_text(tb.fastpaths)}{procs_text(tb)}, poll {tb.poll_us} µs")
 
@@ -314,13 +327,14 @@ def placement_text(cpus: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k} on CPU {','.join(map(str, v))}" for k, v in cpus.items() if v) + ")"
 
 
-def plot_kind(kind: str, summary: list[dict[str, Any]], out: str) -> list[str]:
+def plot_kind(kind: str, summary: list[dict[str, Any]], out: str, scenario: str | None = None) -> list[str]:
+    scenario = scenario or kind
     os.makedirs(out, exist_ok=True)
     metrics = {"stream": [("throughput_bps", "throughput (Gbit/s)"), ("app_cpu_s_per_gb", "app CPU s per GB")],
                "rr": [("lat_us.p50", "median round trip (µs)"), ("lat_us.p99", "p99 round trip (µs)")],
                "crr": [("tps", "connections per second")]}[kind]
-    return [report.plot_vs_size(summary, scenario=kind, metric=m, path=os.path.join(out, f"{kind}-"
-                                f"{m.replace('.', '_')}.png"), title=f"toe bench {kind}: {label}",
+    return [report.plot_vs_size(summary, scenario=scenario, metric=m, path=os.path.join(out, f"{scenario}-"
+                                f"{m.replace('.', '_')}.png"), title=f"toe bench {scenario}: {label}",
                                 ylabel=label) for m, label in metrics]
 
 

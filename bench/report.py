@@ -112,7 +112,7 @@ CSV_COLUMNS = (
     "scenario", "test", "tool", "path", "size", "rep", "duration_s", "elapsed_s", "bytes", "transactions",
     "throughput_bps", "tps", "lat_us.min", "lat_us.p50", "lat_us.p90", "lat_us.p99", "lat_us.mean", "lat_us.max",
     "app_cpu_s", "app_cpu_util", "app_cpu_s_per_gb", "app_cpu_us_per_tx", "adapter_cpu_s",
-    "adapter_cpu_us_per_tx", "round_trips_per_tx", "fastpath", "variant", "poll_us",
+    "adapter_cpu_us_per_tx", "round_trips_per_tx", "fastpath", "variant", "poll_us", "side",
 )
 
 REQUIRED_SAMPLE_KEYS = ("scenario", "test", "tool", "path", "size")

@@ -46,6 +46,8 @@ TOOL_TESTS = {
 }
 SOCKPERF_MIN_SIZE = 14  # sockperf's message header
 PORTS = {"builtin": 5201 + 1000, "iperf3": 5201, "sockperf": 11111}
+SIDES = ("client", "server")
+APP_SERVER_PORT = 5201 + 2000   # the builtin server as the application under test (side "server")
 # counters of the adapter's units whose change is kept with each adapter-path sample
 UNIT_COUNTERS = {
     "tap_port": ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes"),
@@ -53,6 +55,7 @@ UNIT_COUNTERS = {
     "ack_gen": ("pure_acks",),
     "buffer_pool": ("allocations", "dma_mappings"),
     "host_if": ("commands",),
+    "tcp": ("active_opens", "passive_opens"),
 }
 # totals of the adapter whose change is kept too: data segments through the units vs the software
 TOTAL_COUNTERS = ("data_segments_fast", "data_segments_software")
@@ -70,14 +73,21 @@ class Job:
     rep: int
     duration_s: float
     fastpath: str | None = None  # the adapter's --fastpath ("on"/"off"); None on the kernel path
+    side: str = "client"         # the application under test: the client, or the server (SIDES)
 
     @property
     def variant(self) -> str:
         return report.variant_name(self.path, self.fastpath)
 
 
-def check_job(tool: str, test: str, size: int) -> None:
-    """Raise BenchError (one line) when `tool` cannot run `test` at `size`."""
+def check_job(tool: str, test: str, size: int, side: str = "client") -> None:
+    """Raise BenchError (one line) when `tool` cannot run `test` at `size` (on `side`)."""
+    if side not in SIDES:
+        raise BenchError(f"unknown side {side!r} (choose {', '.join(SIDES)})")
+    if side == "server" and tool != "builtin":
+        raise BenchError(f"--side server runs the builtin server under test (not {tool})")
+    if side == "server" and test.startswith("calls-"):
+        raise BenchError(f"--side server does not do {test} (a client's per-call test)")
     if tool not in TOOLS:
         raise BenchError(f"unknown tool {tool!r} (choose {', '.join(TOOLS)})")
     if test not in TOOL_TESTS[tool]:
@@ -103,7 +113,8 @@ def legs(paths: tuple[str, ...], fastpath: tuple[str, ...] = ("on",)) -> tuple[t
 
 
 def jobs(scenario: str, tool: str, tests: list[str], sizes: list[int], paths: tuple[str, ...],
-         repeat: int, duration_s: float, fastpath: tuple[str, ...] = ("on",)) -> Iterator[Job]:
+         repeat: int, duration_s: float, fastpath: tuple[str, ...] = ("on",),
+         side: str = "client") -> Iterator[Job]:
     """Every run of a plan, interleaved: for each repetition, test and size, one run per path
     and, on the adapter path, per fastpath setting (kernel, on, off; the order reverses
     between repetitions, so drift hits all alike)."""
@@ -113,7 +124,7 @@ def jobs(scenario: str, tool: str, tests: list[str], sizes: list[int], paths: tu
             for size in sizes:
                 order = each if rep % 2 == 0 else tuple(reversed(each))
                 for path, fp in order:
-                    yield Job(scenario, test, tool, size, path, rep, duration_s, fp)
+                    yield Job(scenario, test, tool, size, path, rep, duration_s, fp, side)
 
 
 class Runner:
@@ -138,17 +149,30 @@ class Runner:
         return port
 
     def run(self, job: Job) -> dict[str, Any]:
-        check_job(job.tool, job.test, job.size)
+        check_job(job.tool, job.test, job.size, job.side)
         if job.path not in PATHS:
             raise BenchError(f"unknown path {job.path!r}")
         fp = (job.fastpath or self.tb.fastpaths[0]) if job.path == "adapter" else None
         job = dataclasses.replace(job, fastpath=fp)
         where = f"the {job.path} path" + (f" (fastpath {fp})" if fp else "")
-        port = self._server(job.tool)
-        argv, parse = DRIVERS[job.tool](self.tb.peer_addr(job.path, fp), port, job)
+        timeout = job.duration_s * 3 + 30
+        server = None
+        if job.side == "server":
+            # the application under test is the server, on the path; the client is the peer's
+            server = self.tb.start_app(job.path, [perf.perf_path(), "server", "--port", str(APP_SERVER_PORT)],
+                                       ready="ready", fastpath=fp)
+            argv, parse = DRIVERS[job.tool](self.tb.app_addr(job.path, fp), APP_SERVER_PORT, job)
+        else:
+            port = self._server(job.tool)
+            argv, parse = DRIVERS[job.tool](self.tb.peer_addr(job.path, fp), port, job)
         before = self._adapter_snapshot(fp) if job.path == "adapter" else None
-        res = self.tb.run_app(job.path, argv, timeout=job.duration_s * 3 + 30, fastpath=fp)
-        after = self._adapter_snapshot(fp) if before is not None else None
+        if server is not None:
+            res = self.tb.run_peer(argv, timeout=timeout)
+            after = self._adapter_snapshot(fp) if before is not None else None
+            res.cpu_s = self.tb.stop_app(server)      # the application's CPU: the server's
+        else:
+            res = self.tb.run_app(job.path, argv, timeout=timeout, fastpath=fp)
+            after = self._adapter_snapshot(fp) if before is not None else None
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["no output"])[-1]
             raise BenchError(f"{argv[0].rsplit('/', 1)[-1]} {job.test} {job.size} B on {where} "
@@ -157,7 +181,7 @@ class Runner:
             m = parse(res.stdout)
         except (ValueError, KeyError, TypeError) as e:
             raise BenchError(f"{job.tool} {job.test} on {where}: cannot read its output ({e})") from None
-        if m.get("app_cpu_s") is None:
+        if m.get("app_cpu_s") is None or server is not None:
             m["app_cpu_s"] = res.cpu_s
         extra = m.setdefault("extra", {})
         extra["app_cpu_s_process"] = round(res.cpu_s, 6)
@@ -193,7 +217,7 @@ def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None) -> dict
     if thr is None and job.test.startswith("stream") and elapsed > 0:
         thr = nbytes * 8 / elapsed
     return {
-        "scenario": job.scenario, "test": job.test, "tool": job.tool, "path": job.path,
+        "scenario": job.scenario, "test": job.test, "tool": job.tool, "side": job.side, "path": job.path,
         "fastpath": job.fastpath if job.path == "adapter" else None, "variant": job.variant,
         "poll_us": poll_us if job.path == "adapter" else None,
         "size": job.size, "rep": job.rep, "duration_s": job.duration_s,

@@ -221,6 +221,11 @@ class Testbed:
                              f"(it has {', '.join(self.fastpaths)})")
         return self.adapters[fp]
 
+    def app_addr(self, path: str, fastpath: str | None = None) -> str:
+        """The application's address as the peer reaches it on `path` (the application as
+        the server: its veth end, or the adapter's own address)."""
+        return APP_VETH_ADDR if path == "kernel" else self.adapter(fastpath).addr
+
     def peer_addr(self, path: str, fastpath: str | None = None) -> str:
         """The peer's address as the application on `path` (and adapter `fastpath`) reaches it."""
         return PEER_VETH_ADDR if path == "kernel" else self.adapter(fastpath).host_addr
@@ -259,6 +264,39 @@ class Testbed:
             p.stdout.close()
         return p
 
+    def start_app(self, path: str, argv: Sequence[str], ready: str, fastpath: str | None = None,
+                  timeout: float = 10.0) -> subprocess.Popen:
+        """Start the application as a server on `path` (`app_argv`); wait for a line containing
+        `ready` on its stdout. `stop_app` ends it and gives its CPU."""
+        p = subprocess.Popen(self.app_argv(path, argv, fastpath), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._procs.append(p)
+        assert p.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while ready not in line:
+            line = p.stdout.readline()
+            if not line and (p.poll() is not None or time.monotonic() > deadline):
+                raise BenchError(f"{argv[0]} did not start on the {path} path (exit {p.poll()})")
+        p.stdout.close()
+        return p
+
+    def stop_app(self, p: subprocess.Popen) -> float:
+        """SIGTERM to a server `start_app` started; its CPU (user + system, wait4)."""
+        p.terminate()
+        try:
+            _, _status, ru = os.wait4(p.pid, 0)
+        except ChildProcessError:
+            return 0.0
+        p.returncode = 0
+        self._procs.remove(p)
+        return ru.ru_utime + ru.ru_stime
+
+    def run_peer(self, argv: Sequence[str], timeout: float) -> AppRun:
+        """Run a client in the peer namespace (pinned as the peer) to completion."""
+        full = netns.exec_argv(self.peer_ns, [*_taskset(self.cpus["peer"]), *argv])
+        return _run_to_end(full, argv[0], "the peer", timeout)
+
     def wait_port(self, port: int, timeout: float = 10.0) -> None:
         """Wait until something listens on TCP `port` in the peer namespace."""
         deadline = time.monotonic() + timeout
@@ -271,21 +309,7 @@ class Testbed:
 
     def run_app(self, path: str, argv: Sequence[str], timeout: float, fastpath: str | None = None) -> AppRun:
         """Run the application to completion on `path`; its CPU comes from wait4 (user + system)."""
-        full = self.app_argv(path, argv, fastpath)
-        t0 = time.perf_counter()
-        p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = _communicate_raw(p, timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            os.waitpid(p.pid, 0)
-            p.returncode = -9
-            raise BenchError(f"{argv[0]} on the {path} path did not finish within {timeout:.0f} s") from None
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-        return AppRun(p.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
-                      ru.ru_utime + ru.ru_stime, wall)
+        return _run_to_end(self.app_argv(path, argv, fastpath), argv[0], f"the {path} path", timeout)
 
     # ------------------------------------------------------------ the adapter's state
 
@@ -307,6 +331,23 @@ class Testbed:
         return {"tag": self.tag, "peer_ns": self.peer_ns, "kernel_ns": self.kernel_ns,
                 "adapter_ns": self.adapter_ns, "tap": self.tap, "daemon_pid": self.daemon_pid,
                 "adapters": [dataclasses.asdict(self.adapters[fp]) for fp in self.fastpaths]}
+
+
+def _run_to_end(full: list[str], name: str, where: str, timeout: float) -> AppRun:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = _communicate_raw(p, timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        os.waitpid(p.pid, 0)
+        p.returncode = -9
+        raise BenchError(f"{name} on {where} did not finish within {timeout:.0f} s") from None
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    return AppRun(p.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
+                  ru.ru_utime + ru.ru_stime, wall)
 
 
 def _communicate_raw(p: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:

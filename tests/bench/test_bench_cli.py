@@ -119,6 +119,22 @@ def test_crr(tmp_path):
 
 
 @integration
+def test_crr_with_the_server_under_test(tmp_path):
+    """--side server: the builtin server on each path (under the adapter: its passive opens,
+    accept() and closes), the peer's client; the server's own CPU is the application's."""
+    doc, res = bench(tmp_path, "crr", "--side", "server", *TINY)
+    assert {(s["scenario"], s["side"], s["path"]) for s in doc["samples"]} == {
+        ("crr-server", "server", "kernel"), ("crr-server", "server", "adapter")}
+    for s in doc["samples"]:
+        assert s["transactions"] > 0 and s["app_cpu_s"] > 0
+    ad = by(doc, path="adapter")[0]
+    went_through_adapter(ad)
+    x = ad["extra"]
+    assert x["adapter.tcp.passive_opens"] >= ad["transactions"] and x["adapter.tcp.active_opens"] == 0, x
+    assert "server under test" in res.stdout and doc["targets"] == []
+
+
+@integration
 def test_iperf3_driver(tmp_path):
     require_tools("iperf3")
     doc, _ = bench(tmp_path, "stream", "--tool", "iperf3", "--size", "64k", "--duration", "1", "--repeat", "1")
@@ -182,6 +198,8 @@ def test_compare(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["rr", "--tool", "iperf3"], "does"),
     (["crr", "--tool", "sockperf"], "cannot run crr"),
+    (["rr", "--tool", "sockperf", "--side", "server"], "--side server"),
+    (["crr", "--side", "both"], "--side"),
     (["rr", "--tool", "sockperf", "--size", "4"], "smallest message"),
     (["stream", "--size", "0"], "out of range"),
     (["stream", "--sizes", "1,x"], "not a size"),
