@@ -22,8 +22,19 @@ from nic_model._fastpath import lib as fp_lib
 from nic_model.fastpath import FastPathUnits
 
 from .abi import ffi as abi_ffi
-from .seq import M32
-from .tcp_ccb import CWND_MAX, PRE_ACCEPT_WINDOW, RCV_WSCALE, Ccb, Sock, State, ip_str
+from .seq import M32, seq_gt
+from .tcp_ccb import (
+    CWND_MAX,
+    INIT_CWND_SEGS,
+    PRE_ACCEPT_WINDOW,
+    RCV_WSCALE,
+    RTO_INITIAL,
+    Ccb,
+    LazyCcb,
+    Sock,
+    State,
+    ip_str,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tcp import TcpStack
@@ -48,6 +59,9 @@ def _make_copy(names: tuple[str, ...]):
 
 
 _copy_same = _make_copy(_SAME)
+# what a LazyCcb the units ended keeps for `toe stat`'s closed list (FastPath.finish_ended)
+_copy_end = _make_copy(("snd_una", "snd_nxt", "snd_wnd", "rcv_nxt", "rcv_adv", "ssthresh", "srtt", "rto",
+                        "cwnd", "mss") + _COUNTS)
 
 
 class FastPath:
@@ -73,6 +87,17 @@ class FastPath:
         # gives (a connection without a socket: tcp_output.py _rcv_space)
         cfg = tcp.cfg
         units.tw_setup(cfg.max_time_wait, cfg.time_wait_s, min(PRE_ACCEPT_WINDOW, cfg.rx_ring_bytes))
+        # a new connection's CCB as push() makes it from a new Ccb in SYN-SENT, but for what
+        # names it (push_new): fp_push copies it
+        t = self._syn = fp_ffi.new("struct fp_ccb *")
+        t.state = State.SYN_SENT
+        t.rcv_wscale = RCV_WSCALE
+        t.cwnd = min(INIT_CWND_SEGS * 536, CWND_MAX)
+        t.ssthresh = 1 << 30
+        t.rto = RTO_INITIAL
+        t.last_data_rx = -1.0
+        t.rtt_valid = 1
+        t.cflags = fp_lib.FP_CF_SEND_SYN
 
     # ---- software takes a connection back --------------------------------
 
@@ -85,8 +110,13 @@ class FastPath:
         c.fast_slot = -1
         self.by_slot.pop(slot, None)
         base = self.base_data.pop(slot, c.fast_data)
+        self.tcp.complete(c)                        # a LazyCcb: whole now (software reads it)
         if fp_lib.fp_pull(self.st, slot, f) != 0:
             return
+        self._adopt(f, c, base)
+
+    def _adopt(self, f, c: Ccb, base: int) -> None:
+        """The rest of own(): the CCB the units had (f) is the connection's again."""
         self._copy_out(f, c, base)
         if f.punted and f.punt_reason == fp_lib.FP_PUNT_TEARDOWN:
             self.ended[c] = None                     # taken back before its turn: still owed
@@ -109,6 +139,7 @@ class FastPath:
         """`toe stat`: the units' view of a connection they own (its fields in Python are a
         snapshot from now on; ownership does not change)."""
         if c.fast_slot >= 0 and fp_lib.fp_peek(self.st, c.fast_slot, self._f) == 0:
+            self.tcp.complete(c)
             self._copy_out(self._f, c, self.base_data.get(c.fast_slot, 0))
 
     @staticmethod
@@ -176,6 +207,39 @@ class FastPath:
         c.rcv_wscale = RCV_WSCALE
         self.st.now = now                           # the SYN's RTO runs from software's clock
         return self.push(c, send_syn=True)
+
+    def push_new(self, c: Ccb, now: float) -> bool:
+        """connect()'s LazyCcb (port, ISN, peer MAC chosen) to the units in SYN-SENT, its SYN
+        sent by them: the CCB push(send_syn=True) would make from a new Ccb, from the
+        template and what names the connection. False: software's (as send_syn)."""
+        s = c.sock
+        if not self._servable(c):
+            return False
+        f = self._f
+        fp_ffi.memmove(f, self._syn, len(_ZERO_CCB))
+        f.conn_id = c.id
+        f.uid = NO_UID if c.uid is None else c.uid
+        f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
+        f.local_port, f.remote_port = c.local_port, c.remote_port
+        f.b_fd = s.b_fd  # type: ignore[union-attr]
+        f.tx_size, f.rx_size = s.tx_size, s.rx_size  # type: ignore[union-attr]
+        f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))  # type: ignore[union-attr]
+        f.peer_mac[0:6] = c.peer_mac
+        mss = c.mss
+        f.mss = f.adv_mss = mss
+        f.max_seg = (self.max_payload // mss) * mss if self.offloads and self.max_payload >= mss else mss
+        iss = c.iss
+        f.snd_una = f.snd_sml = iss
+        f.snd_nxt = f.snd_max = f.rtt_seq = c.snd_nxt
+        f.rtt_time = f.last_rx = now                # the SYN's RTT sample (Karn: first send)
+        self.st.now = now                           # the SYN's RTO runs from software's clock
+        slot = fp_lib.fp_push(self.st, f)
+        if slot < 0:
+            return False
+        c.fast_slot = slot
+        self.by_slot[slot] = c
+        self.base_data[slot] = 0
+        return True
 
     def push(self, c: Ccb, send_syn: bool = False) -> bool:
         s = c.sock
@@ -245,14 +309,51 @@ class FastPath:
             self.tcp.try_send(c, now)
 
     def finish_ended(self, now: float) -> None:
-        """Release the connections the units ended (TcpStack.units_ended)."""
+        """Release the connections the units ended (TcpStack.units_ended). A LazyCcb whose
+        end is plain (LAST-ACK over, or a TIME-WAIT record of the units', its socket closed,
+        nothing owed) is released as it is: software never needed it whole."""
         ended, self.ended = self.ended, {}
         tcp = self.tcp
         for c in ended:
-            if tcp.conns.get(c.key) is c:
-                tcp.own(c)
-                self.ended.pop(c, None)             # (own() owes it again: it is being paid)
-                tcp.units_ended(c, now)
+            if tcp.conns.get(c.key) is not c:
+                continue
+            if type(c) is LazyCcb and self._end_lazy(c, now):
+                continue
+            tcp.own(c)
+            self.ended.pop(c, None)             # (own() owes it again: it is being paid)
+            tcp.units_ended(c, now)
+
+    def _end_lazy(self, c: Ccb, now: float) -> bool:
+        slot = c.fast_slot
+        f = self._f
+        if slot < 0 or fp_lib.fp_pull(self.st, slot, f) != 0:
+            return False
+        c.fast_slot = -1
+        self.by_slot.pop(slot, None)
+        base = self.base_data.pop(slot, 0)
+        cf = f.cflags
+        plain = (f.punted and f.punt_reason == fp_lib.FP_PUNT_TEARDOWN and cf & fp_lib.FP_CF_ORPHAN
+                 and not f.rto_deadline and not f.dack_deadline and not f.ack_pending and not f.wnd_wait
+                 and ((f.state == State.LAST_ACK and cf & fp_lib.FP_CF_FIN_SENT and seq_gt(f.snd_una, f.fin_seq))
+                      or (f.state == State.TIME_WAIT and cf & fp_lib.FP_CF_TW)))
+        if not plain:                               # the rest is software's, as for any other
+            self.tcp.complete(c)
+            self._adopt(f, c, base)
+            self.ended.pop(c, None)
+            self.tcp.units_ended(c, now)
+            return True
+        _copy_end(f, c)
+        c.fast_data = base + f.data_fast
+        c.orphan = True
+        s = c.sock
+        if s is not None and not s.app_closed:
+            s.app_closed = True                     # the units took the close: the host's part
+            self.units_closed(s)
+        if f.state == State.TIME_WAIT:
+            self.tcp.stats.time_wait += 1
+        c.state = State(f.state)
+        self.tcp._release(c)
+        return True
 
     def tw_take(self, c: Ccb, now: float) -> bool:
         """Software's connection in TIME-WAIT (its last ACK sent) becomes a record of the

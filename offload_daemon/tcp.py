@@ -31,7 +31,7 @@ from collections import deque
 from nic_model.wire import tcp as T
 
 from .abi import ffi, lib
-from .seq import M32, seq_gt
+from .seq import M32, initial_seq, seq_gt
 from .tcp_ccb import (
     CORK_MAX_S,
     EPHEMERAL,
@@ -54,6 +54,7 @@ from .tcp_ccb import (
     WND_POLL_S,
     WSCALE_MAX,
     Ccb,
+    LazyCcb,
     Listener,
     Resolver,
     Sock,
@@ -62,6 +63,7 @@ from .tcp_ccb import (
     TcpEnv,
     TcpStackBase,
     TxPort,
+    fill_ccb,
     ip_str,
     no_timer,
 )
@@ -118,7 +120,17 @@ class TcpStack(TcpInput, TcpOutput):
     def _new_ccb(self, lip: int, lport: int, rip: int, rport: int, now: float) -> Ccb:
         self._next_id += 1
         c = Ccb(self._next_id, lip, lport, rip, rport, now)
+        self._bind_timers(c)
+        return c
 
+    def complete(self, c: Ccb, some_set: bool = False) -> None:
+        """A LazyCcb (FastPath.push_new) made a whole Ccb, in place, before software reads it
+        (`some_set`: fill_ccb's)."""
+        if type(c) is LazyCcb:
+            fill_ccb(c, some_set)
+            self._bind_timers(c)
+
+    def _bind_timers(self, c: Ccb) -> None:
         def fire(t: float) -> None:
             self._on_timer(c, t)
 
@@ -131,7 +143,6 @@ class TcpStack(TcpInput, TcpOutput):
         c.timer.callback = fire              # (Ccb made the timers; _free drops these again)
         c.ka_timer.callback = keepalive
         c.dack_timer.callback = delayed_ack
-        return c
 
     def own(self, c: Ccb) -> None:
         """Take a connection back from the fast path's units (if they have it) before the
@@ -294,6 +305,23 @@ class TcpStack(TcpInput, TcpOutput):
         lport = sock.bound[1]  # type: ignore[index]
         if self._tuple_used((rip, rport, lport)):
             return -errno.EADDRNOTAVAIL
+        mac = self.arp.lookup(rip, now) if self.fast is not None else None
+        if mac is not None:
+            # the units take it from its SYN on: a LazyCcb (made whole if software ever
+            # needs it), no Ccb and no timers now
+            self._next_id += 1
+            adv = self._adv_mss(sock)
+            lz = LazyCcb(self._next_id, self.my_ip, lport, rip, rport, now,
+                         initial_seq(self.my_ip, lport, rip, rport, now), adv)
+            lz.sock, lz.uid, lz.peer_mac = sock, sock.uid, mac
+            if self.fast.push_new(lz, now):  # type: ignore[union-attr]
+                self.conns[lz.key] = lz
+                sock.ccb = lz
+                sock.set_addresses(self.my_ip, lport, rip, rport)
+                sock.set_state(lib.TOE_SS_CONNECTING)
+                self.stats.active_opens += 1
+                return -errno.EINPROGRESS
+            self._next_id -= 1
         c = self._new_ccb(self.my_ip, lport, rip, rport, now)
         c.sock = sock
         c.uid = sock.uid
@@ -532,6 +560,17 @@ class TcpStack(TcpInput, TcpOutput):
 
     def _free(self, c: Ccb) -> None:
         self.own(c)
+        self._disarm(c)
+        self.timers.cancel(c.ka_timer)
+        self.timers.cancel(c.dack_timer)
+        # its timers' callbacks hold it: without them, refcounting frees it (no cycle left
+        # for the collector; nothing arms a closed connection's timers)
+        c.timer.callback = c.ka_timer.callback = c.dack_timer.callback = no_timer
+        self._release(c)
+
+    def _release(self, c: Ccb) -> None:
+        """The connection is over (its timers, if it has any, are _free's): out of the
+        tables, its socket's part done. A LazyCcb the units ended comes here as it is."""
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
             if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
@@ -543,12 +582,6 @@ class TcpStack(TcpInput, TcpOutput):
                 self.closed_bytes_out += c.bytes_out
                 self.closed_data_fast += c.fast_data
                 self.closed_data_sw += c.sw_data
-        self._disarm(c)
-        self.timers.cancel(c.ka_timer)
-        self.timers.cancel(c.dack_timer)
-        # its timers' callbacks hold it: without them, refcounting frees it (no cycle left
-        # for the collector; nothing arms a closed connection's timers)
-        c.timer.callback = c.ka_timer.callback = c.dack_timer.callback = no_timer
         prev = c.state
         c.state = State.CLOSED
         if prev == State.TIME_WAIT:
@@ -575,6 +608,7 @@ class TcpStack(TcpInput, TcpOutput):
         """The recently closed connections as `toe stat` shows them, oldest first."""
         out = []
         for c, pid, closed_from in self.closed:
+            self.complete(c, some_set=True)             # (a LazyCcb the units ended)
             info = c.info()
             info.update(pid=pid, closed_from=closed_from, state="CLOSED")
             out.append(info)

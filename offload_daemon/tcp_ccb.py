@@ -78,9 +78,11 @@ class TxPort(Protocol):
 
 
 class Resolver(Protocol):
-    """Next-hop resolution (arp.ArpTable): cb(mac or None on failure, now)."""
+    """Next-hop resolution (arp.ArpTable): cb(mac or None on failure, now); `lookup`: the
+    cached address, if it is fresh (nothing sent, nothing queued)."""
 
     def resolve(self, ip: int, now: float, cb: Callable[[bytes | None, float], None]) -> None: ...
+    def lookup(self, ip: int, now: float) -> bytes | None: ...
 
 
 @dataclass
@@ -104,12 +106,14 @@ class FastOwner(Protocol):
     to send the SYN of (False: the engine sends it). `tw_kept(key)`: the units keep
     that connection's TIME-WAIT (a record of theirs, nic_model/hw/time_wait.c);
     `tw_count(n)`: how many they keep, told that software keeps n; `tw_take(c)`: they take
-    software's connection in TIME-WAIT as such a record (False: no room)."""
+    software's connection in TIME-WAIT as such a record (False: no room); `push_new(c)`:
+    a LazyCcb connect() made goes to them at once, its SYN sent (False: software's)."""
 
     def own(self, c: "Ccb") -> None: ...
     def offer(self, c: "Ccb") -> None: ...
     def send_syn(self, c: "Ccb", now: float) -> bool: ...
     def tw_take(self, c: "Ccb", now: float) -> bool: ...
+    def push_new(self, c: "Ccb", now: float) -> bool: ...
     def tw_kept(self, key: tuple[int, int, int]) -> bool: ...
     def tw_count(self, software: int) -> int: ...
 
@@ -324,6 +328,80 @@ class Ccb:
 
 def no_timer(now: float) -> None:
     pass
+
+
+class LazyCcb(Ccb):
+    """A connection the units own from its SYN on (FastPath.push_new): only what names it
+    is set here. It becomes a whole Ccb in place (the same object, its class switched:
+    `fill_ccb`, by TcpStack.complete) when software first takes it (FastPath.own) or shows
+    it (`toe stat`); one that ends in the units without software ever taking it is
+    released as it is (FastPath.finish_ended). A connect() costs no Ccb of seventy fields
+    and three timers, and its push no copy of them."""
+
+    __slots__ = ()
+
+    def __init__(self, cid: int, local_ip: int, local_port: int, remote_ip: int, remote_port: int,
+                 now: float, iss: int, adv_mss: int):   # (no Ccb.__init__: that is the point)
+        self.id = cid
+        self.state = State.SYN_SENT
+        self.local_ip, self.local_port = local_ip, local_port
+        self.remote_ip, self.remote_port = remote_ip, remote_port
+        self.key = (remote_ip, remote_port, local_port)
+        self.listener = None
+        self.orphan = False
+        self.iss = iss
+        self.snd_una = self.snd_sml = iss
+        self.snd_nxt = self.snd_max = (iss + 1) & M32
+        self.adv_mss = self.mss = adv_mss
+        self.retries = 0
+        self.created = now
+        self.fast_slot = -1
+        self.fast_data = self.sw_data = 0
+
+
+# what LazyCcb.__init__ sets, and connect() after it: the rest is fill_ccb's
+LAZY_SET = frozenset(("id", "state", "local_ip", "local_port", "remote_ip", "remote_port", "key", "listener",
+                      "orphan", "iss", "snd_una", "snd_sml", "snd_nxt", "snd_max", "adv_mss", "mss", "retries",
+                      "created", "fast_slot", "fast_data", "sw_data", "sock", "uid", "peer_mac"))
+
+
+def _make_fill():
+    """fill(c): Ccb.__init__'s default for every field a LazyCcb does not have, one
+    assignment each (generated from a Ccb made here; hasattr on ~50 empty slots costs ten
+    times as much)."""
+    t = Ccb(0, 0, 0, 0, 0, 0.0)
+    scope: dict = {"Timer": Timer, "no_timer": no_timer}
+    body = []
+    for name in Ccb.__slots__:
+        if name in LAZY_SET:
+            continue
+        v = getattr(t, name)
+        if isinstance(v, Timer):
+            body.append(f"    c.{name} = Timer(no_timer)")
+        elif isinstance(v, (list, bytearray)):
+            body.append(f"    c.{name} = {type(v).__name__}()")
+        else:
+            scope[f"_d_{name}"] = v
+            body.append(f"    c.{name} = _d_{name}")
+    exec("def fill(c):\n" + "\n".join(body) + "\n", scope)   # names: Ccb's own slots
+    return scope["fill"]
+
+
+_fill = _make_fill()
+
+
+def fill_ccb(c: Ccb, some_set: bool = False) -> None:
+    """A LazyCcb made whole: every field it does not have gets Ccb.__init__'s default (fresh
+    lists, buffers and timers: the caller sets the timers' callbacks). `some_set`: fields
+    beyond LAZY_SET were set meanwhile (FastPath.finish_ended's): keep those."""
+    if some_set:
+        keep = {n: getattr(c, n) for n in Ccb.__slots__ if n not in LAZY_SET and hasattr(c, n)}
+        _fill(c)
+        for n, v in keep.items():
+            setattr(c, n, v)
+    else:
+        _fill(c)
+    c.__class__ = Ccb
 
 
 

@@ -66,6 +66,9 @@ class FakeArp:
     def resolve(self, ip, now, cb):
         cb(PEER_MAC, now)
 
+    def lookup(self, ip, now):
+        return PEER_MAC
+
 
 class AppSide:
     """The application's view of one socket: A end and the mapping (what the shim holds)."""

@@ -24,6 +24,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nic_model._fastpath import ffi as fp_ffi
 from nic_model._fastpath import lib as fp_lib
 
 from nic_model.fastpath import FastPathUnits
@@ -31,7 +32,7 @@ from nic_model.rx import TCP_DATA, TCP_SYN, RxChecker
 from nic_model.wire import tcp as T
 from offload_daemon.abi import csum, lib
 from offload_daemon.fastpath import FastPath
-from offload_daemon.tcp_ccb import State
+from offload_daemon.tcp_ccb import LAZY_SET, Ccb, LazyCcb, State
 
 from .fixtures import ME, PEER, PEER_MAC, Harness
 
@@ -683,3 +684,54 @@ def _close_after(before, peer_fin_first, between, acks, peer_fin_last) -> None:
 @pytest.fixture(autouse=True)
 def _fast_path_built():
     assert lib.TOE_ABI_VERSION >= 3
+
+
+def _pushed(lazy: bool) -> dict:
+    """The CCB the units hold after connect(): through a LazyCcb (FastPath.push_new, the
+    fresh ARP entry) or a whole Ccb (software's path: no fresh entry, send_syn)."""
+    w = World(True)
+    h = w.h
+    h.tcp.fast = h.ad.fast = w.fast
+    if not lazy:
+        h.tcp.arp.lookup = lambda ip, now: None          # type: ignore[method-assign]
+    hs, _app = h.socket()
+    assert h.tcp.connect(hs, PEER, 8080, h.now) == -errno.EINPROGRESS
+    c = hs.ccb
+    assert (type(c) is LazyCcb) == lazy and c.fast_slot >= 0
+    f = fp_ffi.new("struct fp_ccb *")
+    assert fp_lib.fp_peek(w.units.st, c.fast_slot, f) == 0
+    skip = {"tmpl", "hnext", "shm_addr", "b_fd", "conn_id", "local_port", "ip_base", "pseudo_base", "pad"}
+    out = {}
+    for name, _ in fp_ffi.typeof("struct fp_ccb").fields:
+        if name in skip:
+            continue
+        v = getattr(f, name)
+        out[name] = list(v) if isinstance(v, fp_ffi.CData) else v
+    out["snd_rel"] = (f.snd_nxt - f.snd_una) & 0xFFFFFFFF, (f.snd_max - f.snd_una) & 0xFFFFFFFF, \
+        (f.rtt_seq - f.snd_una) & 0xFFFFFFFF, (f.snd_sml - f.snd_una) & 0xFFFFFFFF
+    for k in ("snd_una", "snd_nxt", "snd_max", "rtt_seq", "snd_sml"):   # (the ISN depends on the port)
+        out.pop(k)
+    return out
+
+
+def test_a_lazy_connect_gives_the_units_the_same_ccb():
+    """connect() with a fresh ARP entry gives the units the CCB of a LazyCcb from a template
+    (FastPath.push_new): field for field what pushing a whole new Ccb gives them."""
+    assert _pushed(lazy=True) == _pushed(lazy=False)
+
+
+def test_a_lazy_ccb_is_made_whole_in_place():
+    """A LazyCcb has what names it (LAZY_SET) and nothing else; made whole, it is the same
+    object with every field a new Ccb has, the units' values in it, its timers working."""
+    w = World(True, connecting=True)
+    c = w.c
+    assert type(c) is LazyCcb
+    assert {n for n in Ccb.__slots__ if hasattr(c, n)} == LAZY_SET
+    s = World(False, connecting=True).state()
+    w.fast.own(c)
+    assert type(c) is Ccb and w.hs.ccb is c and w.h.tcp.conns[c.key] is c
+    assert all(hasattr(c, n) for n in Ccb.__slots__)
+    assert c.timer is not c.ka_timer and c.timer.callback is not c.dack_timer.callback
+    assert c.state == State.SYN_SENT and c.rcv_wscale == 7 and c.snd_nxt == (c.iss + 1) & 0xFFFFFFFF
+    w.fast.push_candidates()
+    assert c.fast_slot >= 0 and w.state() == s    # back in the units; what software has too
