@@ -43,6 +43,8 @@ def seq_max(a: int, b: int) -> int:
 
 
 _ISN_SECRET = os.urandom(16)
+_ISN_HASH = hashlib.blake2s(key=_ISN_SECRET, digest_size=4)   # keyed once; copied per ISN
+_ISN_TUPLE = struct.Struct("!IHIH")
 ISN_TICKS_PER_S = 250_000  # RFC 6528: the ISN clock M ticks every 4 µs
 
 
@@ -54,6 +56,6 @@ def initial_seq(local_ip: int, local_port: int, remote_ip: int, remote_port: int
     accepts the new SYN (RFC 9293 3.4.1) instead of answering it with an ACK.
     F is a keyed hash, so the ISN cannot be guessed from outside.
     """
-    f = hashlib.blake2s(struct.pack("!IHIH", local_ip, local_port, remote_ip, remote_port),
-                        key=_ISN_SECRET, digest_size=4).digest()
-    return (int(now * ISN_TICKS_PER_S) + int.from_bytes(f, "big")) & M32
+    h = _ISN_HASH.copy()
+    h.update(_ISN_TUPLE.pack(local_ip, local_port, remote_ip, remote_port))
+    return (int(now * ISN_TICKS_PER_S) + int.from_bytes(h.digest(), "big")) & M32

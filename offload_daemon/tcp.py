@@ -298,13 +298,13 @@ class TcpStack(TcpInput, TcpOutput):
             return -errno.ECONNREFUSED
         if sock.bound is None:
             try:
-                port = self._ephemeral(sock, rip, rport)
+                port = self._ephemeral(sock, rip, rport)       # (a port no connection to rip:rport has)
             except OSError as e:
                 return -(e.errno or errno.EADDRNOTAVAIL)
             self._bind_port(sock, self.my_ip, port)
-        lport = sock.bound[1]  # type: ignore[index]
-        if self._tuple_used((rip, rport, lport)):
+        elif self._tuple_used((rip, rport, sock.bound[1])):
             return -errno.EADDRNOTAVAIL
+        lport = sock.bound[1]  # type: ignore[index]
         mac = self.arp.lookup(rip, now) if self.fast is not None else None
         if mac is not None:
             # the units take it from its SYN on: a LazyCcb (made whole if software ever
