@@ -254,14 +254,7 @@ class Testbed:
                         stderr=subprocess.DEVNULL, text=True)
         self._procs.append(p)
         if ready:
-            assert p.stdout is not None
-            deadline = time.monotonic() + timeout
-            line = ""
-            while ready not in line:
-                line = p.stdout.readline()
-                if not line and (p.poll() is not None or time.monotonic() > deadline):
-                    raise BenchError(f"{argv[0]} did not start in the peer namespace (exit {p.poll()})")
-            p.stdout.close()
+            _wait_ready(p, ready, timeout, f"{argv[0]} did not start in the peer namespace")
         return p
 
     def start_app(self, path: str, argv: Sequence[str], ready: str, fastpath: str | None = None,
@@ -271,14 +264,7 @@ class Testbed:
         p = subprocess.Popen(self.app_argv(path, argv, fastpath), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self._procs.append(p)
-        assert p.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = ""
-        while ready not in line:
-            line = p.stdout.readline()
-            if not line and (p.poll() is not None or time.monotonic() > deadline):
-                raise BenchError(f"{argv[0]} did not start on the {path} path (exit {p.poll()})")
-        p.stdout.close()
+        _wait_ready(p, ready, timeout, f"{argv[0]} did not start on the {path} path")
         return p
 
     def stop_app(self, p: subprocess.Popen) -> float:
@@ -331,6 +317,19 @@ class Testbed:
         return {"tag": self.tag, "peer_ns": self.peer_ns, "kernel_ns": self.kernel_ns,
                 "adapter_ns": self.adapter_ns, "tap": self.tap, "daemon_pid": self.daemon_pid,
                 "adapters": [dataclasses.asdict(self.adapters[fp]) for fp in self.fastpaths]}
+
+
+def _wait_ready(p: subprocess.Popen, ready: str, timeout: float, failed: str) -> None:
+    """Read p's stdout until a line containing `ready` (BenchError `failed` if it exits or
+    the time runs out first), then close it."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = ""
+    while ready not in line:
+        line = p.stdout.readline()
+        if not line and (p.poll() is not None or time.monotonic() > deadline):
+            raise BenchError(f"{failed} (exit {p.poll()})")
+    p.stdout.close()
 
 
 def _run_to_end(full: list[str], name: str, where: str, timeout: float) -> AppRun:

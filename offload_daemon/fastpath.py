@@ -208,23 +208,30 @@ class FastPath:
         self.st.now = now                           # the SYN's RTO runs from software's clock
         return self.push(c, send_syn=True)
 
-    def push_new(self, c: Ccb, now: float) -> bool:
-        """connect()'s LazyCcb (port, ISN, peer MAC chosen) to the units in SYN-SENT, its SYN
-        sent by them: the CCB push(send_syn=True) would make from a new Ccb, from the
-        template and what names the connection. False: software's (as send_syn)."""
-        s = c.sock
-        if not self._servable(c):
-            return False
+    def _named(self, c: Ccb, template) -> "fp_ffi.CData":
+        """self._f from `template` (a CCB's bytes) with what names c: its id, owner, 4-tuple,
+        peer MAC, and its socket's B, ring sizes and mapping (if it has one)."""
         f = self._f
-        fp_ffi.memmove(f, self._syn, len(_ZERO_CCB))
+        fp_ffi.memmove(f, template, len(_ZERO_CCB))
         f.conn_id = c.id
         f.uid = NO_UID if c.uid is None else c.uid
         f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
         f.local_port, f.remote_port = c.local_port, c.remote_port
-        f.b_fd = s.b_fd  # type: ignore[union-attr]
-        f.tx_size, f.rx_size = s.tx_size, s.rx_size  # type: ignore[union-attr]
-        f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))  # type: ignore[union-attr]
         f.peer_mac[0:6] = c.peer_mac
+        s = c.sock
+        if s is not None and s.mapped:
+            f.b_fd = s.b_fd
+            f.tx_size, f.rx_size = s.tx_size, s.rx_size
+            f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))
+        return f
+
+    def push_new(self, c: Ccb, now: float) -> bool:
+        """connect()'s LazyCcb (port, ISN, peer MAC chosen) to the units in SYN-SENT, its SYN
+        sent by them: the CCB push(send_syn=True) would make from a new Ccb, from the
+        template and what names the connection. False: software's (as send_syn)."""
+        if not self._servable(c):
+            return False
+        f = self._named(c, self._syn)
         mss = c.mss
         f.mss = f.adv_mss = mss
         f.max_seg = (self.max_payload // mss) * mss if self.offloads and self.max_payload >= mss else mss
@@ -242,18 +249,8 @@ class FastPath:
         return True
 
     def push(self, c: Ccb, send_syn: bool = False) -> bool:
-        s = c.sock
-        assert s is not None
-        f = self._f
-        fp_ffi.memmove(f, _ZERO_CCB, len(_ZERO_CCB))
-        f.conn_id = c.id
-        f.uid = NO_UID if c.uid is None else c.uid
-        f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
-        f.local_port, f.remote_port = c.local_port, c.remote_port
-        f.b_fd = s.b_fd
-        f.tx_size, f.rx_size = s.tx_size, s.rx_size
-        f.shm_addr = int(abi_ffi.cast("uintptr_t", s.shm))
-        f.peer_mac[0:6] = c.peer_mac
+        assert c.sock is not None
+        f = self._named(c, _ZERO_CCB)
         f.mss = c.mss
         f.adv_mss = c.adv_mss
         f.state = c.state
@@ -358,13 +355,7 @@ class FastPath:
     def tw_take(self, c: Ccb, now: float) -> bool:
         """Software's connection in TIME-WAIT (its last ACK sent) becomes a record of the
         units' (nic_model/hw/time_wait.c); False: their table is full (software keeps it)."""
-        f = self._f
-        fp_ffi.memmove(f, _ZERO_CCB, len(_ZERO_CCB))
-        f.conn_id = c.id
-        f.uid = NO_UID if c.uid is None else c.uid
-        f.local_ip, f.remote_ip = c.local_ip, c.remote_ip
-        f.local_port, f.remote_port = c.local_port, c.remote_port
-        f.peer_mac[0:6] = c.peer_mac
+        f = self._named(c, _ZERO_CCB)
         f.snd_nxt, f.rcv_nxt, f.rcv_adv = c.snd_nxt, c.rcv_nxt, c.rcv_adv
         f.rcv_wscale, f.mss = c.rcv_wscale, c.mss
         return fp_lib.fp_tw_enter(self.st, f, now) == 0

@@ -365,7 +365,7 @@ LAZY_SET = frozenset(("id", "state", "local_ip", "local_port", "remote_ip", "rem
                       "created", "fast_slot", "fast_data", "sw_data", "sock", "uid", "peer_mac"))
 
 
-def _make_fill():
+def _make_fill() -> Callable[[Ccb], None]:
     """fill(c): Ccb.__init__'s default for every field a LazyCcb does not have, one
     assignment each (generated from a Ccb made here; hasattr on ~50 empty slots costs ten
     times as much)."""
