@@ -17,6 +17,8 @@
  *                  header generator with its template per CCB
  *   conn_fsm.c     the connection state unit: the regular parts of setup and
  *                  teardown (the SYN|ACK, the FINs, the application's close)
+ *   time_wait.c    TIME-WAIT as records (not CCBs): the segments that can
+ *                  still come answered as software's TIME-WAIT answers them
  *   fp_engine.c    the CCB table (hash by connection, map by B descriptor),
  *                  the event loop's wait, doorbells, the deadline scan, and
  *                  the hand-back queue (punts and events for software)
