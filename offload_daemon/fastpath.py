@@ -358,6 +358,7 @@ class FastPath:
         f = self._named(c, _ZERO_CCB)
         f.snd_nxt, f.rcv_nxt, f.rcv_adv = c.snd_nxt, c.rcv_nxt, c.rcv_adv
         f.rcv_wscale, f.mss = c.rcv_wscale, c.mss
+        f.bytes_in, f.bytes_out = c.bytes_in, c.bytes_out
         return fp_lib.fp_tw_enter(self.st, f, now) == 0
 
     def tw_kept(self, key: tuple[int, int, int]) -> bool:
@@ -369,13 +370,13 @@ class FastPath:
         return fp_lib.fp_tw_count(self.st)
 
     def tw_info(self) -> list[dict]:
-        """The units' TIME-WAIT records as `toe stat` shows connections (their bytes are
-        counted with the closed connections already)."""
+        """The units' TIME-WAIT records as `toe stat` shows connections (their bytes are in
+        the closed connections' totals already: adapter_stat does not add them again)."""
         out = []
         for w in self.units.tw_records():
             out.append({"id": w.conn_id, "local": f"{ip_str(w.local_ip)}:{w.local_port}",
                         "remote": f"{ip_str(w.remote_ip)}:{w.remote_port}", "state": "TIME_WAIT",
-                        "bytes_in": 0, "bytes_out": 0, "segs_in": 0, "segs_out": 0,
+                        "bytes_in": w.bytes_in, "bytes_out": w.bytes_out, "segs_in": 0, "segs_out": 0,
                         "snd_una": w.snd_nxt, "snd_nxt": w.snd_nxt, "rcv_nxt": w.rcv_nxt,
                         "snd_wnd": 0, "rcv_wnd": (w.rcv_adv - w.rcv_nxt) & M32, "cwnd": 0, "ssthresh": 0,
                         "mss": w.mss, "srtt_us": 0, "rto_ms": 0, "retransmits": 0, "pid": None,

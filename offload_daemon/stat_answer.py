@@ -38,9 +38,9 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
     if fp is not None:
         for c in ad.tcp.conns.values():
             fp.refresh(c)
-    every = [c.info() for c in ad.tcp.conns.values()]
-    if fp is not None:
-        every += fp.tw_info()
+    ccbs = [c.info() for c in ad.tcp.conns.values()]
+    # the units' TIME-WAIT records: listed; their bytes are the closed connections' already
+    every = ccbs + (fp.tw_info() if fp is not None else [])
     conns = every if uid is None else [c for c in every if c.get("uid") == uid]
     closed = [c for c in ad.tcp.closed_info() if uid is None or c.get("uid") == uid]
     listeners = []
@@ -52,10 +52,10 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                               "backlog": lst.backlog, "pending": len(lst.queue),
                               "embryonic": len(lst.embryonic), "pid": lst.sock.pid})
     tapc = ad.tap.counters  # type: ignore[union-attr]
-    bytes_in = sum(c["bytes_in"] for c in every) + ad.tcp.closed_bytes_in
-    bytes_out = sum(c["bytes_out"] for c in every) + ad.tcp.closed_bytes_out
-    data_fast = sum(c["data_fast"] for c in every) + ad.tcp.closed_data_fast
-    data_sw = sum(c["data_software"] for c in every) + ad.tcp.closed_data_sw
+    bytes_in = sum(c["bytes_in"] for c in ccbs) + ad.tcp.closed_bytes_in
+    bytes_out = sum(c["bytes_out"] for c in ccbs) + ad.tcp.closed_bytes_out
+    data_fast = sum(c["data_fast"] for c in ccbs) + ad.tcp.closed_data_fast
+    data_sw = sum(c["data_software"] for c in ccbs) + ad.tcp.closed_data_sw
     units = {
         "tap_port": tapc.snapshot(),
         "rx_checker": ad.rx.counters.snapshot(),

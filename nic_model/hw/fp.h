@@ -295,6 +295,8 @@ struct fp_tw {
     int32_t prev;
     int32_t next;
     double expires;
+    uint64_t bytes_in;         /* the connection's, for `toe stat` */
+    uint64_t bytes_out;
 };
 
 struct fp_state {

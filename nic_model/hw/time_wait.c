@@ -5,7 +5,7 @@
  * with the ACK of ours, conn_fsm.c; or software's, handed over with its CCB's fields: the
  * other ways there) needs neither its socket nor its CCB any more:
  * only what answers the segments that can still come (RFC 9293 3.10.7.4, Linux's
- * tcp_timewait_sock).  That is a record here, 72 bytes, instead of a CCB slot and a
+ * tcp_timewait_sock).  That is a record here, 88 bytes, instead of a CCB slot and a
  * software connection that live for 2 MSL: a server that closes first at thousands of
  * connections a second keeps tens of thousands of them.
  *
@@ -177,8 +177,8 @@ static void tw_remove(struct fp_state *st, int32_t i)
 }
 
 /* The connection's CCB, in TIME-WAIT with its last ACK sent, becomes a record (the
- * identity, snd_nxt, rcv_nxt, rcv_adv, rcv_wscale, mss, peer_mac, conn_id and uid are
- * read): 0, or -1 when the table is full or has it already (software keeps it). */
+ * identity, snd_nxt, rcv_nxt, rcv_adv, rcv_wscale, mss, peer_mac, conn_id, uid and the
+ * byte counts are read): 0, or -1 when the table is full or has it already (software keeps it). */
 int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now)
 {
     struct fp_tw_table *t = st->tw;
@@ -200,6 +200,8 @@ int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now)
     w->rcv_adv = c->rcv_adv;
     w->rcv_wscale = c->rcv_wscale > 14 ? 14 : c->rcv_wscale;  /* (RFC 7323: 14 at most) */
     w->mss = c->mss;
+    w->bytes_in = c->bytes_in;
+    w->bytes_out = c->bytes_out;
     memcpy(w->peer_mac, c->peer_mac, 6);
     int32_t *h = &t->hash[tw_hash(w->remote_ip, w->remote_port, w->local_port) & t->hash_mask];
     w->hnext = *h;

@@ -120,6 +120,9 @@ def test_client_closes_first_the_units_send_the_fin_and_keep_time_wait(adapter, 
     rows = [c for c in stat["connections"] if c["state"] == "TIME_WAIT"]
     assert len(rows) == len(stat["connections"]) == n, stat["connections"][:3]
     assert {c["path"] for c in rows} == {"fast"} and {c["uid"] for c in rows} == {0}, rows[:3]
+    # each with its bytes (a request out, a response in); the totals count them once
+    assert all(c["bytes_in"] > 0 and c["bytes_out"] > 0 for c in rows), rows[:3]
+    assert stat["totals"]["bytes_in"] < 2 * sum(c["bytes_in"] for c in rows) + 1, stat["totals"]
     # every socket was released: TIME-WAIT needs no ring
     wait_until(lambda: adapter.stat()["limits"]["sockets"] == 0, "the sockets to be released", timeout=20)
 

@@ -32,7 +32,7 @@ from nic_model.rx import TCP_DATA, TCP_SYN, RxChecker
 from nic_model.wire import tcp as T
 from offload_daemon.abi import csum, lib
 from offload_daemon.fastpath import FastPath
-from offload_daemon.tcp_ccb import LAZY_SET, Ccb, LazyCcb, State
+from offload_daemon.tcp_ccb import LAZY_SET, Ccb, LazyCcb, State, ip_str
 
 from .fixtures import ME, PEER, PEER_MAC, Harness
 
@@ -511,6 +511,9 @@ def test_the_peers_fin_with_the_ack_of_ours_gives_time_wait_in_the_units():
     assert p.f.units.counters.punts[fp_lib.FP_PUNT_TEARDOWN] == 1
     assert p.f.units.counters.punts[fp_lib.FP_PUNT_FIN] == 0
     assert p.f.units.counters.tw_entered == 1
+    row, = p.f.fast.tw_info()
+    assert (row["state"], row["bytes_in"], row["bytes_out"]) == ("TIME_WAIT", p.s.c.bytes_in, p.s.c.bytes_out)
+    assert row["bytes_in"] == len(b"HTTP/1.0 200 OK\r\n\r\nbody") and row["remote"] == f"{ip_str(PEER)}:8080"
     s = p.s.state()
     rcv, snd = s["rcv_nxt"], s["snd_nxt"]
     p.step("advance", 0.5)
