@@ -141,6 +141,17 @@ void fp_peer_fin(struct fp_state *st, struct fp_ccb *c)
     }
     c->dack_deadline = 0;                      /* a FIN is acknowledged at once */
     st->counters.fins_in++;
+    if (c->state == FP_ST_FIN_WAIT_1) {
+        /* our FIN went out while this segment was taken (its ACK opened the window for the
+         * rest of the TX ring and the FIN the application's close was waiting for), so the
+         * peer's FIN does not acknowledge it: simultaneous close, CLOSING, software's (as
+         * its _fin makes it: the ACK processing first, then the FIN) */
+        c->state = FP_ST_CLOSING;
+        c->ack_pending = 1;
+        fp_owe_ack(st, c);
+        fp_punt_conn(st, c, -1, FP_PUNT_STATE);
+        return;
+    }
     if (c->state == FP_ST_FIN_WAIT_2) {        /* TIME-WAIT: the ACK now, then a record here */
         c->state = FP_ST_TIME_WAIT;
         fp_send_ack(st, c);

@@ -81,6 +81,7 @@
 #define FP_ST_FIN_WAIT_1 5
 #define FP_ST_FIN_WAIT_2 6
 #define FP_ST_CLOSE_WAIT 7
+#define FP_ST_CLOSING 8        /* only on the way to software (conn_fsm.c fp_peer_fin) */
 #define FP_ST_LAST_ACK 9
 #define FP_ST_TIME_WAIT 10
 
