@@ -115,15 +115,20 @@ class FastPath:
             return
         self._adopt(f, c, base)
 
+    def _host_close(self, c: Ccb) -> None:
+        """The units took the application's close: the host's part (once)."""
+        s = c.sock
+        if s is not None and not s.app_closed:
+            s.app_closed = True
+            self.units_closed(s)
+
     def _adopt(self, f, c: Ccb, base: int) -> None:
         """The rest of own(): the CCB the units had (f) is the connection's again."""
         self._copy_out(f, c, base)
         if f.punted and f.punt_reason == fp_lib.FP_PUNT_TEARDOWN:
             self.ended[c] = None                     # taken back before its turn: still owed
-        s = c.sock
-        if f.cflags & fp_lib.FP_CF_ORPHAN and s is not None and not s.app_closed:
-            s.app_closed = True                     # the units took the close: the host's part
-            self.units_closed(s)
+        if f.cflags & fp_lib.FP_CF_ORPHAN:
+            self._host_close(c)
         timers = self.timers
         if f.rto_deadline:
             c.timer_kind = "syn" if c.state == State.SYN_SENT else "rto"
@@ -342,10 +347,7 @@ class FastPath:
         _copy_end(f, c)
         c.fast_data = base + f.data_fast
         c.orphan = True
-        s = c.sock
-        if s is not None and not s.app_closed:
-            s.app_closed = True                     # the units took the close: the host's part
-            self.units_closed(s)
+        self._host_close(c)
         if f.state == State.TIME_WAIT:
             self.tcp.stats.time_wait += 1
         c.state = State(f.state)

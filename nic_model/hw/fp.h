@@ -466,6 +466,14 @@ void fp_doorbell_locked(struct fp_state *st, int slot, double now);
 int fp_hangup_locked(struct fp_state *st, struct fp_ccb *c, double now);
 int fp_scan_timeout(struct fp_state *st, int timeout_ms, double now);
 
+/* a connection's hash (remote ip, remote port, local port): the CCB table's and the
+ * TIME-WAIT records' */
+static inline uint32_t fp_conn_hash(uint32_t rip, uint32_t rport, uint32_t lport)
+{
+    uint32_t h = rip * 0x9e3779b1u ^ (rport << 16 | lport) * 0x85ebca6bu;
+    return h ^ (h >> 15);
+}
+
 static inline struct toe_sock_shm *fp_shm(const struct fp_ccb *c)
 {
     return (struct toe_sock_shm *)(uintptr_t)c->shm_addr;

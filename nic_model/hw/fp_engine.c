@@ -37,12 +37,6 @@ double fp_mono(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static uint32_t hash_key(uint32_t rip, uint32_t rport, uint32_t lport)
-{
-    uint32_t h = rip * 0x9e3779b1u ^ (rport << 16 | lport) * 0x85ebca6bu;
-    return h ^ (h >> 15);
-}
-
 struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip, const uint8_t *my_mac,
                         int offloads, uint32_t max_payload, uint32_t nbufs, uint32_t buf_size)
 {
@@ -115,7 +109,7 @@ int fp_set_buf(struct fp_state *st, uint32_t i, uint64_t addr)
 
 int fp_find(struct fp_state *st, uint32_t rip, uint32_t rport, uint32_t lport)
 {
-    int32_t i = st->hash[hash_key(rip, rport, lport) & st->hash_mask];
+    int32_t i = st->hash[fp_conn_hash(rip, rport, lport) & st->hash_mask];
     while (i >= 0) {
         struct fp_ccb *c = &st->ccbs[i];
         if (c->remote_ip == rip && c->remote_port == rport && c->local_port == lport)
@@ -193,7 +187,7 @@ int fp_push(struct fp_state *st, const struct fp_ccb *src)
     if (c->psh_n > FP_PSH_MAX)
         c->psh_n = FP_PSH_MAX;
     fp_build_template(st, c);
-    uint32_t h = hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask;
+    uint32_t h = fp_conn_hash(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask;
     c->hnext = st->hash[h];
     st->hash[h] = (int32_t)slot;
     st->fd_map[c->b_fd] = (int32_t)slot;
@@ -244,7 +238,7 @@ int fp_pull(struct fp_state *st, int slot, struct fp_ccb *dst)
     fp_lock(st, slot);
     struct fp_ccb *c = &st->ccbs[slot];
     *dst = *c;
-    int32_t *p = &st->hash[hash_key(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask];
+    int32_t *p = &st->hash[fp_conn_hash(c->remote_ip, c->remote_port, c->local_port) & st->hash_mask];
     while (*p >= 0 && *p != slot)
         p = &st->ccbs[*p].hnext;
     if (*p == slot)

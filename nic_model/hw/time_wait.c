@@ -45,12 +45,6 @@ struct fp_tw_table {
     struct fp_tw *e;
 };
 
-static uint32_t tw_hash(uint32_t rip, uint32_t rport, uint32_t lport)
-{
-    uint32_t h = rip * 0x9e3779b1u ^ (rport << 16 | lport) * 0x85ebca6bu;
-    return h ^ (h >> 15);
-}
-
 void fp_tw_free(struct fp_state *st)
 {
     struct fp_tw_table *t = st->tw;
@@ -112,7 +106,7 @@ int fp_tw_find(struct fp_state *st, uint32_t rip, uint32_t rport, uint32_t lport
     struct fp_tw_table *t = st->tw;
     if (!t)
         return -1;
-    int32_t i = t->hash[tw_hash(rip, rport, lport) & t->hash_mask];
+    int32_t i = t->hash[fp_conn_hash(rip, rport, lport) & t->hash_mask];
     while (i >= 0) {
         struct fp_tw *w = &t->e[i];
         if (w->remote_ip == rip && w->remote_port == rport && w->local_port == lport)
@@ -165,7 +159,7 @@ static void tw_remove(struct fp_state *st, int32_t i)
 {
     struct fp_tw_table *t = st->tw;
     struct fp_tw *w = &t->e[i];
-    int32_t *p = &t->hash[tw_hash(w->remote_ip, w->remote_port, w->local_port) & t->hash_mask];
+    int32_t *p = &t->hash[fp_conn_hash(w->remote_ip, w->remote_port, w->local_port) & t->hash_mask];
     while (*p >= 0 && *p != i)
         p = &t->e[*p].hnext;
     if (*p == i)
@@ -203,7 +197,7 @@ int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now)
     w->bytes_in = c->bytes_in;
     w->bytes_out = c->bytes_out;
     memcpy(w->peer_mac, c->peer_mac, 6);
-    int32_t *h = &t->hash[tw_hash(w->remote_ip, w->remote_port, w->local_port) & t->hash_mask];
+    int32_t *h = &t->hash[fp_conn_hash(w->remote_ip, w->remote_port, w->local_port) & t->hash_mask];
     w->hnext = *h;
     *h = i;
     append_expiry(t, i, now + t->duration);
