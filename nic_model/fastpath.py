@@ -18,6 +18,8 @@ DROP_NAMES = ("ip_checksum", "ip_length", "ip_fragment", "not_our_ip", "tcp_offs
 PUNT_NAMES = ("unparsed", "syn", "no_ccb", "follows", "fin", "rst", "flags", "options", "out_of_order",
               "old_ack", "ack_unsent", "dup_ack", "beyond_window", "zero_window", "cork", "rto", "close",
               "forced", "handshake", "state", "teardown")
+HC_NAMES = ("looked", "connects", "passed", "not_fresh", "no_neighbour", "no_port", "no_room", "lost_answers",
+            "fresh_stuffed")
 assert len(DROP_NAMES) == lib.FP_NDROPS and len(PUNT_NAMES) == lib.FP_NPUNTS
 
 
@@ -137,6 +139,9 @@ class FastPathUnits:
                "time_wait_segments": k.tw_segments, "time_wait_acks": k.tw_acks,
                "time_wait_reopened": k.tw_reopened, "time_wait_expired": k.tw_expired}
         out.update({f"punts.{PUNT_NAMES[i]}": k.punts[i] for i in range(len(PUNT_NAMES)) if k.punts[i]})
+        h = ffi.new("struct fp_hc_counters *")
+        lib.fp_hc_counters(self.st, h)               # the command unit (host_cmd.c)
+        out.update({f"commands.{n}": getattr(h, n) for n in HC_NAMES})
         t = ffi.new("struct fp_counters *")
         if lib.fp_proc_counters(self.st, t) == 0:   # the TX processor's share of the above
             out.update({"tx_processor.doorbells": t.doorbells, "tx_processor.tx_frames": t.tx_frames,

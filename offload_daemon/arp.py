@@ -54,6 +54,9 @@ class ArpTable:
         self.cache: dict[int, tuple[bytes, float]] = {}
         self.pending: dict[int, _Pending] = {}
         self.counters = ArpIcmpCounters()
+        # told of every entry learnt, with the time it holds until (the units' copy of the
+        # neighbours: nic_model/hw/host_cmd.c)
+        self.on_learn: Callable[[int, bytes, float], None] | None = None
 
     def lookup(self, ip: int, now: float) -> bytes | None:
         e = self.cache.get(ip)
@@ -63,6 +66,8 @@ class ArpTable:
 
     def learn(self, ip: int, mac: bytes, now: float) -> None:
         self.cache[ip] = (mac, now + ARP_TTL_S)
+        if self.on_learn is not None:
+            self.on_learn(ip, mac, now + ARP_TTL_S)
         p = self.pending.pop(ip, None)
         if p is not None:
             self.timers.cancel(p.timer)

@@ -16,12 +16,15 @@ import traceback
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .abi import lib
+from nic_model._fastpath import lib as fp_lib
+
+from .abi import ffi, lib
 from .byteorder import from_be16, from_be32, to_be16, to_be32
 from .config import AdapterConfig
 from .host import HostIfCounters, HostSocket, ProcessCtx
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fastpath import FastPath
     from .host import ControlServer
     from .tcp import TcpStack
 
@@ -68,6 +71,8 @@ class CommandHandler:
     ctl: ControlServer | None
     ep: select.epoll
     tcp: TcpStack
+    fp: FastPath | None
+    _hc_gens: int                     # the command unit's channel generations handed out
 
     # ------------------------------------------------------------------ commands
 
@@ -133,10 +138,36 @@ class CommandHandler:
         else:
             s.proc.offloaded += 1
         self.ep.register(s.b_fd, EP_B)
+        fp = self.fp
+        if pooled and fp is not None and s.proc.hc_gen:
+            # fresh: the units' command unit may answer its CONNECT (nic_model/hw/host_cmd.c)
+            s.hc = fp_lib.fp_hc_sock(fp.st, s.id, s.b_fd, s.proc.conn.fileno(), int(ffi.cast("uintptr_t", s.shm)),
+                                     s.tx_size, s.rx_size, s.uid) == 0
 
-    @staticmethod
-    def _unpool(s: HostSocket) -> None:
+    def _hc_forget(self, s: HostSocket) -> None:
+        """Software acts on the socket: the command unit must not (from before B can close)."""
+        if s.hc:
+            s.hc = False
+            fp_lib.fp_hc_unsock(self.fp.st, s.b_fd)  # type: ignore[union-attr]
+
+    def hc_channel(self, ctx: ProcessCtx, on: bool) -> None:
+        """A channel whose peer is known and allowed is the command unit's to look at too
+        (a new generation number each time: a socket registered through an old channel on the
+        same descriptor cannot be named through a new one); off before it closes."""
+        fp = self.fp
+        if fp is None or on == bool(ctx.hc_gen):
+            return
+        if on:
+            self._hc_gens += 1
+            if fp_lib.fp_hc_channel(fp.st, ctx.conn.fileno(), self._hc_gens) == 0:
+                ctx.hc_gen = self._hc_gens
+        else:
+            fp_lib.fp_hc_channel(fp.st, ctx.conn.fileno(), 0)
+            ctx.hc_gen = 0
+
+    def _unpool(self, s: HostSocket) -> None:
         """A pooled socket is used (named by a command): the process's socket from now on."""
+        self._hc_forget(s)
         if s.pooled:
             s.pooled = False
             s.proc.pooled -= 1
@@ -154,6 +185,7 @@ class CommandHandler:
     def _unregister(self, s: HostSocket) -> None:
         """A's last reference is gone: nobody may name the socket any more."""
         self.socks.pop(s.id, None)
+        self._hc_forget(s)
         if s.pooled:                             # closed unused (the process exited, say)
             s.pooled = False
             s.proc.pooled -= 1
@@ -418,6 +450,7 @@ class CommandHandler:
         if s is None or not s.mapped or s.memfd < 0:
             return -errno.ENOENT
         self.ctl.rsp_fds = [s.memfd]  # type: ignore[union-attr]
+        self._hc_forget(s)
         s.recyclable = False               # the adopter maps it too
         rsp.sock_id = s.id
         rsp.tx_ring_bytes = s.tx_size

@@ -77,6 +77,7 @@ class Adapter(CommandHandler):
         self.ctl: ControlServer | None = None
         self.api: ApiServer | None = None
         self.fp: FastPath | None = None
+        self._hc_gens = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -148,6 +149,8 @@ class Adapter(CommandHandler):
                 raise SetupError(str(e)) from None
             self.tcp.fast = self.tcp.env.fast = self.fp
             self.fp.units_closed = self._app_gone  # type: ignore[assignment]
+            st = units.st
+            self.arp.on_learn = lambda ip, mac, until: fp_lib.fp_hc_neighbour(st, ip, mac, until)
         state = {"pid": os.getpid(), "tap": cfg.tap, "addr": cfg.addr, "host_addr": cfg.host_addr,
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
@@ -221,7 +224,7 @@ class Adapter(CommandHandler):
         st = fp.st
         events = fp.units.events
         timers = self.timers
-        fd_ev, frame_ev = fp_lib.FP_EV_FD, fp_lib.FP_EV_FRAME
+        fd_ev, frame_ev, connect_ev = fp_lib.FP_EV_FD, fp_lib.FP_EV_FRAME, fp_lib.FP_EV_CONNECT
         poll = fp_lib.fp_poll
         while self.running:
             d = timers.next_deadline()
@@ -240,6 +243,8 @@ class Adapter(CommandHandler):
                         self._sw_frame(e.buf, e.len, e.reason, now)
                     elif kind == fd_ev:
                         self._dispatch(fd, e.events, now)
+                    elif kind == connect_ev:
+                        self._units_connected(e.buf, now)
                     else:
                         fp.conn_event(e.slot, e.reason, now)
                 except Exception:
@@ -253,6 +258,22 @@ class Adapter(CommandHandler):
             except Exception:
                 self.counters_host.handler_errors += 1
                 log_exception("timers")
+
+    def _units_connected(self, i: int, now: float) -> None:
+        """A CONNECT the units' command unit answered (nic_model/hw/host_cmd.c): the command
+        counted as software counts its own, the connection made software's LazyCcb."""
+        r = self.fp.hc_conns[i]  # type: ignore[union-attr]
+        s = self.by_b[r.b_fd]
+        s.hc = False                               # (the unit forgot it as it used it)
+        self._unpool(s)
+        ctx = s.proc
+        ctx.commands += 1
+        self.counters_host.commands += 1
+        by_op = self.counters_host.by_op
+        by_op["connect"] = by_op.get("connect", 0) + 1
+        self.tcp.units_connected(s, r, now)
+        if r.lost:
+            self._proc_gone(ctx)                   # it did not take its answer
 
     def _dispatch(self, fd: int, ev: int, now: float) -> None:
         """An epoll event the fast path handed back."""
@@ -387,6 +408,7 @@ class Adapter(CommandHandler):
             self.ep.unregister(fd)
         except OSError:
             pass
+        self.hc_channel(ctx, False)
         ctx.conn.close()
         ctx.alive = False
         ctx.drop_all()               # its sockets live on in whoever still holds their A ends

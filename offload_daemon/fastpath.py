@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Callable
 from nic_model._fastpath import ffi as fp_ffi
 from nic_model._fastpath import lib as fp_lib
 
-from nic_model.fastpath import FastPathUnits
+from nic_model.fastpath import FastPathError, FastPathUnits
 
 from .abi import ffi as abi_ffi
 from .seq import M32, seq_gt
 from .tcp_ccb import (
     CWND_MAX,
+    EPHEMERAL,
     INIT_CWND_SEGS,
     PRE_ACCEPT_WINDOW,
     RCV_WSCALE,
@@ -98,6 +99,12 @@ class FastPath:
         t.last_data_rx = -1.0
         t.rtt_valid = 1
         t.cflags = fp_lib.FP_CF_SEND_SYN
+        # the command unit (nic_model/hw/host_cmd.c): CONNECTs of fresh sockets answered in
+        # the units, from this template, with software's counters and port use counts
+        if fp_lib.fp_hc_setup(self.st, cfg.iface.network.prefixlen, tcp.our_mss, EPHEMERAL[0], EPHEMERAL[1],
+                              tcp.ids, tcp.port_users, t) < 0:
+            raise FastPathError("cannot set up the fast path's command unit")
+        self.hc_conns = fp_lib.fp_hc_conns(self.st)
 
     # ---- software takes a connection back --------------------------------
 
@@ -248,10 +255,14 @@ class FastPath:
         slot = fp_lib.fp_push(self.st, f)
         if slot < 0:
             return False
+        self.took(c, slot)
+        return True
+
+    def took(self, c: Ccb, slot: int) -> None:
+        """A new connection is the units' at `slot` (push_new's, or their command unit's)."""
         c.fast_slot = slot
         self.by_slot[slot] = c
         self.base_data[slot] = 0
-        return True
 
     def push(self, c: Ccb, send_syn: bool = False) -> bool:
         assert c.sock is not None

@@ -117,6 +117,7 @@ class HostSocket:
         self.app_closed = False
         self.b_shut = False
         self.pooled = False           # registered in a batch (SOCKETS), not used yet
+        self.hc = False               # ... and registered with the units' command unit (fresh)
         # INADDR_ANY listener: the app's kernel listening socket on the same port (a dup),
         # watched so that A is readable when a connection waits on either path
         self.kernel_listener = -1
@@ -421,6 +422,7 @@ class ProcessCtx:
         self.alive = True
         self.forks = 0                # FORK channels made for children: older mappings are shared
         self.spares: dict[int, Spare] = {}   # closed sockets' mappings by old id, oldest first
+        self.hc_gen = 0               # the units' command unit reads this channel too (its generation)
 
     def hold(self, s: HostSocket) -> None:
         self.socks[s.id] = s
@@ -559,6 +561,8 @@ class ControlServer:
                 rsp.result = -errno.EPROTO if not _framed(msg) else -errno.EINVAL
                 self.adapter.counters_host.bad_commands += 1
             else:
+                if not ctx.hc_gen and not ctx.want_creds:
+                    self.adapter.hc_channel(ctx, True)     # its peer is known: the units may answer too
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
                 keep = self.adapter.command(ctx, cmd, fds, rsp, now, msg)
             try:

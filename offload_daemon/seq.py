@@ -3,9 +3,9 @@
 A bare `<` on sequence numbers breaks at the wrap; use these.
 """
 
-import hashlib
 import os
-import struct
+
+from nic_model._fastpath import lib as _fp_lib
 
 M32 = 0xFFFFFFFF
 HALF = 0x80000000
@@ -42,10 +42,10 @@ def seq_max(a: int, b: int) -> int:
     return b if seq_lt(a, b) else a
 
 
-_ISN_SECRET = os.urandom(16)
-_ISN_HASH = hashlib.blake2s(key=_ISN_SECRET, digest_size=4)   # keyed once; copied per ISN
-_ISN_TUPLE = struct.Struct("!IHIH")
-ISN_TICKS_PER_S = 250_000  # RFC 6528: the ISN clock M ticks every 4 µs
+# one secret per daemon, in the units (nic_model/hw/host_cmd.c): the command unit's
+# connect() and software's compute the same ISN
+_fp_lib.fp_isn_key(os.urandom(16))
+ISN_TICKS_PER_S = 250_000  # RFC 6528: the ISN clock M ticks every 4 µs (host_cmd.c's too)
 
 
 def initial_seq(local_ip: int, local_port: int, remote_ip: int, remote_port: int, now: float) -> int:
@@ -54,8 +54,7 @@ def initial_seq(local_ip: int, local_port: int, remote_ip: int, remote_port: int
     M is a 4 µs clock, so a new incarnation of a 4-tuple starts above the old
     one's sequence space; a peer still holding the old one in TIME-WAIT then
     accepts the new SYN (RFC 9293 3.4.1) instead of answering it with an ACK.
-    F is a keyed hash, so the ISN cannot be guessed from outside.
+    F is a keyed hash (SipHash-2-4, as Linux's secure_tcp_seq), so the ISN cannot
+    be guessed from outside.
     """
-    h = _ISN_HASH.copy()
-    h.update(_ISN_TUPLE.pack(local_ip, local_port, remote_ip, remote_port))
-    return (int(now * ISN_TICKS_PER_S) + int.from_bytes(h.digest(), "big")) & M32
+    return _fp_lib.fp_isn(local_ip, local_port, remote_ip, remote_port, now)

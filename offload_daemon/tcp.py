@@ -28,6 +28,9 @@ import errno
 import random
 from collections import deque
 
+from nic_model._fastpath import ffi as fp_ffi
+from nic_model._fastpath import lib as fp_lib
+
 from nic_model.wire import tcp as T
 
 from .abi import ffi, lib
@@ -94,10 +97,13 @@ class TcpStack(TcpInput, TcpOutput):
         self.conns: dict[tuple[int, int, int], Ccb] = {}
         self.listeners: dict[int, list[Listener]] = {}
         self.bound: dict[int, list[Sock]] = {}
-        self._eph_secret = random.getrandbits(64)
-        self._eph_next = 0
+        # RFC 6056's secret and counter and the connection ids, and a use count per local
+        # port (bound sockets and connections): shared with the units' command unit
+        # (nic_model/hw/host_cmd.c), which makes connections of its own with them
+        self.ids = fp_ffi.new("struct fp_ids *")
+        self.ids.eph_secret = random.getrandbits(64)
+        self.port_users = fp_ffi.new("uint32_t[65536]")
         self.our_mss = self.cfg.mtu - 40
-        self._next_id = 0
         self.dirty: set[Ccb] = set()
         self.closed: deque[tuple[Ccb, int | None, str]] = deque(maxlen=64)   # recently closed, newest last
         self.closed_bytes_in = 0
@@ -118,8 +124,9 @@ class TcpStack(TcpInput, TcpOutput):
     # ==================================================================
 
     def _new_ccb(self, lip: int, lport: int, rip: int, rport: int, now: float) -> Ccb:
-        self._next_id += 1
-        c = Ccb(self._next_id, lip, lport, rip, rport, now)
+        ids = self.ids
+        ids.conn_id += 1
+        c = Ccb(ids.conn_id, lip, lport, rip, rport, now)
         self._bind_timers(c)
         return c
 
@@ -207,14 +214,14 @@ class TcpStack(TcpInput, TcpOutput):
         old incarnation's TIME-WAIT at the peer has then most likely ended)."""
         lo, hi = EPHEMERAL
         n = hi - lo + 1
-        start = hash((rip, rport, self._eph_secret)) + self._eph_next
+        start = fp_lib.fp_eph_start(self.ids, rip, rport)      # (host_cmd.c's search starts there too)
         for i in range(n):
             p = lo + (start + i) % n
             if p in self.bound or p in self.listeners:
                 continue
             if rip and self._tuple_used((rip, rport, p)):
                 continue
-            self._eph_next += i + 1
+            self.ids.eph_next += i + 1
             return p
         raise OSError(errno.EADDRNOTAVAIL, "no free ephemeral port")
 
@@ -231,6 +238,13 @@ class TcpStack(TcpInput, TcpOutput):
     def _bind_port(self, sock: Sock, ip: int, port: int) -> None:
         sock.bound = (ip, port)
         self.bound.setdefault(port, []).append(sock)
+        self.port_users[port] += 1
+
+    def _add_conn(self, c: Ccb) -> None:
+        old = self.conns.get(c.key)
+        self.conns[c.key] = c
+        if old is None:
+            self.port_users[c.local_port] += 1
 
     def unbind(self, sock: Sock) -> None:
         if sock.bound is None:
@@ -242,6 +256,8 @@ class TcpStack(TcpInput, TcpOutput):
         if not users:
             self.bound.pop(port, None)
         sock.bound = None
+        if self.port_users[port]:
+            self.port_users[port] -= 1
 
     # ==================================================================
     # host commands
@@ -292,6 +308,7 @@ class TcpStack(TcpInput, TcpOutput):
         if sock.listener is not None:
             return -errno.EISCONN if False else -errno.EINVAL
         if sock.ccb is not None:
+            self.own(sock.ccb)                 # (the units' state, not what software last saw)
             st = sock.ccb.state
             return -errno.EALREADY if st == State.SYN_SENT else -errno.EISCONN
         if rport == 0:
@@ -309,19 +326,18 @@ class TcpStack(TcpInput, TcpOutput):
         if mac is not None:
             # the units take it from its SYN on: a LazyCcb (made whole if software ever
             # needs it), no Ccb and no timers now
-            self._next_id += 1
-            adv = self._adv_mss(sock)
-            lz = LazyCcb(self._next_id, self.my_ip, lport, rip, rport, now,
-                         initial_seq(self.my_ip, lport, rip, rport, now), adv)
-            lz.sock, lz.uid, lz.peer_mac = sock, sock.uid, mac
+            ids = self.ids
+            ids.conn_id += 1
+            lz = self._lazy(sock, ids.conn_id, lport, rip, rport, now,
+                            initial_seq(self.my_ip, lport, rip, rport, now), self._adv_mss(sock), mac)
             if self.fast.push_new(lz, now):  # type: ignore[union-attr]
-                self.conns[lz.key] = lz
+                self._add_conn(lz)
                 sock.ccb = lz
                 sock.set_addresses(self.my_ip, lport, rip, rport)
                 sock.set_state(lib.TOE_SS_CONNECTING)
                 self.stats.active_opens += 1
                 return -errno.EINPROGRESS
-            self._next_id -= 1
+            ids.conn_id -= 1
         c = self._new_ccb(self.my_ip, lport, rip, rport, now)
         c.sock = sock
         c.uid = sock.uid
@@ -330,7 +346,7 @@ class TcpStack(TcpInput, TcpOutput):
         c.adv_mss = self._adv_mss(sock)
         c.mss = c.adv_mss
         c.snd_nxt = c.snd_max = (c.iss + 1) & M32
-        self.conns[c.key] = c
+        self._add_conn(c)
         sock.set_addresses(self.my_ip, lport, rip, rport)
         sock.set_state(lib.TOE_SS_CONNECTING)
         self.stats.active_opens += 1
@@ -340,6 +356,25 @@ class TcpStack(TcpInput, TcpOutput):
 
         self.arp.resolve(rip, now, resolved)
         return -errno.EINPROGRESS
+
+    def _lazy(self, sock: Sock, cid: int, lport: int, rip: int, rport: int, now: float, iss: int, adv: int,
+              mac: bytes) -> LazyCcb:
+        lz = LazyCcb(cid, self.my_ip, lport, rip, rport, now, iss, adv)
+        lz.sock, lz.uid, lz.peer_mac = sock, sock.uid, mac
+        return lz
+
+    def units_connected(self, sock: Sock, r, now: float) -> None:
+        """A connect() the units' command unit made (nic_model/hw/host_cmd.c: record r): the
+        LazyCcb and the tables connect() would have (its port and connection already counted
+        in port_users, the socket's header written, the CCB in the units at r.slot)."""
+        lz = self._lazy(sock, r.conn_id, r.local_port, r.remote_ip, r.remote_port, r.now, r.iss, r.adv_mss,
+                        bytes(fp_ffi.buffer(r.peer_mac, 6)))
+        sock.bound = (self.my_ip, r.local_port)
+        self.bound.setdefault(r.local_port, []).append(sock)
+        self.conns[lz.key] = lz
+        sock.ccb = lz
+        self.stats.active_opens += 1
+        self.fast.took(lz, r.slot)  # type: ignore[union-attr]
 
     def _syn_resolved(self, c: Ccb, mac: bytes | None, now: float) -> None:
         if c.state != State.SYN_SENT or self.conns.get(c.key) is not c:
@@ -573,6 +608,8 @@ class TcpStack(TcpInput, TcpOutput):
         tables, its socket's part done. A LazyCcb the units ended comes here as it is."""
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
+            if self.port_users[c.local_port]:
+                self.port_users[c.local_port] -= 1
             if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
                 # the record is made when `toe stat` asks (closed_info): a dict per connection
                 # here would cost more than the rest of its release

@@ -107,7 +107,9 @@ class FastOwner(Protocol):
     that connection's TIME-WAIT (a record of theirs, nic_model/hw/time_wait.c);
     `tw_count(n)`: how many they keep, told that software keeps n; `tw_take(c)`: they take
     software's connection in TIME-WAIT as such a record (False: no room); `push_new(c)`:
-    a LazyCcb connect() made goes to them at once, its SYN sent (False: software's)."""
+    a LazyCcb connect() made goes to them at once, its SYN sent (False: software's);
+    `took(c, slot)`: a LazyCcb of a connection the units made themselves (their command
+    unit's connect()) is theirs at `slot`."""
 
     def own(self, c: "Ccb") -> None: ...
     def offer(self, c: "Ccb") -> None: ...
@@ -116,6 +118,7 @@ class FastOwner(Protocol):
     def push_new(self, c: "Ccb", now: float) -> bool: ...
     def tw_kept(self, key: tuple[int, int, int]) -> bool: ...
     def tw_count(self, software: int) -> int: ...
+    def took(self, c: "Ccb", slot: int) -> None: ...
 
 
 class Sock(Protocol):
@@ -422,10 +425,9 @@ class TcpStackBase:
     conns: dict[tuple[int, int, int], Ccb]
     listeners: dict[int, list[Listener]]
     bound: dict[int, list[Sock]]
-    _eph_secret: int
-    _eph_next: int
+    ids: Any                    # struct fp_ids * (nic_model/hw/fp.h)
+    port_users: Any             # uint32_t[65536]
     our_mss: int
-    _next_id: int
     dirty: set[Ccb]
     closed: "deque[tuple[Ccb, int | None, str]]"
     closed_bytes_in: int
@@ -441,6 +443,7 @@ class TcpStackBase:
     if TYPE_CHECKING:  # pragma: no cover
         # TcpStack's own (tcp.py), called from the output and input sides
         def _new_ccb(self, lip: int, lport: int, rip: int, rport: int, now: float) -> Ccb: ...
+        def _add_conn(self, c: Ccb) -> None: ...
         def _arm(self, c: Ccb, kind: str, delay: float, now: float) -> None: ...
         def _disarm(self, c: Ccb) -> None: ...
         def _keepalive_arm(self, c: Ccb, now: float) -> None: ...

@@ -98,7 +98,7 @@ class TcpInput(TcpOutput):
             c.rcv_wscale = RCV_WSCALE
         c.snd_wnd = seg.window
         c.snd_wl1, c.snd_wl2 = seg.seq, c.iss
-        self.conns[c.key] = c
+        self._add_conn(c)
         lst.embryonic.add(c)
         self.stats.passive_opens += 1
         self._send_synack(c, opts, now)

@@ -19,6 +19,9 @@
  *                  teardown (the SYN|ACK, the FINs, the application's close)
  *   time_wait.c    TIME-WAIT as records (not CCBs): the segments that can
  *                  still come answered as software's TIME-WAIT answers them
+ *   host_cmd.c     the command unit: a CONNECT read from the host's control
+ *                  channel and answered here (port, ISN, CCB, SYN), for a
+ *                  fresh socket to a known neighbour; the rest is software's
  *   fp_engine.c    the CCB table (hash by connection, map by B descriptor),
  *                  the event loop's wait, doorbells, the deadline scan, and
  *                  the hand-back queue (punts and events for software)
@@ -98,6 +101,7 @@
 #define FP_EV_FD 1             /* an epoll event for software: fd, events */
 #define FP_EV_FRAME 2          /* a frame for software: buf, len, reason, slot (-1: none) */
 #define FP_EV_CONN 3           /* a fast connection needs software: slot, reason */
+#define FP_EV_CONNECT 4        /* the command unit made a connection: buf = its record (fp_hc_conns) */
 
 #define FP_NO_WSCALE 255
 #define FP_PSH_MAX 64          /* = PSH_ENDS_MAX of the software path */
@@ -339,6 +343,43 @@ struct fp_state {
     struct fp_counters counters;
     void *proc;                /* seed 003's second processor (tx_proc.c), or NULL: one */
     void *tw;                  /* TIME-WAIT records (time_wait.c), or NULL: software's */
+    void *hc;                  /* the command unit (host_cmd.c), or NULL: every command is software's */
+};
+
+/* The numbers software and the command unit both hand out (one counter each, shared):
+ * RFC 6056 algorithm 3's secret and counter for ephemeral ports, and connection ids */
+struct fp_ids {
+    uint64_t eph_secret;
+    uint32_t eph_next;
+    uint32_t conn_id;          /* the last id handed out */
+};
+
+/* A connection the command unit made (FP_EV_CONNECT): what software learns of it */
+struct fp_hc_conn {
+    int32_t b_fd;              /* its socket (the B end software registered) */
+    int32_t slot;              /* its CCB, in SYN-SENT, the SYN sent */
+    uint32_t sock_id;
+    uint32_t conn_id;
+    uint32_t remote_ip;
+    uint32_t local_port;
+    uint32_t remote_port;
+    uint32_t iss;
+    uint32_t adv_mss;
+    uint32_t lost;             /* the answer could not be sent: the channel must go */
+    uint8_t peer_mac[8];
+    double now;
+};
+
+struct fp_hc_counters {
+    uint64_t looked;           /* commands looked at (MSG_PEEK) */
+    uint64_t connects;         /* CONNECTs answered here */
+    uint64_t passed;           /* commands left to software: another op, descriptors, a size */
+    uint64_t not_fresh;        /* CONNECTs left to software: a socket software has used, or another channel's */
+    uint64_t no_neighbour;     /* ... the peer not in the neighbour copy (or stale), or not a host of the subnet */
+    uint64_t no_port;          /* ... no port without any user within the probes */
+    uint64_t no_room;          /* ... CCB table or hand-back records full */
+    uint64_t lost_answers;     /* answers the channel did not take (it goes) */
+    uint64_t fresh_stuffed;    /* a fresh socket's A stuffed by the shim (B readable): nothing to do */
 };
 
 /* engine (fp_engine.c) */
@@ -365,6 +406,22 @@ uint32_t fp_tw_count(struct fp_state *st);
 int fp_tw_find(struct fp_state *st, uint32_t remote_ip, uint32_t remote_port, uint32_t local_port);
 int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now);
 int fp_tw_next(struct fp_state *st, int i, struct fp_tw *out);
+
+/* the command unit (host_cmd.c) */
+int fp_hc_setup(struct fp_state *st, uint32_t prefix_len, uint32_t our_mss, uint32_t eph_lo, uint32_t eph_hi,
+                struct fp_ids *ids, uint32_t *ports, const struct fp_ccb *tmpl);
+void fp_hc_free(struct fp_state *st);
+struct fp_hc_conn *fp_hc_conns(struct fp_state *st);
+int fp_hc_channel(struct fp_state *st, int fd, uint32_t gen);
+int fp_hc_sock(struct fp_state *st, uint32_t sock_id, int b_fd, int chan_fd, uint64_t shm_addr,
+               uint32_t tx_size, uint32_t rx_size, uint32_t uid);
+void fp_hc_unsock(struct fp_state *st, int b_fd);
+int fp_hc_neighbour(struct fp_state *st, uint32_t ip, const uint8_t *mac, double until);
+void fp_hc_counters(struct fp_state *st, struct fp_hc_counters *out);
+int fp_hc_event(struct fp_state *st, int fd, uint32_t ev, double now);
+void fp_isn_key(const uint8_t *key);
+uint32_t fp_isn(uint32_t local_ip, uint32_t local_port, uint32_t remote_ip, uint32_t remote_port, double now);
+uint32_t fp_eph_start(const struct fp_ids *ids, uint32_t remote_ip, uint32_t remote_port);
 
 /* seed 003's two processors (tx_proc.c): a TX processor thread takes the doorbells of the
  * units' connections; this one (the RX processor) the TAP, the deadlines and software */
@@ -500,6 +557,8 @@ void fp_send_fin(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_send_syn(struct fp_state *st, struct fp_ccb *c, double now);
 void fp_fin_acked(struct fp_state *st, struct fp_ccb *c);
 int fp_tw_rx(struct fp_state *st, const struct fp_seg *g, double now);
+void fp_hc_port(struct fp_state *st, uint32_t port, int delta);
+void fp_hc_begin(struct fp_state *st);
 void fp_tw_expire(struct fp_state *st, double now);
 void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_t n, double now); /* ack_number.c */
 void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);

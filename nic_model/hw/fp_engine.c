@@ -89,6 +89,7 @@ void fp_free(struct fp_state *st)
         return;
     fp_proc_stop(st);
     fp_tw_free(st);
+    fp_hc_free(st);
     free(st->ccbs);
     free(st->hash);
     free(st->fd_map);
@@ -742,6 +743,8 @@ static int wait_once(struct fp_state *st, int timeout_ms)
             continue;                          /* else punted: software's doorbell */
         if (slot >= 0 && (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && fp_hangup(st, slot, now))
             continue;                          /* the units close it (conn_fsm.c) */
+        if (slot < 0 && fp_hc_event(st, fd, ev, now))
+            continue;                          /* the command unit's (host_cmd.c) */
         struct fp_event *e = fp_event_new(st, FP_EV_FD);
         if (e) {
             e->fd = fd;
@@ -765,6 +768,7 @@ static int wait_once(struct fp_state *st, int timeout_ms)
 int fp_poll(struct fp_state *st, int timeout_ms)
 {
     st->nevents = 0;
+    fp_hc_begin(st);                           /* the command unit's records went with the events */
     double until = timeout_ms < 0 ? 0 : fp_mono() + timeout_ms / 1000.0;
     for (;;) {
         if (wait_once(st, timeout_ms) < 0 || st->nevents)

@@ -165,6 +165,7 @@ static void tw_remove(struct fp_state *st, int32_t i)
     if (*p == i)
         *p = w->hnext;
     unlink_expiry(t, i);
+    fp_hc_port(st, w->local_port, -1);         /* the record held its port (host_cmd.c) */
     w->in_use = 0;
     t->free_slots[t->nfree++] = i;
     t->n--;
@@ -202,6 +203,7 @@ int fp_tw_enter(struct fp_state *st, const struct fp_ccb *c, double now)
     *h = i;
     append_expiry(t, i, now + t->duration);
     t->n++;
+    fp_hc_port(st, w->local_port, 1);
     st->counters.tw_entered++;
     fp_deadline(st, t->e[t->head].expires);
     return 0;

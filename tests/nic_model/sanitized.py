@@ -753,13 +753,13 @@ def child_main(argv: list[str]) -> int:
     """argv: SEED PARSE_FRAMES ENGINE_FRAMES MODE (bursts: several calls per fp_end_burst, as
     fp_poll's bursts are; single: fp_end_burst after every call; poll: fp_poll reads the
     frames from a TAP socketpair; poll2: the same with the TX processor running, taking
-    doorbells) [WATCHDOG_SECONDS]."""
+    doorbells; commands: the command unit, sanitized_cmd.py) [WATCHDOG_SECONDS]."""
     import importlib
 
     seed, parse_frames, engine_frames = (int(a) for a in argv[:3])
     mode = argv[3]
     limit = float(argv[4]) if len(argv) > 4 else 30.0
-    assert mode in ("bursts", "single", "poll", "poll2"), mode
+    assert mode in ("bursts", "single", "poll", "poll2", "commands"), mode
     mod = importlib.import_module(MODULE)
     ffi, lib = mod.ffi, mod.lib
     dog = watchdog(limit)
@@ -769,6 +769,10 @@ def child_main(argv: list[str]) -> int:
     t1 = time.monotonic()
     def engine(offloads: int, n: int) -> dict:
         """One engine run: fp_poll over the TAP stand-in, or the calls one by one."""
+        if mode == "commands":                  # the command unit (sanitized_cmd.py)
+            import sanitized_cmd
+            return sanitized_cmd.child_commands(ffi, lib, random.Random(seed * 4 + 6 - offloads), n,
+                                                guarded_mapping, globals())
         if mode in ("poll", "poll2"):
             return child_poll(ffi, lib, random.Random(seed * 4 + 4 - offloads), n, offloads=offloads,
                               procs=2 if mode == "poll2" else 1)

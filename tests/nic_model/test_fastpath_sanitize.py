@@ -85,6 +85,16 @@ def test_engine_with_two_processors(san_module):
     assert "engine (poll2)" in out
 
 
+def test_command_unit_with_a_hostile_host(san_module):
+    """CONNECTs and everything else on the control channels, fresh sockets with headers of
+    garbage, neighbours and port counts changing (sanitized_cmd.py): every command looked at
+    counted once, and each way of leaving one to software taken."""
+    out = _run(san_module, parse_frames=0, engine_frames=12000, mode="commands")
+    for what in ("connects", "passed", "not_fresh", "no_neighbour", "no_port", "no_room", "fresh_stuffed"):
+        counts = [int(n) for n in re.findall(rf"'{what}': (\d+)", out)]
+        assert len(counts) == 2 and min(counts) > 0, (what, out)
+
+
 @pytest.fixture(scope="module")
 def tsan_module(tmp_path_factory):
     preload, why = sanitized.runtime("tsan")

@@ -184,6 +184,25 @@ class Harness:
         self.hosts.append(hs)
         return hs, app
 
+    def send_cmd(self, op: int, sock_id: int, ip: int = 0, port: int = 0, fds: list[int] | None = None) -> bytes:
+        """A command as the shim sends it on the harness's channel (the daemon's end: self.proc.conn)."""
+        cmd = ffi.new("struct toe_cmd *")
+        cmd.op, cmd.sock_id = op, sock_id
+        cmd.addr_be32, cmd.port_be16 = socket.htonl(ip), socket.htons(port)
+        msg = bytes(ffi.buffer(cmd))
+        if fds:
+            socket.send_fds(self._ctl_a, [msg], fds)
+        else:
+            self._ctl_a.send(msg)
+        return msg
+
+    def answer(self):
+        """The next answer the shim's end of the channel reads."""
+        rsp = ffi.new("struct toe_rsp *")
+        data = self._ctl_a.recv(lib.TOE_RSP_SIZE)
+        ffi.memmove(rsp, data, len(data))
+        return rsp
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self.ad.timers.poll(self.now)

@@ -30,6 +30,7 @@ from nic_model.fastpath import FastPathUnits
 from nic_model.rx import TCP_DATA, TCP_SYN, RxChecker
 from nic_model.wire import tcp as T
 from offload_daemon.abi import csum, lib
+from offload_daemon.abi import ffi as abi_ffi
 from offload_daemon.fastpath import FastPath
 from offload_daemon.tcp_ccb import State, ip_str
 
@@ -73,9 +74,9 @@ class World:
     `active`: connected), or `connecting` (its SYN sent)."""
 
     def __init__(self, fast: bool, ring: int = 1 << 16, active: bool = False, connecting: bool = False,
-                 **cfg):
+                 via_unit: bool = False, **cfg):
         self.h = Harness(ring=ring, **cfg)
-        self.h.tcp._eph_secret = 1                      # both worlds pick the same port (and so ISN)
+        self.h.tcp.ids.eph_secret = 1                   # both worlds pick the same port (and so ISN)
         self.fast = None
         self.rx = RxChecker(MY_MAC, ME, csum)
         if fast:
@@ -91,7 +92,10 @@ class World:
         if connecting:
             self.h.tcp.fast = self.h.ad.fast = self.fast
             self.hs, self.app = self.h.socket()
-            assert self.h.tcp.connect(self.hs, PEER, 8080, self.h.now) == -errno.EINPROGRESS
+            if via_unit:
+                self.unit_connect(PEER, 8080)
+            else:
+                assert self.h.tcp.connect(self.hs, PEER, 8080, self.h.now) == -errno.EINPROGRESS
             self.c = self.hs.ccb
             self._settle()
             return
@@ -105,6 +109,24 @@ class World:
             self.fast.own(self.c)
             self._settle()
             assert self.c.fast_slot >= 0, "an established connection goes to the units"
+
+    def unit_connect(self, ip: int, port: int) -> None:
+        """connect() as the units' command unit makes it (nic_model/hw/host_cmd.c) and the
+        adapter takes it (Adapter._units_connected): the harness's channel and a fresh
+        socket registered, the peer's MAC in the neighbour copy, a CONNECT on the channel."""
+        h, st_, hs = self.h, self.units.st, self.hs
+        ch = h.proc.conn.fileno()
+        assert fp_lib.fp_hc_channel(st_, ch, 1) == 0
+        assert fp_lib.fp_hc_neighbour(st_, ip, PEER_MAC, h.now + 60) == 0
+        assert fp_lib.fp_hc_sock(st_, hs.id, hs.b_fd, ch, int(abi_ffi.cast("uintptr_t", hs.shm)), hs.tx_size,
+                                 hs.rx_size, hs.uid) == 0
+        h.send_cmd(lib.TOE_OP_CONNECT, hs.id, ip, port)
+        assert fp_lib.fp_hc_event(st_, ch, select.EPOLLIN, h.now) == 1
+        e = st_.events[st_.nevents - 1]
+        assert e.kind == fp_lib.FP_EV_CONNECT
+        h.tcp.units_connected(hs, self.fast.hc_conns[e.buf], h.now)
+        st_.nevents = 0
+        assert h.answer().result == -errno.EINPROGRESS
 
     # ---- what the daemon's loop does around each event -------------------
 

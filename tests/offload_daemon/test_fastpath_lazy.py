@@ -21,18 +21,20 @@ from .fixtures import PEER, Harness
 from .test_fastpath_diff import Pair, World, _opts, _read
 
 
-def _pushed(lazy: bool) -> dict:
-    """The CCB the units hold after connect(): through a LazyCcb (FastPath.push_new, the
-    fresh ARP entry) or a whole Ccb (software's path: no fresh entry, send_syn)."""
-    w = World(True)
-    h = w.h
-    h.tcp.fast = h.ad.fast = w.fast
-    if not lazy:
+def _pushed(how: str) -> dict:
+    """The CCB the units hold after connect(): through a LazyCcb ("lazy": FastPath.push_new,
+    the fresh ARP entry; "unit": the units' command unit, nic_model/hw/host_cmd.c) or a
+    whole Ccb ("whole": software's path, no fresh entry, send_syn)."""
+    w = World(True, connecting=True, via_unit=how == "unit")
+    if how == "whole":
+        w = World(True)
+        h = w.h
+        h.tcp.fast = h.ad.fast = w.fast
         h.tcp.arp.lookup = lambda ip, now: None          # type: ignore[method-assign]
-    hs, _app = h.socket()
-    assert h.tcp.connect(hs, PEER, 8080, h.now) == -errno.EINPROGRESS
-    c = hs.ccb
-    assert (type(c) is LazyCcb) == lazy and c.fast_slot >= 0
+        w.hs, _app = h.socket()
+        assert h.tcp.connect(w.hs, PEER, 8080, h.now) == -errno.EINPROGRESS
+    c = w.hs.ccb
+    assert (type(c) is LazyCcb) == (how != "whole") and c.fast_slot >= 0
     f = fp_ffi.new("struct fp_ccb *")
     assert fp_lib.fp_peek(w.units.st, c.fast_slot, f) == 0
     skip = {"tmpl", "hnext", "shm_addr", "b_fd", "conn_id", "local_port", "ip_base", "pseudo_base", "pad"}
@@ -51,8 +53,11 @@ def _pushed(lazy: bool) -> dict:
 
 def test_a_lazy_connect_gives_the_units_the_same_ccb():
     """connect() with a fresh ARP entry gives the units the CCB of a LazyCcb from a template
-    (FastPath.push_new): field for field what pushing a whole new Ccb gives them."""
-    assert _pushed(lazy=True) == _pushed(lazy=False)
+    (FastPath.push_new), and the command unit's connect() the same CCB from its copy of the
+    template: field for field what pushing a whole new Ccb gives them."""
+    whole = _pushed("whole")
+    assert _pushed("lazy") == whole
+    assert _pushed("unit") == whole
 
 
 def test_a_lazy_ccb_is_made_whole_in_place():
@@ -92,15 +97,16 @@ LAZY_STEP = st.one_of(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(LAZY_STEP, max_size=8), st.booleans())
-def test_random_traces_of_a_lazy_connect_agree(steps, peer_closes_first):
-    """connect() as a LazyCcb, its SYN|ACK in the units, then anything, then a close either
-    way round: the same frames as software's all along, never looked at from outside (the
-    units' end releases it as it is, or software makes it whole where it must), and the
-    same end: state, bytes, the socket released."""
+@given(st.lists(LAZY_STEP, max_size=8), st.booleans(), st.booleans())
+def test_random_traces_of_a_lazy_connect_agree(steps, peer_closes_first, via_unit):
+    """connect() as a LazyCcb (made by software, or by the units' command unit), its SYN|ACK
+    in the units, then anything, then a close either way round: the same frames as
+    software's all along (the SYN too: the same port and ISN), never looked at from outside
+    (the units' end releases it as it is, or software makes it whole where it must), and
+    the same end: state, bytes, the socket released, no port left in use."""
     try:
         p = Pair.__new__(Pair)
-        p.s, p.f = World(False, connecting=True), World(True, connecting=True)
+        p.s, p.f = World(False, connecting=True), World(True, connecting=True, via_unit=via_unit)
         assert type(p.f.c) is LazyCcb
         sc = p.s.c
         _both(p, "peer", T.SYN | T.ACK, 777000, (sc.snd_una + 1) & 0xFFFFFFFF, b"", 29200, _opts())
@@ -130,8 +136,15 @@ def test_random_traces_of_a_lazy_connect_agree(steps, peer_closes_first):
         ends = [_outcome(w) for w in (p.s, p.f)]
         assert ends[0] == ends[1], ends
         assert p.s.hs.mapped == p.f.hs.mapped
+        assert _ports_used(p.s) == _ports_used(p.f)
     finally:
         Harness.close_all()
+
+
+def _ports_used(w: World) -> dict[int, int]:
+    """Local ports with users (TcpStack.port_users, which the command unit chooses from)."""
+    u = w.h.tcp.port_users
+    return {p: u[p] for p in range(65536) if u[p]}
 
 
 def _outcome(w: World) -> tuple:
