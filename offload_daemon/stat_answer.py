@@ -107,6 +107,8 @@ def adapter_stat(ad: Any, uid: int | None = None) -> dict:
                    # closed sockets' mappings kept for REUSE (in ring_bytes), and dropped unused
                    "spares": HostSocket.spares, "spares_released": HostSocket.spares_released,
                    "time_wait": ad.tcp.time_wait_count(), "max_time_wait": ad.cfg.max_time_wait,
+                   # local ports a socket, a connection or a TIME-WAIT record uses (port_users)
+                   "local_ports": ad.tcp.ports_in_use(),
                    "channels": len(ad.ctl.procs)},  # type: ignore[union-attr]
         "connections": conns,
         "closed": closed,

@@ -24,6 +24,7 @@ host's socket calls and the endings. Everything is importable from here.
 
 from __future__ import annotations
 
+import array
 import errno
 import random
 from collections import deque
@@ -229,6 +230,12 @@ class TcpStack(TcpInput, TcpOutput):
         """A connection (remote ip, remote port, local port) exists: software's, or a
         TIME-WAIT record of the units'."""
         return key in self.conns or (self.fast is not None and self.fast.tw_kept(key))
+
+    def ports_in_use(self) -> int:
+        """Local ports with a user (port_users: bound sockets, connections, TIME-WAIT records)."""
+        a = array.array("I")
+        a.frombytes(fp_ffi.buffer(self.port_users))
+        return len(a) - a.count(0)
 
     def time_wait_count(self) -> int:
         """Connections in TIME-WAIT: software's and the units' records (one limit for both)."""

@@ -95,8 +95,14 @@ def test_server_closes_first_the_whole_life_is_the_units(adapter, client_ns):
     assert stat["totals"]["data_segments_software"] == 0, stat["totals"]
     assert tcp["time_wait"] == 0, tcp
     assert {c["closed_from"] for c in stat["closed"]} == {"LAST_ACK"}, stat["closed"][-3:]
-    # every socket was released: what is left is the client's pool, gone with the client
+    # every CONNECT but one that had to learn the server's MAC was the command unit's
+    # (nic_model/hw/host_cmd.c), and none of it went back to software unanswered
+    assert n - 1 <= fp["commands.connects"] <= n, fp
+    assert fp["commands.not_fresh"] == fp["commands.no_port"] == fp["commands.no_room"] == 0, fp
+    # every socket was released: what is left is the client's pool, gone with the client;
+    # and no local port is counted as used any more (the unit's and software's ports)
     wait_until(lambda: adapter.stat()["limits"]["sockets"] == 0, "the sockets to be released", timeout=20)
+    assert adapter.stat()["limits"]["local_ports"] == 0
 
 
 def test_client_closes_first_the_units_send_the_fin_and_keep_time_wait(adapter, client_ns):
@@ -123,8 +129,9 @@ def test_client_closes_first_the_units_send_the_fin_and_keep_time_wait(adapter, 
     # each with its bytes (a request out, a response in); the totals count them once
     assert all(c["bytes_in"] > 0 and c["bytes_out"] > 0 for c in rows), rows[:3]
     assert stat["totals"]["bytes_in"] < 2 * sum(c["bytes_in"] for c in rows) + 1, stat["totals"]
-    # every socket was released: TIME-WAIT needs no ring
+    # every socket was released: TIME-WAIT needs no ring; each record still holds its port
     wait_until(lambda: adapter.stat()["limits"]["sockets"] == 0, "the sockets to be released", timeout=20)
+    assert adapter.stat()["limits"]["local_ports"] == n
 
 
 SINK = r"""
