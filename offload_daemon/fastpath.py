@@ -46,6 +46,7 @@ _FLOAT = ("rtt_time", "srtt", "rttvar", "rto", "last_rx", "last_data_rx")
 _COUNTS = ("bytes_in", "bytes_out", "segs_in", "segs_out")
 _SAME = _U32 + _FLOAT + _COUNTS
 _ZERO_CCB = bytes(fp_ffi.sizeof("struct fp_ccb"))
+_STATES = {st.value: st for st in State}              # (an Enum call costs a microsecond)
 NO_UID = 0xFFFFFFFF                               # fp_ccb.uid of a connection without an owner yet
 
 
@@ -157,7 +158,7 @@ class FastPath:
     @staticmethod
     def _copy_out(f, c: Ccb, base: int) -> None:
         _copy_same(f, c)
-        c.state = State(f.state)
+        c.state = _STATES[f.state]
         c.irs, c.mss, c.snd_wscale, c.rcv_wscale = f.irs, f.mss, f.snd_wscale, f.rcv_wscale
         cf = f.cflags
         c.rx_fin = bool(cf & fp_lib.FP_CF_RX_FIN)
@@ -205,6 +206,8 @@ class FastPath:
     def push_candidates(self) -> None:
         """End of a loop pass: the connections software touched go back to the units if
         they can; the rest stay software's until something touches them again."""
+        if not self.candidates:
+            return
         cands, self.candidates = self.candidates, set()
         for c in cands:
             if c.fast_slot < 0 and self.tcp.conns.get(c.key) is c and self.eligible(c):
@@ -361,7 +364,7 @@ class FastPath:
         self._host_close(c)
         if f.state == State.TIME_WAIT:
             self.tcp.stats.time_wait += 1
-        c.state = State(f.state)
+        c.state = _STATES[f.state]
         self.tcp._release(c)
         return True
 

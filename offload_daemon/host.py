@@ -110,7 +110,7 @@ class HostSocket:
             raise OSError(errno.EINVAL, "shared header: bad magic, ABI version or ring sizes")
         self.tx_size = tx_size
         self.rx_size = rx_size
-        self.tx_ring = memoryview(ffi.buffer(ffi.cast("uint8_t *", base) + lib.TOE_SHM_HDR_SIZE, tx_size))
+        self._tx_ring: memoryview | None = None  # made when software first sends from it (tx_ring)
         self.ccb: Ccb | None = None
         self.listener: Listener | None = None
         self.bound: tuple[int, int] | None = None     # (ip, port) in host order
@@ -298,10 +298,10 @@ class HostSocket:
     def _unmap(self) -> tuple[int, Any]:
         """The mapping leaves this object: (memfd, base), the caller's now."""
         memfd, self.memfd = self.memfd, -1
-        ring = getattr(self, "tx_ring", None)
+        ring = getattr(self, "_tx_ring", None)
         if ring is not None:
             ring.release()            # a memoryview of the mapping: nothing may read it after this
-            self.tx_ring = None  # type: ignore[assignment]
+            self._tx_ring = None
         self.shm = None  # type: ignore[assignment]
         base = getattr(self, "_base", ffi.NULL)
         self._base = ffi.NULL
@@ -337,6 +337,17 @@ class HostSocket:
     @property
     def mapped(self) -> bool:
         return self.shm is not None
+
+    @property
+    def tx_ring(self) -> memoryview:
+        """The TX ring as bytes (software's sends; the units read it through the mapping)."""
+        ring = self._tx_ring
+        if ring is None:
+            if self._base == ffi.NULL:
+                raise ValueError("the socket's memory is unmapped")
+            ring = self._tx_ring = memoryview(ffi.buffer(ffi.cast("uint8_t *", self._base) + lib.TOE_SHM_HDR_SIZE,
+                                                         self.tx_size))
+        return ring
 
 
 SPARES_MAX = 1024                 # recycled mappings kept over all processes

@@ -374,8 +374,9 @@ class TcpStack(TcpInput, TcpOutput):
         """A connect() the units' command unit made (nic_model/hw/host_cmd.c: record r): the
         LazyCcb and the tables connect() would have (its port and connection already counted
         in port_users, the socket's header written, the CCB in the units at r.slot)."""
-        lz = self._lazy(sock, r.conn_id, r.local_port, r.remote_ip, r.remote_port, r.now, r.iss, r.adv_mss,
-                        bytes(fp_ffi.buffer(r.peer_mac, 6)))
+        rip = r.remote_ip
+        mac = self.arp.lookup(rip, now) or bytes(fp_ffi.buffer(r.peer_mac, 6))   # (the same: the unit's is a copy)
+        lz = self._lazy(sock, r.conn_id, r.local_port, rip, r.remote_port, r.now, r.iss, r.adv_mss, mac)
         sock.bound = (self.my_ip, r.local_port)
         self.bound.setdefault(r.local_port, []).append(sock)
         self.conns[lz.key] = lz
