@@ -63,3 +63,10 @@ def shared_adapter() -> Iterator[Callable[..., Adapter]]:
             problems += teardown_adapter(ad)
     if problems:
         pytest.fail("adapter teardown: " + "; ".join(problems))
+
+
+@pytest.fixture
+def ad(shared_adapter):
+    """The shared adapter that lets nobody in (the hostile client's tests)."""
+    from tests.security.test_bad_input import ALLOW_NOBODY
+    return shared_adapter(*ALLOW_NOBODY)

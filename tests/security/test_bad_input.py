@@ -214,11 +214,6 @@ def check_daemon(adapter, pid: int, baseline_fds: int, what: str) -> list[str]:
     return problems
 
 
-@pytest.fixture
-def ad(shared_adapter):
-    return shared_adapter(*ALLOW_NOBODY)
-
-
 def before(adapter) -> tuple[int, int]:
     """The daemon's pid and descriptor count before a case, once the channels of the
     previous case are gone (the daemon sees their end asynchronously)."""

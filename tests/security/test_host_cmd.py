@@ -15,7 +15,7 @@ import pytest
 
 from tests.security import hostile
 from tests.security.hostile import NOBODY_GID, NOBODY_UID, OP, Channel
-from tests.security.test_bad_input import ALLOW_NOBODY, E, be32, before, check_daemon
+from tests.security.test_bad_input import E, be32, before, check_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -85,11 +85,6 @@ def connects(ctl: str, host_ip: str, port: int) -> dict[str, Any]:
     ch.close()
     other.close()
     return out
-
-
-@pytest.fixture
-def ad(shared_adapter):
-    return shared_adapter(*ALLOW_NOBODY)
 
 
 def test_only_a_channels_own_fresh_sockets_are_connected_by_the_units(ad):

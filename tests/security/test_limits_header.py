@@ -30,11 +30,6 @@ from tests.security.transfer import Lines
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ad(shared_adapter):
-    return shared_adapter(*ALLOW_NOBODY)
-
-
 # ---------------------------------------------------------------- limits
 
 

@@ -47,11 +47,6 @@ def batches(ctl: str) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture
-def ad(shared_adapter):
-    return shared_adapter(*ALLOW_NOBODY)
-
-
 def test_a_batch_is_checked_socket_by_socket(ad):
     pid, fds0 = before(ad)
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, batches, hostile.ctl_path(ad.tap), timeout=60)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.security import hostile
 from tests.security.hostile import NOBODY_GID, NOBODY_UID, OP, Channel
-from tests.security.test_bad_input import ALLOW_NOBODY, E, before, check_daemon
+from tests.security.test_bad_input import E, before, check_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -129,11 +129,6 @@ def reuses(ctl: str) -> dict[str, Any]:
     ch.close()
     other.close()
     return out
-
-
-@pytest.fixture
-def ad(shared_adapter):
-    return shared_adapter(*ALLOW_NOBODY)
 
 
 def test_a_recycled_socket_comes_back_new_and_only_to_its_channel(ad):
