@@ -251,6 +251,7 @@ class CommandHandler:
             rsp.rx_ring_bytes = self.cfg.rx_ring_bytes
             rsp.daemon_pid = os.getpid()
             rsp.abi_version = lib.TOE_ABI_VERSION
+            rsp.flags = lib.TOE_RF_POSTED      # posted commands are answered, flagged (docs/abi.md)
             return 0
         if op == lib.TOE_OP_SOCKET:
             s = self._new_sock(ctx, fds, cmd.shm_bytes)

@@ -226,12 +226,16 @@ class Adapter(CommandHandler):
         timers = self.timers
         fd_ev, frame_ev, connect_ev = fp_lib.FP_EV_FD, fp_lib.FP_EV_FRAME, fp_lib.FP_EV_CONNECT
         poll = fp_lib.fp_poll
+        ctl = self.ctl
+        assert ctl is not None
+        ctl.defer = True                   # posted REUSEs wait for an idle pass (serve_posted)
+        waiting = ctl.waiting
         while self.running:
             d = timers.next_deadline()
             # ms, at most an hour (a deadline far away, e.g. a keepalive of 2^32 s, still fits)
             timeout = -1 if d is None else min(max(0, math.ceil((d - time.monotonic()) * 1000.0)), 3_600_000)
-            if fp.ended:
-                timeout = 0                # connections to release: look, and release them if idle
+            if fp.ended or waiting:
+                timeout = 0                # connections to release, REUSEs to answer: look, then do them if idle
             n = poll(st, timeout)
             now = time.monotonic()
             for i in range(n):
@@ -255,6 +259,10 @@ class Adapter(CommandHandler):
                 fp.push_candidates()
                 if fp.ended and (n == 0 or len(fp.ended) >= ENDED_BATCH):
                     fp.finish_ended(now)
+                if waiting:
+                    gone = ctl.serve_posted(now, n == 0)
+                    if gone is not None:
+                        self._proc_gone(gone)
             except Exception:
                 self.counters_host.handler_errors += 1
                 log_exception("timers")
@@ -409,6 +417,7 @@ class Adapter(CommandHandler):
         except OSError:
             pass
         self.hc_channel(ctx, False)
+        self.ctl.drop_posted(ctx)  # type: ignore[union-attr]
         ctx.conn.close()
         ctx.alive = False
         ctx.drop_all()               # its sockets live on in whoever still holds their A ends

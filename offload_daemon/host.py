@@ -434,6 +434,7 @@ class ProcessCtx:
         self.forks = 0                # FORK channels made for children: older mappings are shared
         self.spares: dict[int, Spare] = {}   # closed sockets' mappings by old id, oldest first
         self.hc_gen = 0               # the units' command unit reads this channel too (its generation)
+        self.posted: tuple[bytes, list[int], float] | None = None   # a posted REUSE waiting (its time)
 
     def hold(self, s: HostSocket) -> None:
         self.socks[s.id] = s
@@ -473,6 +474,7 @@ _MSG_MAX = lib.TOE_CMD_SIZE + 4 * lib.TOE_POOL_BATCH + 1
 # second message is rarely there, and looking for it cost a failed recvmsg() per command;
 # the channel is level-triggered, so what does wait comes on the next pass
 SERVE_BUDGET = 1
+POSTED_WAIT_S = 0.002      # the longest a posted REUSE waits for an idle adapter
 
 
 class ControlServer:
@@ -490,6 +492,10 @@ class ControlServer:
         self._rsp_buf = ffi.buffer(self._rsp)
         self.rsp_fds: list[int] = []     # descriptors to send with the current response
         self.rsp_close: list[int] = []   # ... of which the daemon's copies close once sent
+        # posted REUSEs (the shims' pools refilled ahead of need) wait for an idle adapter,
+        # so that the commands behind them (a CONNECT) are not held up (with the units only)
+        self.defer = False
+        self.waiting: dict[int, ProcessCtx] = {}
 
     def accept(self) -> ProcessCtx | None:
         try:
@@ -574,24 +580,66 @@ class ControlServer:
             else:
                 if not ctx.hc_gen and not ctx.want_creds:
                     self.adapter.hc_channel(ctx, True)     # its peer is known: the units may answer too
+                if ctx.posted is not None:                 # what came before is done first
+                    if not self.answer_posted(ctx, now):
+                        _close_all(fds)
+                        return False
+                    ffi.memmove(rsp, _ZERO_RSP, lib.TOE_RSP_SIZE)   # (the same buffer)
                 cmd = ffi.from_buffer("struct toe_cmd *", msg)
+                posted = cmd.op == lib.TOE_OP_REUSE and cmd.arg1 & lib.TOE_REUSE_POSTED
+                if posted and self.defer:
+                    ctx.posted = (msg, fds, now)           # answered when the adapter is idle
+                    self.waiting[ctx.conn.fileno()] = ctx
+                    continue
                 keep = self.adapter.command(ctx, cmd, fds, rsp, now, msg)
-            try:
-                if self.rsp_fds:
-                    socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds,
-                                    _SEND_FLAGS)
-                else:
-                    ctx.conn.send(self._rsp_buf, _SEND_FLAGS)
-            except OSError:
-                # a channel whose answers do not fit (it sends and never reads): it goes
-                keep = False
-            finally:
-                _close_all(self.rsp_close)
-                self.rsp_fds = []
-                self.rsp_close = []
-            if not keep:
+                if posted:
+                    rsp.flags |= lib.TOE_RF_POSTED
+            if not self._answer(ctx) or not keep:
                 return False
         return True
+
+    def _answer(self, ctx: ProcessCtx) -> bool:
+        """Send self._rsp (and rsp_fds) on ctx's channel; False: the channel must go."""
+        try:
+            if self.rsp_fds:
+                socket.send_fds(ctx.conn, [bytes(self._rsp_buf)], self.rsp_fds, _SEND_FLAGS)
+            else:
+                ctx.conn.send(self._rsp_buf, _SEND_FLAGS)
+        except OSError:
+            # a channel whose answers do not fit (it sends and never reads): it goes
+            return False
+        finally:
+            _close_all(self.rsp_close)
+            self.rsp_fds = []
+            self.rsp_close = []
+        return True
+
+    def answer_posted(self, ctx: ProcessCtx, now: float) -> bool:
+        """ctx's posted REUSE (the shim's pool refilled ahead of need), done and answered
+        now, its answer flagged TOE_RF_POSTED; False: the channel must go."""
+        assert ctx.posted is not None
+        msg, fds, _ = ctx.posted
+        ctx.posted = None
+        self.waiting.pop(ctx.conn.fileno(), None)
+        rsp = self._rsp
+        ffi.memmove(rsp, _ZERO_RSP, lib.TOE_RSP_SIZE)
+        keep = self.adapter.command(ctx, ffi.from_buffer("struct toe_cmd *", msg), fds, rsp, now, msg)
+        rsp.flags |= lib.TOE_RF_POSTED
+        return self._answer(ctx) and keep
+
+    def serve_posted(self, now: float, idle: bool) -> ProcessCtx | None:
+        """One posted REUSE, when the adapter is idle or the oldest has waited POSTED_WAIT_S
+        (a busy adapter still answers them); the channel to drop if it must go."""
+        ctx = next(iter(self.waiting.values()))
+        if not idle and now - ctx.posted[2] < POSTED_WAIT_S:  # type: ignore[index]
+            return None
+        return None if self.answer_posted(ctx, now) else ctx
+
+    def drop_posted(self, ctx: ProcessCtx) -> None:
+        if ctx.posted is not None:
+            _close_all(ctx.posted[1])
+            ctx.posted = None
+        self.waiting.pop(ctx.conn.fileno(), None)
 
     def close(self) -> None:
         for ctx in self.procs.values():

@@ -109,8 +109,23 @@ void toe_say(const char *fmt, ...)
     errno = saved;
 }
 
+/* A posted command (the pool's REUSE, refilled ahead of need: toe_ctl_post_ids): sent
+ * without waiting, its answer flagged TOE_RF_POSTED and possibly after the answers of
+ * later commands (the daemon answers it when idle).  Whoever reads an answer keeps that
+ * one here for the pool (toe_ctl_posted).  All under ctl_mu. */
+static int posted;                  /* an answer is owed on this channel */
+static int posted_have;             /* ... and was read: posted_rsp */
+static int posted_lost;             /* the channel went with an answer owed */
+static int daemon_posts;            /* HELLO said the daemon answers posted commands */
+static struct toe_rsp posted_rsp;
+
 static void set_ctl_fd(int fd)
 {
+    if (posted && !posted_have)
+        posted_lost = 1;            /* (a new channel never gets the old one's answer) */
+    else if (posted)
+        posted_lost = 0;
+    posted = posted_have = 0;
     __atomic_store_n(&ctl_fd, fd, __ATOMIC_RELEASE);
 }
 
@@ -137,6 +152,10 @@ static void warn_once(const char *fmt, ...)
 
 static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
                        struct toe_rsp *rsp, int *sent, int *rfds, int *nrfds);
+static int send_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds, int *sent);
+static int recv_locked(struct toe_rsp *rsp, int *rfds, int *nrfds, void *cbuf, size_t clen);
+static int recv_one_locked(struct toe_rsp *rsp, int *rfds, int *nrfds, void *cbuf, size_t clen, int flags);
+static void go_down_locked(int err, int was_up);
 
 /* FORK: a channel for the child, holding this process's sockets (ctl_mu held).
  * -1 when there is nothing to share or the daemon cannot make one. */
@@ -194,6 +213,7 @@ static void atfork_child(void)
     int saved = errno;
     toe_mutex_init_ec(&ctl_mu);
     ctl_mu_taken_for_fork = 0;
+    posted = posted_have = posted_lost = 0;   /* the parent's answer, on the parent's channel */
     if (ctl_fd >= 0) {
         toe_real_close(ctl_fd);
         set_ctl_fd(-1);
@@ -263,7 +283,20 @@ static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const
         char buf[CMSG_SPACE(3 * TOE_POOL_BATCH * sizeof(int))];
         struct cmsghdr align;
     } u;
-    /* REUSE's ids follow the command in the same message */
+    int r = send_locked(cmd, ids, nids, fds, nfds, sent);
+    if (r < 0)
+        return r;
+    return recv_locked(rsp, rfds, nrfds, &u, sizeof(u.buf));
+}
+
+/* The command (and REUSE's ids after it, in the same message) with its descriptors:
+ * 0 or -errno; *sent once something left. */
+static int send_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds, int *sent)
+{
+    union {
+        char buf[CMSG_SPACE(3 * TOE_POOL_BATCH * sizeof(int))];
+        struct cmsghdr align;
+    } u;
     struct iovec iov[2] = {{.iov_base = cmd, .iov_len = sizeof(*cmd)},
                            {.iov_base = (void *)ids, .iov_len = (size_t)nids * sizeof(*ids)}};
     size_t len = sizeof(*cmd) + iov[1].iov_len;
@@ -292,33 +325,56 @@ static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const
     if (r < 0)
         return -errno;
     *sent = 1;
-    if (r != (ssize_t)len)
-        return -EPROTO;
+    return r != (ssize_t)len ? -EPROTO : 0;
+}
 
+/* One answer for the command just sent; a posted command's answer that comes first is kept
+ * for the pool (posted_rsp) and the next one read.  `cbuf`: room for descriptors. */
+static int recv_locked(struct toe_rsp *rsp, int *rfds, int *nrfds, void *cbuf, size_t clen)
+{
+    int want = rfds ? *nrfds : 0;
+    for (;;) {
+        if (rfds)
+            *nrfds = want;
+        int r = recv_one_locked(rsp, rfds, nrfds, cbuf, clen, 0);
+        if (r < 0 || !(posted && !posted_have && (rsp->flags & TOE_RF_POSTED)))
+            return r;
+        posted_rsp = *rsp;
+        posted_have = 1;
+        if (rfds)                   /* (a posted answer carries none: nothing kept) */
+            while (*nrfds > 0)
+                toe_real_close(rfds[--*nrfds]);
+    }
+}
+
+static int recv_one_locked(struct toe_rsp *rsp, int *rfds, int *nrfds, void *cbuf, size_t clen, int flags)
+{
+    struct msghdr mh;
+    ssize_t r;
     struct iovec riov = {.iov_base = rsp, .iov_len = sizeof(*rsp)};
-    memset(&mh, 0, sizeof(mh));
-    mh.msg_iov = &riov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof(u.buf);
     if (!rfds) {
         /* no descriptors expected: recv() (any the daemon sent would be discarded) */
         do
-            r = toe_real_recv(ctl_fd, rsp, sizeof(*rsp), MSG_TRUNC);
+            r = toe_real_recv(ctl_fd, rsp, sizeof(*rsp), MSG_TRUNC | flags);
         while (r < 0 && errno == EINTR);
         if (r < 0)
             return -errno;
         return r == 0 ? -ECONNRESET : r != (ssize_t)sizeof(*rsp) ? -EPROTO : 0;
     }
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &riov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cbuf;
+    mh.msg_controllen = clen;
+    int want = *nrfds;
+    *nrfds = 0;
     do
-        r = toe_real_recvmsg(ctl_fd, &mh, MSG_CMSG_CLOEXEC);
+        r = toe_real_recvmsg(ctl_fd, &mh, MSG_CMSG_CLOEXEC | flags);
     while (r < 0 && errno == EINTR);
     if (r < 0)
         return -errno;
     /* keep what the caller asked for (ADOPT's memfd), never leak the rest */
-    int want = rfds ? *nrfds : 0, got = 0;
-    if (rfds)
-        *nrfds = 0;
+    int got = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
             int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -339,9 +395,73 @@ static int xfer_locked(struct toe_cmd *cmd, const uint32_t *ids, int nids, const
             toe_real_close(rfds[--got]);
         return bad;
     }
-    if (rfds)
-        *nrfds = got;
+    *nrfds = got;
     return 0;
+}
+
+/*
+ * The pool's REUSE sent ahead of need: no answer is waited for now (toe_ctl_posted
+ * collects it).  Only on a channel that is up, to a daemon that said it answers posted
+ * commands, one at a time: -EAGAIN otherwise (the caller refills the usual way later).
+ */
+int toe_ctl_post_ids(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds)
+{
+    int saved = errno, sent = 0, r = -EAGAIN;
+    toe_ctl_init();
+    pthread_mutex_lock(&ctl_mu);
+    if (ctl_fd >= 0 && daemon_posts && !posted && !posted_lost &&
+        __atomic_load_n(&ctl_state, __ATOMIC_RELAXED) == CTL_UP) {
+        r = send_locked(cmd, ids, nids, fds, nfds, &sent);
+        if (r == 0) {
+            posted = 1;
+        } else if (sent) {          /* half a message: the channel is not usable any more */
+            toe_real_close(ctl_fd);
+            set_ctl_fd(-1);
+            go_down_locked(-r, 1);
+        }
+    }
+    pthread_mutex_unlock(&ctl_mu);
+    errno = saved;
+    return r;
+}
+
+/*
+ * The posted command's answer: 0 and *rsp; -EAGAIN if it has not come yet (wait = 0);
+ * -errno if it never will (the channel went; -ENOENT: nothing was posted).
+ */
+int toe_ctl_posted(struct toe_rsp *rsp, int wait)
+{
+    int saved = errno, r;
+    pthread_mutex_lock(&ctl_mu);
+    if (posted_lost) {
+        posted_lost = 0;
+        r = -ECONNRESET;
+    } else if (!posted) {
+        r = -ENOENT;
+    } else if (posted_have) {
+        r = 0;
+    } else {
+        /* nothing else is in flight (every call completes under ctl_mu): the next answer
+         * on the channel is the posted one */
+        r = recv_one_locked(&posted_rsp, NULL, NULL, NULL, 0, wait ? 0 : MSG_DONTWAIT);
+        if (r == -EWOULDBLOCK)
+            r = -EAGAIN;
+        else if (r == 0 && !(posted_rsp.flags & TOE_RF_POSTED))
+            r = -EPROTO;
+        if (r < 0 && r != -EAGAIN) {
+            toe_real_close(ctl_fd);
+            set_ctl_fd(-1);
+            posted_lost = 0;
+            go_down_locked(-r, 1);
+        }
+    }
+    if (r == 0) {
+        *rsp = posted_rsp;
+        posted = posted_have = 0;
+    }
+    pthread_mutex_unlock(&ctl_mu);
+    errno = saved;
+    return r;
 }
 
 static int valid_ring(uint32_t n)
@@ -406,6 +526,7 @@ static int connect_locked(void)
     adapter.tx_ring_bytes = rsp.tx_ring_bytes;
     adapter.rx_ring_bytes = rsp.rx_ring_bytes;
     adapter.daemon_pid = rsp.daemon_pid;
+    daemon_posts = (rsp.flags & TOE_RF_POSTED) != 0;
     __atomic_store_n(&ctl_state, CTL_UP, __ATOMIC_RELEASE);
     TOE_DBG("control channel fd %d to %s (daemon pid %u, rings %u/%u)", ctl_fd, ctl_path,
             rsp.daemon_pid, rsp.tx_ring_bytes, rsp.rx_ring_bytes);

@@ -33,6 +33,8 @@
 struct pool_ent {
     int a;
     struct toe_sock *s;
+    int pending;               /* in a posted REUSE, not answered yet: not to be handed out */
+    int bit;                   /* ... its bit in the answer */
 };
 
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -48,6 +50,7 @@ static void publish_locked(void)
         __atomic_store_n(&owned[i], i < npool ? pool[i].a : -1, __ATOMIC_RELEASE);
 }
 static int next_batch = 1;
+static int inflight;          /* a posted REUSE waits for its answer (its entries pending) */
 #define KEPT_AGE_MAX 8
 
 /* closed sockets whose mappings wait for the daemon's reset: atomic slots, filled by a
@@ -64,7 +67,10 @@ static void drop_locked(int i, int close_a)
 {
     if (close_a)
         toe_real_close(pool[i].a);
-    toe_sock_put(pool[i].s);
+    if (pool[i].pending)
+        toe_sock_free(pool[i].s);   /* a kept mapping not registered yet (never revived) */
+    else
+        toe_sock_put(pool[i].s);
     pool[i] = pool[--npool];
     publish_locked();
 }
@@ -88,8 +94,17 @@ static void add_locked(int a, struct toe_sock *s)
     stuff(a, NULL); /* an unconnected socket is not writable */
     pool[npool].a = a;
     pool[npool].s = s;
+    pool[npool].pending = 0;
     npool++;
     publish_locked();
+}
+
+static int ready_locked(void)
+{
+    int n = 0;
+    for (int i = 0; i < npool; i++)
+        n += !pool[i].pending;
+    return n;
 }
 
 unsigned toe_pool_gen(void)
@@ -132,12 +147,11 @@ static int take_kept(struct toe_sock **out, int n, int all)
     return k;
 }
 
-/* The n kept sockets ks[] into the pool (pool_mu held): a new pair each, one REUSE command
- * naming them by their old ids.  The ones the daemon does not take are unmapped. */
-static int reuse_locked(struct toe_sock **ks, int n)
+/* A new pair for each of the n kept sockets ks[] (those without one are unmapped): m, with
+ * ks[0..m) the sockets, ids[] their old ids, fds[] [B, A at a high descriptor] each. */
+static int new_pairs(struct toe_sock **ks, int n, uint32_t *ids, int *fds)
 {
-    uint32_t ids[TOE_POOL_BATCH];
-    int fds[2 * TOE_POOL_BATCH], m = 0;
+    int m = 0;
     for (int i = 0; i < n; i++) {
         int sv[2], hi = -1;
         if (make_pair(SOCK_NONBLOCK | SOCK_CLOEXEC, sv) == 0 && (hi = to_high(sv[0])) < 0)
@@ -152,6 +166,25 @@ static int reuse_locked(struct toe_sock **ks, int n)
         fds[2 * m + 1] = hi;
         m++;
     }
+    return m;
+}
+
+/* A kept socket the daemon took under its new id, A at a: alive again. */
+static void revived(struct toe_sock *s, int a, uint32_t id)
+{
+    toe_sock_revive(s);
+    s->sock_id = id;
+    s->recyclable = 1;
+    s->cookie = sock_cookie(a);
+}
+
+/* The n kept sockets ks[] into the pool (pool_mu held): a new pair each, one REUSE command
+ * naming them by their old ids.  The ones the daemon does not take are unmapped. */
+static int reuse_locked(struct toe_sock **ks, int n)
+{
+    uint32_t ids[TOE_POOL_BATCH];
+    int fds[2 * TOE_POOL_BATCH];
+    int m = new_pairs(ks, n, ids, fds);
     if (!m)
         return 0;
     struct toe_cmd cmd;
@@ -172,11 +205,8 @@ static int reuse_locked(struct toe_sock **ks, int n)
             toe_sock_free(s);
             continue;
         }
-        toe_sock_revive(s);
-        s->sock_id = id;
-        s->recyclable = 1;
+        revived(s, a, id);
         s->gen = toe_pool_gen();
-        s->cookie = sock_cookie(a);
         add_locked(a, s);
         got++;
     }
@@ -247,6 +277,89 @@ static int make_locked(int n)
 }
 
 /*
+ * Refill ahead of need (a steady stream of sockets, the pool half empty): the kept
+ * sockets the daemon has reset go out in one posted REUSE (pool_mu held), their A ends
+ * in the pool as pending entries; the daemon answers it when idle, after the commands
+ * that follow it (docs/abi.md "The pool"), and settle_locked takes the answer.
+ */
+/* kept sockets the daemon has reset (what a REUSE would take now), without taking them */
+static int kept_ready(void)
+{
+    unsigned gen = toe_pool_gen();
+    int k = 0;
+    for (int i = 0; i < TOE_RECYCLE_MAX; i++) {
+        struct toe_sock *s = __atomic_load_n(&kept[i], __ATOMIC_ACQUIRE);
+        k += s && s->gen == gen && LOAD(&s->shm->state) == TOE_SS_RECYCLED;
+    }
+    return k;
+}
+
+static void post_locked(void)
+{
+    struct toe_sock *ks[TOE_POOL_BATCH];
+    uint32_t ids[TOE_POOL_BATCH];
+    int fds[2 * TOE_POOL_BATCH], room = POOL_MAX - npool;
+    int nk = take_kept(ks, room < TOE_POOL_BATCH ? room : TOE_POOL_BATCH, 0);
+    int m = new_pairs(ks, nk, ids, fds);
+    if (!m)
+        return;
+    struct toe_cmd cmd;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.op = TOE_OP_REUSE;
+    cmd.arg0 = m;
+    cmd.arg1 = TOE_REUSE_POSTED;
+    int r = toe_ctl_post_ids(&cmd, ids, m, fds, 2 * m);
+    unsigned gen = toe_pool_gen();
+    for (int i = 0; i < m; i++) {
+        toe_real_close(fds[2 * i]);  /* B: the daemon's copy is in the message */
+        if (r < 0) {                 /* not posted: kept again for the next refill */
+            toe_real_close(fds[2 * i + 1]);
+            if (!toe_pool_keep(ks[i]))
+                toe_sock_free(ks[i]);
+            continue;
+        }
+        ks[i]->gen = gen;            /* (made before a fork that may come: not kept after it) */
+        pool[npool].a = fds[2 * i + 1];
+        pool[npool].s = ks[i];
+        pool[npool].pending = 1;
+        pool[npool].bit = i;
+        npool++;
+    }
+    if (r == 0)
+        inflight = 1;
+    publish_locked();
+}
+
+/* The posted REUSE's answer, if it came (wait: block for it): the sockets the daemon took
+ * join the pool, the others are unmapped (pool_mu held). */
+static void settle_locked(int wait)
+{
+    if (!inflight)
+        return;
+    struct toe_rsp rsp;
+    int r = toe_ctl_posted(&rsp, wait);
+    if (r == -EAGAIN)
+        return;
+    uint32_t taken = r == 0 && rsp.result > 0 ? (uint32_t)rsp.result : 0;
+    inflight = 0;
+    for (int i = npool - 1; i >= 0; i--) {
+        if (!pool[i].pending)
+            continue;
+        struct toe_sock *s = pool[i].s;
+        int a = pool[i].a;
+        uint32_t id = LOAD(&s->shm->sock_id);
+        if (!(taken >> pool[i].bit & 1) || !id) {
+            drop_locked(i, 1);
+            continue;
+        }
+        revived(s, a, id);           /* (its gen: the post's) */
+        stuff(a, NULL);              /* an unconnected socket is not writable */
+        pool[i].pending = 0;
+    }
+    publish_locked();
+}
+
+/*
  * A pooled socket for socket(type): *a is its A end at the lowest free descriptor, with
  * the type's SOCK_NONBLOCK and SOCK_CLOEXEC.  NULL when the pool cannot give one (the
  * caller then makes a socket the single way).
@@ -264,14 +377,23 @@ struct toe_sock *toe_pool_take(int type, int *a)
         return NULL;
     }
     pool_pid = me;
-    if (!npool && !pool_off && refill_locked(next_batch) == 0 && next_batch < TOE_POOL_BATCH)
+    settle_locked(0);
+    if (!ready_locked() && inflight)
+        settle_locked(1);            /* nothing else to give: wait for the posted batch */
+    if (!ready_locked() && !pool_off && refill_locked(next_batch) == 0 && next_batch < TOE_POOL_BATCH)
         next_batch *= 2;
-    if (npool) {
-        npool--;
-        hi = pool[npool].a;
-        s = pool[npool].s;
+    for (int i = npool - 1; i >= 0; i--) {
+        if (pool[i].pending)
+            continue;
+        hi = pool[i].a;
+        s = pool[i].s;
+        pool[i] = pool[--npool];
         publish_locked();
+        break;
     }
+    if (s && next_batch >= TOE_POOL_BATCH && !inflight && !pool_off && ready_locked() <= TOE_POOL_BATCH / 2 &&
+        kept_ready() >= TOE_POOL_BATCH)
+        post_locked();               /* the next batch while this one lasts */
     pthread_mutex_unlock(&pool_mu);
     if (!s) {
         errno = saved;
@@ -334,6 +456,7 @@ void toe_pool_atfork_parent(void)
 void toe_pool_atfork_child(void)
 {
     toe_mutex_init_ec(&pool_mu);
+    inflight = 0;                    /* the parent's batch: its answer is on the parent's channel */
     take_kept(NULL, 0, 1);
     while (npool)
         drop_locked(npool - 1, 1);

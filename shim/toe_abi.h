@@ -62,6 +62,11 @@
 
 /* struct toe_rsp.flags */
 #define TOE_RF_HANDOVER 1
+#define TOE_RF_POSTED 2   /* the answer of a posted command (below); in HELLO's: the daemon answers them */
+
+/* struct toe_cmd.arg1 of REUSE: posted, sent ahead of need; the daemon may answer it
+ * after later commands (when idle), its answer flagged TOE_RF_POSTED */
+#define TOE_REUSE_POSTED 1
 
 /* ---- socket state as the shim sees it (struct toe_sock_shm.state) ---- */
 #define TOE_SS_NEW 0

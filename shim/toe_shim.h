@@ -241,6 +241,10 @@ int toe_ctl_call_rfds(struct toe_cmd *cmd, const int *fds, int nfds, struct toe_
 /* The same with nids uint32 ids after the command in its message (REUSE). */
 int toe_ctl_call_ids(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds,
                      struct toe_rsp *rsp);
+/* The pool's REUSE ahead of need: sent, its answer collected later by toe_ctl_posted
+ * (wait: block for it; -EAGAIN: not yet).  -EAGAIN when posting is not possible now. */
+int toe_ctl_post_ids(struct toe_cmd *cmd, const uint32_t *ids, int nids, const int *fds, int nfds);
+int toe_ctl_posted(struct toe_rsp *rsp, int wait);
 /* Non-zero when fd is this process's control channel. */
 int toe_ctl_is_channel(int fd);
 /* The current channel fd, or -1. */

@@ -20,6 +20,45 @@ pytestmark = pytest.mark.integration
 SS_NEW, SS_RECYCLED = hostile.lib.TOE_SS_NEW, hostile.lib.TOE_SS_RECYCLED
 
 
+def post_reuse(ch: Channel, ids: list[int]) -> list[socket.socket]:
+    """A posted REUSE (the shim's refill ahead of need) naming `ids`, a new pair each: the
+    A ends (ours to close); no answer is read."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in ids]
+    data = hostile.pack_cmd(OP.REUSE, arg0=len(ids), arg1=hostile.lib.TOE_REUSE_POSTED) + \
+        struct.pack(f"={len(ids)}I", *ids)
+    ch.send_raw(data, [fd for a, b in pairs for fd in (b.fileno(), a.fileno())])
+    for _a, b in pairs:
+        b.close()
+    return [a for a, _b in pairs]
+
+
+def posts(ctl: str) -> dict[str, Any]:
+    """Runs as nobody: posted REUSEs answered, flagged, before the next command software
+    answers; two in a row; one left waiting when the channel goes."""
+    ch = Channel(ctl)
+    out: dict[str, Any] = {"hello_flags": ch.hello().flags}
+    kept = [closed_and_reset(ch)[0] for _ in range(3)]
+    keep_a = post_reuse(ch, [kept[0].sock_id, kept[1].sock_id ^ 0x77])     # one good, one not ours
+    r1, g1 = ch.call(OP.BIND, sock_id=0, addr_be32=0, port_be16=0)        # software's command
+    r2, g2 = ch.recv()
+    hostile.close_all(g1 + g2)
+    out["first"] = (r1.result, r1.flags & hostile.lib.TOE_RF_POSTED)
+    out["second"] = (r2.result, r2.flags & hostile.lib.TOE_RF_POSTED)
+    # two in a row: both answered, in order, flagged
+    keep_a += post_reuse(ch, [kept[1].sock_id]) + post_reuse(ch, [kept[2].sock_id])
+    a1, a2 = ch.recv()[0], ch.recv()[0]
+    out["two"] = [(a1.result, a1.flags), (a2.result, a2.flags)]
+    # one waiting when the channel goes: its descriptors must not stay in the daemon
+    sf, _ = closed_and_reset(ch)
+    keep_a += post_reuse(ch, [sf.sock_id])
+    for x in (*kept, sf):
+        x.close()
+    for a in keep_a:
+        a.close()
+    ch.close()
+    return out
+
+
 def reuse(ch: Channel, ids: list[int], pairs: list[tuple[int, int]] | None = None,
           n: int | None = None) -> int:
     """REUSE naming `ids` with a [B, A] pair each (made here unless given); our ends are
@@ -145,4 +184,21 @@ def test_a_recycled_socket_comes_back_new_and_only_to_its_channel(ad):
     # a socket made before the FORK (the child has a copy of its mapping) is never kept
     assert got["made_before_fork_kept"] is False and got["made_after_fork_kept"] is True, got
     problems = check_daemon(ad, pid, fds0, "after the REUSEs")
+    assert not problems, problems
+
+
+def test_a_posted_reuse_is_answered_flagged_and_nothing_of_it_stays(ad):
+    """The shim's pool refills ahead of need with a posted REUSE (docs/abi.md "The pool"):
+    HELLO says the daemon answers them; the answer is flagged TOE_RF_POSTED and comes before
+    that of the next command software answers (what came before is done first); two in a
+    row are both answered, in order; one still waiting when its channel goes leaves no
+    descriptor in the daemon."""
+    pid, fds0 = before(ad)
+    got = hostile.as_user(NOBODY_UID, NOBODY_GID, posts, hostile.ctl_path(ad.tap), timeout=120)
+    posted = hostile.lib.TOE_RF_POSTED
+    assert got["hello_flags"] & posted, got
+    assert got["first"] == [0b01, posted], got            # the good id taken, the foreign one not
+    assert got["second"] == [E["EBADF"], 0], got          # BIND of id 0: software's answer, unflagged
+    assert got["two"] == [[1, posted], [1, posted]], got
+    problems = check_daemon(ad, pid, fds0, "after the posted REUSEs")
     assert not problems, problems
