@@ -48,10 +48,15 @@ def posts(ctl: str) -> dict[str, Any]:
     keep_a += post_reuse(ch, [kept[1].sock_id]) + post_reuse(ch, [kept[2].sock_id])
     a1, a2 = ch.recv()[0], ch.recv()[0]
     out["two"] = [(a1.result, a1.flags), (a2.result, a2.flags)]
+    # a bigger one, an id not ours in the middle
+    six = [closed_and_reset(ch)[0] for _ in range(6)]
+    keep_a += post_reuse(ch, [x.sock_id for x in six[:3]] + [0x5A5A5A5A] + [x.sock_id for x in six[3:]])
+    big = ch.recv()[0]
+    out["seven"] = (big.result, big.flags)
     # one waiting when the channel goes: its descriptors must not stay in the daemon
     sf, _ = closed_and_reset(ch)
     keep_a += post_reuse(ch, [sf.sock_id])
-    for x in (*kept, sf):
+    for x in (*kept, *six, sf):
         x.close()
     for a in keep_a:
         a.close()
@@ -191,7 +196,8 @@ def test_a_posted_reuse_is_answered_flagged_and_nothing_of_it_stays(ad):
     """The shim's pool refills ahead of need with a posted REUSE (docs/abi.md "The pool"):
     HELLO says the daemon answers them; the answer is flagged TOE_RF_POSTED and comes before
     that of the next command software answers (what came before is done first); two in a
-    row are both answered, in order; one still waiting when its channel goes leaves no
+    row are both answered, in order; one of seven ids gets the mask of the six that are
+    ours; one still waiting when its channel goes leaves no
     descriptor in the daemon."""
     pid, fds0 = before(ad)
     got = hostile.as_user(NOBODY_UID, NOBODY_GID, posts, hostile.ctl_path(ad.tap), timeout=120)
@@ -200,5 +206,6 @@ def test_a_posted_reuse_is_answered_flagged_and_nothing_of_it_stays(ad):
     assert got["first"] == [0b01, posted], got            # the good id taken, the foreign one not
     assert got["second"] == [E["EBADF"], 0], got          # BIND of id 0: software's answer, unflagged
     assert got["two"] == [[1, posted], [1, posted]], got
+    assert got["seven"] == [0b1110111, posted], got      # seven ids, the fourth not ours
     problems = check_daemon(ad, pid, fds0, "after the posted REUSEs")
     assert not problems, problems
