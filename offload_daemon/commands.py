@@ -209,11 +209,8 @@ class CommandHandler:
     def command(self, ctx: ProcessCtx, cmd, fds: list[int], rsp, now: float, msg: bytes = b"") -> bool:
         """Answer one command into rsp. Every descriptor in `fds` is either taken by the
         socket it belongs to or closed here, on every path. False: drop the channel."""
-        self.counters_host.commands += 1
         op = cmd.op
-        name = self._OP_NAMES.get(op, "unknown")
-        by_op = self.counters_host.by_op
-        by_op[name] = by_op.get(name, 0) + 1
+        self.count_command(self._OP_NAMES.get(op, "unknown"))
         keep = True
         try:
             if len(fds) not in self._FDS.get(op, (0,)):
@@ -241,6 +238,12 @@ class CommandHandler:
         if rsp.result < 0:
             self.ctl.rsp_fds = []  # type: ignore[union-attr]
         return keep
+
+    def count_command(self, name: str) -> None:
+        """A command answered (by software, or by the units' command unit), by operation."""
+        self.counters_host.commands += 1
+        by_op = self.counters_host.by_op
+        by_op[name] = by_op.get(name, 0) + 1
 
     def _command(self, ctx: ProcessCtx, op: int, cmd, fds: list[int], rsp, now: float) -> int:
         if op == lib.TOE_OP_HELLO:

@@ -276,9 +276,7 @@ class Adapter(CommandHandler):
         self._unpool(s)
         ctx = s.proc
         ctx.commands += 1
-        self.counters_host.commands += 1
-        by_op = self.counters_host.by_op
-        by_op["connect"] = by_op.get("connect", 0) + 1
+        self.count_command("connect")
         self.tcp.units_connected(s, r, now)
         if r.lost:
             self._proc_gone(ctx)                   # it did not take its answer

@@ -242,16 +242,23 @@ class TcpStack(TcpInput, TcpOutput):
         n = len(self.time_waits)
         return n + (self.fast.tw_count(n) if self.fast is not None else 0)
 
-    def _bind_port(self, sock: Sock, ip: int, port: int) -> None:
+    def _bind_port(self, sock: Sock, ip: int, port: int, counted: bool = False) -> None:
+        """`counted`: port_users has the use already (the command unit counted it)."""
         sock.bound = (ip, port)
         self.bound.setdefault(port, []).append(sock)
-        self.port_users[port] += 1
+        if not counted:
+            self.port_users[port] += 1
 
-    def _add_conn(self, c: Ccb) -> None:
+    def _add_conn(self, c: Ccb, counted: bool = False) -> None:
         old = self.conns.get(c.key)
         self.conns[c.key] = c
-        if old is None:
+        if old is None and not counted:
             self.port_users[c.local_port] += 1
+
+    def _port_unused(self, port: int) -> None:
+        """One use of a local port less (never below 0)."""
+        if self.port_users[port]:
+            self.port_users[port] -= 1
 
     def unbind(self, sock: Sock) -> None:
         if sock.bound is None:
@@ -263,8 +270,7 @@ class TcpStack(TcpInput, TcpOutput):
         if not users:
             self.bound.pop(port, None)
         sock.bound = None
-        if self.port_users[port]:
-            self.port_users[port] -= 1
+        self._port_unused(port)
 
     # ==================================================================
     # host commands
@@ -377,9 +383,8 @@ class TcpStack(TcpInput, TcpOutput):
         rip = r.remote_ip
         mac = self.arp.lookup(rip, now) or bytes(fp_ffi.buffer(r.peer_mac, 6))   # (the same: the unit's is a copy)
         lz = self._lazy(sock, r.conn_id, r.local_port, rip, r.remote_port, r.now, r.iss, r.adv_mss, mac)
-        sock.bound = (self.my_ip, r.local_port)
-        self.bound.setdefault(r.local_port, []).append(sock)
-        self.conns[lz.key] = lz
+        self._bind_port(sock, self.my_ip, r.local_port, counted=True)
+        self._add_conn(lz, counted=True)
         sock.ccb = lz
         self.stats.active_opens += 1
         self.fast.took(lz, r.slot)  # type: ignore[union-attr]
@@ -616,8 +621,7 @@ class TcpStack(TcpInput, TcpOutput):
         tables, its socket's part done. A LazyCcb the units ended comes here as it is."""
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
-            if self.port_users[c.local_port]:
-                self.port_users[c.local_port] -= 1
+            self._port_unused(c.local_port)
             if c.state not in (State.SYN_SENT, State.SYN_RCVD) or c.bytes_in or c.bytes_out:
                 # the record is made when `toe stat` asks (closed_info): a dict per connection
                 # here would cost more than the rest of its release
