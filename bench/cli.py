@@ -16,7 +16,8 @@ and PNG plots to --out (default results/bench-<time>/).
 --fastpath picks the adapter (`toe up --fastpath`): on (the hybrid, default),
 off (software-only), both (kernel, hybrid and software-only interleaved, two
 adapters side by side). --poll-us N goes to the adapter (`toe up --poll-us N`)
-and to the client (TOE_POLL_US=N). The targets are the hybrid's. --side server puts the
+and to the client (TOE_POLL_US=N); without it the adapter polls as `toe up` does
+by default and the client does not spin. The targets are the hybrid's. --side server puts the
 builtin server under test (the peer runs the client): a server's passive opens, accept()
 and closes, reported as scenario "<kind>-server".
 """
@@ -33,6 +34,7 @@ from typing import Any
 
 from offload_daemon.client.env import require_root, require_tun
 from offload_daemon.client.errors import ranged
+from offload_daemon.config import AdapterConfig
 
 from . import report, runner
 from .errors import BenchError
@@ -149,9 +151,10 @@ def _common(p: argparse.ArgumentParser, duration: float = 2.0, repeat: int = 3) 
     p.add_argument("--pin", nargs="?", const="split", default="none", choices=PLACEMENTS,
                    help="CPU placement: none (default), split (app on CPU 0; peer and adapter on CPU 1; "
                    "the default when --pin has no value), same (all on CPU 0)")
-    p.add_argument("--poll-us", type=ranged(0, POLL_US_MAX), default=0, metavar="N",
+    p.add_argument("--poll-us", type=ranged(0, POLL_US_MAX), default=None, metavar="N",
                    help="busy-poll N µs before sleeping: the adapter (toe up --poll-us N) and the "
-                   "client's blocking receives (TOE_POLL_US=N); default 0")
+                   f"client's blocking receives (TOE_POLL_US=N); default: the adapter's own "
+                   f"({AdapterConfig.poll_us} µs in the units, the client does not spin)")
     p.add_argument("--fastpath-procs", type=int, choices=(1, 2), default=1, metavar="{1,2}",
                    help="the hybrid adapter's processors (toe up --fastpath-procs): 2 runs TX on a "
                    "thread of its own (seed 003's two processors); default 1")
@@ -300,6 +303,11 @@ def fastpath_text(fastpath: tuple[str, ...]) -> str:
     return "fastpath " + " and ".join(fastpath)
 
 
+def poll_text(tb: Testbed) -> str:
+    spin = f"client spins {tb.app_poll_us} µs" if tb.app_poll_us else "client does not spin"
+    return f"poll {tb.poll_us} µs ({spin})"
+
+
 def procs_text(tb: Testbed) -> str:
     return " (2 processors)" if tb.procs == 2 and "on" in tb.fastpaths else ""
 
@@ -309,7 +317,7 @@ def header_line(kind: str, runs: int, duration: float, tool: str, tb: Testbed, s
     what = f"{tool} client" if side == "client" else f"{tool} server under test (the peer's client)"
     return (f"toe bench {kind}: {runs} runs of {duration:g} s, {what}, placement {tb.pin} "
             f"{placement_text(tb.cpus)}, offloads {'on' if tb.offloads else 'off'}, "
-            f"{fastpath_text(tb.fastpaths)}{procs_text(tb)}, poll {tb.poll_us} µs")
+            f"{fastpath_text(tb.fastpaths)}{procs_text(tb)}, {poll_text(tb)}")
 
 
 def summary_title(kind: str, repeat: int, fastpath: tuple[str, ...]) -> str:
@@ -358,7 +366,7 @@ def cmd_seeds(args: argparse.Namespace) -> int:
         con.print(f"toe bench seeds {', '.join(only)}: {args.duration:g} s per run, repeat {args.repeat}, "
                   f"placement {tb.pin} {placement_text(tb.cpus)}, {fastpath_text(tb.fastpaths)}"
                   f"{' (both for seed 003, on for the others)' if len(tb.fastpaths) > 1 else ''}"
-                  f"{procs_text(tb)}, poll {tb.poll_us} µs")
+                  f"{procs_text(tb)}, {poll_text(tb)}")
         ctx = seeds.Context(tb=tb, sizes=args.sizes, duration=args.duration, repeat=args.repeat, out=out,
                             plots=want_plots, console=con, progress_console=err, pin=args.pin)
         for name in only:

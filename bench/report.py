@@ -112,7 +112,7 @@ CSV_COLUMNS = (
     "scenario", "test", "tool", "path", "size", "rep", "duration_s", "elapsed_s", "bytes", "transactions",
     "throughput_bps", "tps", "lat_us.min", "lat_us.p50", "lat_us.p90", "lat_us.p99", "lat_us.mean", "lat_us.max",
     "app_cpu_s", "app_cpu_util", "app_cpu_s_per_gb", "app_cpu_us_per_tx", "adapter_cpu_s",
-    "adapter_cpu_us_per_tx", "round_trips_per_tx", "fastpath", "variant", "poll_us", "side",
+    "adapter_cpu_us_per_tx", "round_trips_per_tx", "fastpath", "variant", "poll_us", "app_poll_us", "side",
 )
 
 REQUIRED_SAMPLE_KEYS = ("scenario", "test", "tool", "path", "size")
@@ -578,7 +578,8 @@ def plot_vs_size(
 
 # --- comparing two results files ----------------------------------------------------------------
 
-ENV_KEYS = ("git_commit", "pin", "offloads", "fastpath", "fastpath_procs", "poll_us", "kernel", "cpus")
+ENV_KEYS = ("git_commit", "pin", "offloads", "fastpath", "fastpath_procs", "poll_us", "app_poll_us", "kernel",
+            "cpus")
 
 
 def _env_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -645,7 +646,7 @@ def compare(a: Mapping[str, Any], b: Mapping[str, Any], console: Console,
     the change B/A - 1, green when B is better (per higher_is_better; for the ratio, a higher
     ratio is better exactly when higher values are better), red when worse. Rows present in
     only one file are listed as "only in A" / "only in B". A line before the table names the
-    env differences (git_commit, pin, offloads, fastpath, fastpath_procs, poll_us, kernel, cpus), if any.
+    env differences (git_commit, pin, offloads, fastpath, fastpath_procs, poll_us, app_poll_us, kernel, cpus), if any.
 
     Each returned row: {"scenario", "test", "tool", "size", "metric", "path" ("kernel",
     "adapter", "ratio", "software" or "ratio_software"), "a", "b", "change" (a fraction: 1.0 is

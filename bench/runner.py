@@ -19,7 +19,8 @@ An adapter-path job names the adapter's `--fastpath` setting ("on": the hybrid,
 "off": software-only); with several settings the plan interleaves kernel, on,
 off (reversed every other repetition). Each sample records its `path`, its
 `fastpath` (None on the kernel path), its `variant` ("kernel", "adapter" or
-"software"; `bench.report.VARIANTS`) and the `poll_us` the client ran with.
+"software"; `bench.report.VARIANTS`), the adapter's `poll_us` and the client's spin
+(`app_poll_us`).
 
 A sample is a flat dict (see `bench.report` for the fields); a failed run
 raises `BenchError` with the client's last stderr line.
@@ -190,7 +191,9 @@ class Runner:
             for k, v in after.items():
                 if k != "cpu":
                     extra[f"adapter.{k}"] = v - before[k]
-        return make_sample(job, m, poll_us=self.tb.poll_us if job.path == "adapter" else None)
+        if job.path != "adapter":
+            return make_sample(job, m)
+        return make_sample(job, m, poll_us=self.tb.poll_us, app_poll_us=self.tb.app_poll_us)
 
     def _adapter_snapshot(self, fastpath: str | None = None) -> dict[str, float]:
         st = self.tb.stat(fastpath)
@@ -205,10 +208,12 @@ class Runner:
         return snap
 
 
-def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None) -> dict[str, Any]:
+def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None,
+                app_poll_us: int | None = None) -> dict[str, Any]:
     """The sample for `job` from a driver's measurement `m` (bytes, elapsed_s, transactions,
     lat_us, app_cpu_s, optional throughput_bps, adapter_cpu_s, extra): derived rates filled in.
-    `fastpath`, `variant` and `poll_us` say which adapter (and client polling) it measured."""
+    `fastpath`, `variant`, `poll_us` and `app_poll_us` say which adapter (its units' busy
+    poll, the client's spin) it measured."""
     elapsed = float(m["elapsed_s"])
     nbytes = int(m.get("bytes") or 0)
     tx = m.get("transactions")
@@ -220,6 +225,7 @@ def make_sample(job: Job, m: dict[str, Any], poll_us: int | None = None) -> dict
         "scenario": job.scenario, "test": job.test, "tool": job.tool, "side": job.side, "path": job.path,
         "fastpath": job.fastpath if job.path == "adapter" else None, "variant": job.variant,
         "poll_us": poll_us if job.path == "adapter" else None,
+        "app_poll_us": app_poll_us if job.path == "adapter" else None,
         "size": job.size, "rep": job.rep, "duration_s": job.duration_s,
         "elapsed_s": elapsed, "bytes": nbytes, "transactions": tx,
         "throughput_bps": thr,

@@ -205,7 +205,7 @@ def seed002(ctx: Context) -> Result:
     res = Result()
     ctx.console.rule("seed 002: pre-mapped buffer reuse, on and off")
     on = _measure(ctx, ctx.tb, "seed002", ["stream-send"], paths=("adapter",))
-    with Testbed(pin=ctx.pin, offloads=ctx.tb.offloads, tag=ctx.tb.tag + "r", poll_us=ctx.tb.poll_us,
+    with Testbed(pin=ctx.pin, offloads=ctx.tb.offloads, tag=ctx.tb.tag + "r", poll_us=ctx.tb.poll_asked,
                  buffer_reuse=False, procs=ctx.tb.procs) as tb:
         off = _measure(ctx, tb, "seed002", ["stream-send"], paths=("adapter",))
     for s in off:
@@ -242,7 +242,7 @@ def seed001(ctx: Context) -> Result:
     ctx.console.rule("seed 001, table 1: protocol efficiency vs payload size (Ethernet path)")
     sizes = ctx.sizes or SIZES["001"]
     if ctx.tb.offloads:
-        with Testbed(pin=ctx.pin, offloads=False, tag=ctx.tb.tag + "n", poll_us=ctx.tb.poll_us,
+        with Testbed(pin=ctx.pin, offloads=False, tag=ctx.tb.tag + "n", poll_us=ctx.tb.poll_asked,
                      procs=ctx.tb.procs) as tb:
             samples = _measure(ctx, tb, "seed001", ["rr"], paths=("adapter",), sizes=sizes)
     else:

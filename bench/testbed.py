@@ -27,8 +27,9 @@ setting asked for. ("on",) is the default; ("on", "off") runs two adapters side
 by side in the peer namespace, the hybrid on TAP <tag>t (198.18.0.0/24) and the
 software-only one on TAP <tag>u (198.18.2.0/24), so that one run interleaves
 kernel, hybrid and software-only; ("off",) is one software-only adapter on
-<tag>t. `poll_us` goes to every adapter (`toe up --poll-us`) and, as
-TOE_POLL_US, to the application on the adapter path.
+<tag>t. `poll_us`, when given, goes to every adapter (`toe up --poll-us`) and, as
+TOE_POLL_US, to the application on the adapter path; None leaves the adapters'
+default (the units poll AdapterConfig.poll_us, the application does not spin).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Testbed:
     """Namespaces, veth, adapter and peer processes for one benchmark run (a context manager)."""
 
     def __init__(self, pin: str = "none", offloads: bool = True, tag: str | None = None,
-                 fastpath: Sequence[str] = ("on",), poll_us: int = 0, buffer_reuse: bool = True,
+                 fastpath: Sequence[str] = ("on",), poll_us: int | None = None, buffer_reuse: bool = True,
                  procs: int = 1):
         self.pin = pin
         if procs not in (1, 2):
@@ -118,10 +119,13 @@ class Testbed:
         bad = [f for f in fastpaths if f not in FASTPATHS]
         if bad or not fastpaths:
             raise BenchError(f"unknown fastpath setting {', '.join(bad) or '(none)'} (choose on, off)")
-        if not 0 <= poll_us <= 1_000_000:
+        if poll_us is not None and not 0 <= poll_us <= 1_000_000:
             raise BenchError(f"poll_us {poll_us} is out of range 0..1000000")
         self.fastpaths: tuple[str, ...] = fastpaths
-        self.poll_us = poll_us
+        # the units' busy poll, and the application's spin in blocking receives
+        self.poll_asked = poll_us
+        self.poll_us = AdapterConfig.poll_us if poll_us is None else poll_us
+        self.app_poll_us = AdapterConfig.app_poll_us if poll_us is None else poll_us
         self.tag = tag or f"tb{os.getpid() % 100000}"
         self.peer_ns, self.kernel_ns, self.adapter_ns = (f"{self.tag}-p", f"{self.tag}-k", f"{self.tag}-a")
         self.adapters: dict[str, AdapterInfo] = {
@@ -153,6 +157,7 @@ class Testbed:
             a = self.adapters[fp]
             cfg = AdapterConfig(tap=a.tap, netns=self.peer_ns, offloads=self.offloads, addr=f"{a.addr}/24",
                                 host_addr=f"{a.host_addr}/24", fastpath=fp == "on", poll_us=self.poll_us,
+                                app_poll_us=self.app_poll_us,
                                 buffer_reuse=self.buffer_reuse, fastpath_procs=self.procs)
             try:
                 state = adapter.adapter_up(cfg, quiet=True)
@@ -233,8 +238,8 @@ class Testbed:
     def app_env(self, fastpath: str | None = None) -> dict[str, str]:
         """What the application on the adapter path gets: `toe run`'s LD_PRELOAD/TOE_SOCK, TOE_POLL_US."""
         env = adapter.preload_env(self.adapter(fastpath).tap, {})
-        if self.poll_us:
-            env["TOE_POLL_US"] = str(self.poll_us)
+        if self.app_poll_us:
+            env["TOE_POLL_US"] = str(self.app_poll_us)
         return env
 
     def app_argv(self, path: str, argv: Sequence[str], fastpath: str | None = None) -> list[str]:
@@ -307,10 +312,11 @@ class Testbed:
         return float(cpu["user_s"] + cpu["system_s"])
 
     def adapter_options(self) -> dict[str, Any]:
-        """The adapters' own options for this run: fastpath ("on", "off" or "both"), poll_us and
-        the hybrid's processors."""
+        """The adapters' own options for this run: fastpath ("on", "off" or "both"), poll_us
+        (the units'), app_poll_us (the application's spin) and the hybrid's processors."""
         fp = "both" if len(self.fastpaths) > 1 else self.fastpaths[0]
-        return {"fastpath": fp, "poll_us": self.poll_us, "fastpath_procs": self.procs}
+        return {"fastpath": fp, "poll_us": self.poll_us, "app_poll_us": self.app_poll_us,
+                "fastpath_procs": self.procs}
 
     def describe(self) -> dict[str, Any]:
         """Names of what this testbed made (every name starts with `tag`) and the daemons' pids."""

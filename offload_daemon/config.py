@@ -100,7 +100,11 @@ class AdapterConfig:
     # (nic_model/hw); off: every packet through the software path (the comparison,
     # and the oracle of the differential tests). A pcap needs every frame in Python: off.
     fastpath: bool = True
-    poll_us: int = 0                     # the fast path busy-polls this long before sleeping
+    # The units busy-poll this long for more work before the adapter sleeps (hardware does
+    # not sleep: without it every reply pays the daemon's wake-up); programs under toe run
+    # spin app_poll_us in blocking receives (TOE_POLL_US), the host's CPU: none by default.
+    poll_us: int = 20
+    app_poll_us: int = 0
     fastpath_procs: int = 1              # seed 003's two processors: 2 runs TX on a thread of its own
     buffer_reuse: bool = True            # seed 002; off: a buffer mapped and unmapped per packet
     # Who may use the adapter (docs/security.md): root always, these uids, members of this gid.

@@ -155,7 +155,7 @@ class Adapter(CommandHandler):
                  "netns": cfg.netns, "netns_created": cfg.netns_created, "ctl": cfg.ctl_path,
                  "api": cfg.api_path, "log": log_path(cfg.tap), "mac": ethernet.mac_str(self.my_mac),
                  "offloads": cfg.offloads, "fastpath": self.fp is not None,
-                 "poll_us": cfg.poll_us if self.fp is not None else 0,
+                 "poll_us": cfg.poll_us if self.fp is not None else 0, "app_poll_us": cfg.app_poll_us,
                  "fastpath_procs": cfg.fastpath_procs if self.fp is not None else 0}
         tmp = cfg.state_path + ".tmp"
         with open(tmp, "w") as f:

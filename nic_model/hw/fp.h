@@ -109,6 +109,7 @@
 #define FP_MAX_EVENTS 1024
 #define FP_RX_BATCH 64
 #define FP_POLL_FDS 256
+#define FP_SPIN_BULK 16384     /* bytes read in a pass that make it bulk: no busy poll after it */
 
 /*
  * One fast-path connection: the CCB cache entry both paths see.
@@ -329,6 +330,8 @@ struct fp_state {
     uint32_t pad2;
     double next_scan;          /* earliest deadline the scan may find (0: none) */
     double now;                /* the clock at the last wait */
+    uint64_t rx_mark;          /* rx_bytes when the last wait returned (a pass that read
+                                * FP_SPIN_BULK more was bulk: the next wait does not spin) */
     uint32_t nevents;
     int32_t ack_head;          /* connections owing an ACK at the end of the burst */
     struct fp_ccb *ccbs;

@@ -695,8 +695,12 @@ static int wait_once(struct fp_state *st, int timeout_ms)
     double now = fp_mono();
     timeout_ms = st->proc ? fp_proc_sleep(st, timeout_ms, now) : fp_scan_timeout(st, timeout_ms, now);
     int n = 0;
-    if (st->poll_us && timeout_ms != 0 && st->spin_skip) {
-        st->spin_skip--;
+    /* after a pass of bulk data, sleep: frames gather meanwhile and the application wakes
+     * once for them all (a NIC's interrupt moderation), instead of once per frame that a
+     * spin would hand over on its own; latency-bound traffic (small frames) spins */
+    int bulk = st->counters.rx_bytes - st->rx_mark >= FP_SPIN_BULK;
+    if (st->poll_us && timeout_ms != 0 && (bulk || st->spin_skip)) {
+        st->spin_skip -= !bulk;
     } else if (st->poll_us && timeout_ms != 0) {
         /* busy-poll before sleeping (Onload's EF_POLL_USEC): a reply that comes within
          * poll_us finds the adapter awake, with no wake-up to pay.  Only while it pays: a
@@ -724,6 +728,7 @@ static int wait_once(struct fp_state *st, int timeout_ms)
     if (p)
         fp_proc_awake(st);
     st->now = now = fp_mono();
+    st->rx_mark = st->counters.rx_bytes;
     uint32_t next_buf = 0;
     for (int i = 0; i < n; i++) {
         int fd = evs[i].data.fd;

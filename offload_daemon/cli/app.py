@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the CCBs with RX (docs/fastpath.md: no gain measured on 2 CPUs)")
     up.add_argument("--poll-us", type=ranged(0, 1_000_000), metavar="N",
                     help="the fast path busy-polls N µs for more work before it sleeps, and programs "
-                         "under toe run spin as long in blocking receives (TOE_POLL_US); default 0. "
-                         "20 is the latency profile: docs/fastpath.md has what it costs and buys")
+                         "under toe run spin as long in blocking receives (TOE_POLL_US); default: "
+                         "the fast path 20, programs 0. docs/fastpath.md has what it costs and buys")
     up.add_argument("--syn-retries", type=ranged(1, 127), metavar="N",
                     help=f"SYN retransmissions before ETIMEDOUT (default {AdapterConfig.syn_retries})")
     up.add_argument("--mtu", type=ranged(0, 1 << 20), metavar="N", help=f"MTU (default {AdapterConfig.mtu})")

@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> AdapterConfig:
         offloads=not args.no_offloads, fastpath=args.fastpath == "on",
     )
     if args.poll_us is not None:
-        kw["poll_us"] = args.poll_us
+        kw["poll_us"] = kw["app_poll_us"] = args.poll_us
     kw["fastpath_procs"] = args.fastpath_procs
     if args.no_buffer_reuse:
         kw["buffer_reuse"] = False

@@ -348,11 +348,11 @@ def wait_gone(pid: int, timeout: float) -> bool:
 def preload_env(tap: str, env: dict[str, str], strict: bool = False) -> dict[str, str]:
     """`env` changed the way `toe run` runs a program on adapter `tap`: the shim first in
     LD_PRELOAD (other preloads kept after it), TOE_SOCK naming the adapter, TOE_STRICT, and
-    TOE_POLL_US from the adapter's --poll-us unless the caller set it."""
+    TOE_POLL_US from the adapter's app_poll_us (an explicit --poll-us) unless the caller set it."""
     shim = shim_path()
     env = dict(env)
     if "TOE_POLL_US" not in env:
-        poll = (read_state(tap) or {}).get("poll_us")
+        poll = (read_state(tap) or {}).get("app_poll_us")
         if isinstance(poll, int) and poll > 0:
             env["TOE_POLL_US"] = str(poll)
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != shim]

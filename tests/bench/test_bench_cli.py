@@ -69,7 +69,7 @@ def test_stream_both_directions(tmp_path):
     assert doc["env"]["pin"] == "none" and doc["env"]["cpus"] >= 1 and "kernel" in doc["env"]
     assert {c["name"] for c in doc["targets"]} == {"stream throughput ≥ 0.8× kernel",
                                                   "app CPU per GB ≤ 0.2× kernel"}
-    assert (doc["env"]["fastpath"], doc["env"]["poll_us"]) == ("on", 0)
+    assert (doc["env"]["fastpath"], doc["env"]["poll_us"], doc["env"]["app_poll_us"]) == ("on", 20, 0)
     assert {s["fastpath"] for s in by(doc, path="adapter")} == {"on"}
     assert len(doc["plots"]) == 2
     assert "stream-send" in res.stdout and "×" in res.stdout
@@ -91,7 +91,7 @@ def test_rr_sizes_and_pinning(tmp_path):
 @integration
 def test_rr_fastpath_both_and_poll(tmp_path):
     doc, res = bench(tmp_path, "rr", "--fastpath", "both", "--poll-us", "5", *TINY)
-    assert (doc["env"]["fastpath"], doc["env"]["poll_us"]) == ("both", 5)
+    assert (doc["env"]["fastpath"], doc["env"]["poll_us"], doc["env"]["app_poll_us"]) == ("both", 5, 5)
     assert [a["fastpath_active"] for a in doc["env"]["testbed"]["adapters"]] == [True, False]
     for a in doc["env"]["testbed"]["adapters"]:
         assert not psutil.pid_exists(a["daemon_pid"])
@@ -99,7 +99,7 @@ def test_rr_fastpath_both_and_poll(tmp_path):
     on, off = by(doc, variant="adapter")[0], by(doc, variant="software")[0]
     for s in (on, off):
         went_through_adapter(s)
-        assert s["poll_us"] == 5
+        assert s["poll_us"] == s["app_poll_us"] == 5
     assert on["extra"]["adapter.totals.data_segments_fast"] > 0
     assert off["extra"]["adapter.totals.data_segments_fast"] == 0
     assert off["extra"]["adapter.totals.data_segments_software"] > 0

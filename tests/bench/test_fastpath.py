@@ -19,6 +19,7 @@ from bench.testbed import AppRun
 from bench.testbed import Testbed as _Testbed
 from offload_daemon.cli.app import build_parser
 from offload_daemon.client.errors import CLIError
+from offload_daemon.config import AdapterConfig
 from tests.conftest import run_toe
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -29,9 +30,9 @@ def parse(*argv: str) -> Any:
 
 
 @pytest.mark.parametrize("kind", ["stream", "rr", "crr"])
-def test_defaults_are_fastpath_on_poll_0(kind: str) -> None:
+def test_defaults_are_fastpath_on_and_the_adapters_own_poll(kind: str) -> None:
     args = parse(kind)
-    assert (args.fastpath, args.poll_us) == ("on", 0)
+    assert (args.fastpath, args.poll_us) == ("on", None)
 
 
 @pytest.mark.parametrize("choice", ["on", "off", "both"])
@@ -111,8 +112,9 @@ def measurement() -> dict[str, Any]:
     ("kernel", None, "kernel", None), ("adapter", "on", "adapter", 20), ("adapter", "off", "software", 20)])
 def test_make_sample_records_the_variant(path: str, fastpath: str | None, variant: str, poll: int | None) -> None:
     job = runner.Job("rr", "rr", "builtin", 1, path, 0, 1.0, fastpath)
-    s = runner.make_sample(job, measurement(), poll_us=20)
-    assert (s["path"], s["fastpath"], s["variant"], s["poll_us"]) == (path, fastpath, variant, poll)
+    s = runner.make_sample(job, measurement(), poll_us=20, app_poll_us=20)
+    assert (s["path"], s["fastpath"], s["variant"], s["poll_us"], s["app_poll_us"]) == (path, fastpath, variant, poll,
+                                                                                       poll)
     assert report.variant_of(s) == variant
 
 
@@ -128,7 +130,7 @@ def test_testbed_both_plans_two_adapters() -> None:
     assert tb.tap == "tbxt" and tb.adapter() is on
     assert tb.peer_addr("adapter", "off") == "198.18.2.1" and tb.peer_addr("adapter") == "198.18.0.1"
     assert tb.peer_addr("kernel", "off") == "198.18.1.1"
-    assert tb.adapter_options() == {"fastpath": "both", "poll_us": 20, "fastpath_procs": 1}
+    assert tb.adapter_options() == {"fastpath": "both", "poll_us": 20, "app_poll_us": 20, "fastpath_procs": 1}
     env = tb.app_env("off")
     assert env["TOE_POLL_US"] == "20" and env["TOE_SOCK"].endswith("/tbxu.sock")
     argv = tb.app_argv("adapter", ["prog"], "on")
@@ -139,8 +141,11 @@ def test_testbed_both_plans_two_adapters() -> None:
 
 def test_testbed_defaults() -> None:
     tb = _Testbed(tag="tby")
-    assert tb.fastpaths == ("on",) and tb.poll_us == 0 and tb.tap == "tbyt"
-    assert tb.adapter_options() == {"fastpath": "on", "poll_us": 0, "fastpath_procs": 1}
+    # the units poll as `toe up` does by default; the application does not spin
+    assert tb.fastpaths == ("on",) and tb.poll_us == AdapterConfig.poll_us > 0 and tb.tap == "tbyt"
+    assert tb.adapter_options() == {"fastpath": "on", "poll_us": AdapterConfig.poll_us, "app_poll_us": 0,
+                                    "fastpath_procs": 1}
+    assert _Testbed(tag="tbv", poll_us=0).adapter_options()["poll_us"] == 0
     assert _Testbed(tag="tbw", procs=2).adapter_options()["fastpath_procs"] == 2
     assert "TOE_POLL_US" not in tb.app_env()
     with pytest.raises(BenchError, match="no adapter with fastpath off"):
@@ -162,9 +167,9 @@ def test_testbed_bad_options(kw: dict[str, Any]) -> None:
 def test_header_line_names_fastpath_and_poll() -> None:
     tb = _Testbed(fastpath=("on",), poll_us=20, tag="tbh")
     line = cli.header_line("rr", 6, 2.0, "builtin", tb)
-    assert line.endswith("offloads on, fastpath on, poll 20 µs"), line
+    assert line.endswith("offloads on, fastpath on, poll 20 µs (client spins 20 µs)"), line
     both = cli.header_line("rr", 9, 2.0, "builtin", _Testbed(fastpath=("on", "off"), tag="tbh"))
-    assert "fastpath on and off, poll 0 µs" in both
+    assert f"fastpath on and off, poll {AdapterConfig.poll_us} µs (client does not spin)" in both
 
 
 # --- the runner's bookkeeping, with a fake testbed ----------------------------------------------
@@ -176,6 +181,7 @@ class FakeTestbed:
     def __init__(self) -> None:
         self.fastpaths = ("on", "off")
         self.poll_us = 7
+        self.app_poll_us = 0
         self.servers = {"builtin"}
         self.calls: list[tuple[str, Any]] = []
         self.cpu = {"on": 0.0, "off": 0.0}

@@ -125,13 +125,27 @@ def _pingpong(adapter, client_ns, n: int):
 def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_factory, client_ns):
     adapter = adapter_factory("--poll-us", "20")
     with open(state_path(adapter.tap)) as f:
-        assert json.load(f)["poll_us"] == 20
+        state = json.load(f)
+    assert (state["poll_us"], state["app_poll_us"]) == (20, 20)
     res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=$TOE_POLL_US"], text=True)
     assert res.returncode == 0 and res.stdout.strip() == "poll=20", (res.stdout, res.stderr)
     # and a transfer still works while the adapter and the program spin
     res = _pingpong(adapter, client_ns, 500)
     assert res.returncode == 0 and res.stdout.strip() == "ok 500", res.stderr
     assert adapter.stat()["units"]["fast_path"]["spins"] > 0
+
+
+def test_by_default_the_units_poll_and_programs_do_not_spin(adapter_factory, client_ns):
+    adapter = adapter_factory()
+    with open(state_path(adapter.tap)) as f:
+        state = json.load(f)
+    assert (state["poll_us"], state["app_poll_us"]) == (20, 0)
+    res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=${TOE_POLL_US-unset}"], text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "poll=unset", (res.stdout, res.stderr)
+    res = _pingpong(adapter, client_ns, 200)
+    assert res.returncode == 0 and res.stdout.strip() == "ok 200", res.stderr
+    fp = adapter.stat()["units"]["fast_path"]
+    assert fp["spins"] > 0 and fp["waits"] > 0          # it polled, and still slept when idle
 
 
 def test_request_response_rides_acks_on_replies(adapter, client_ns, tmp_path):

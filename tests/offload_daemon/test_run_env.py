@@ -21,7 +21,7 @@ def fake_state(tmp_path, monkeypatch):
 
 
 def test_the_adapters_poll_setting_reaches_the_program(fake_state):
-    fake_state("tq1", poll_us=20)
+    fake_state("tq1", poll_us=20, app_poll_us=20)
     env = adapter.preload_env("tq1", {"PATH": "/bin"})
     assert env["TOE_POLL_US"] == "20"
     assert env["LD_PRELOAD"].split()[0] == adapter.shim_path()
@@ -29,11 +29,11 @@ def test_the_adapters_poll_setting_reaches_the_program(fake_state):
 
 
 def test_the_callers_own_poll_setting_wins(fake_state):
-    fake_state("tq2", poll_us=20)
+    fake_state("tq2", poll_us=20, app_poll_us=20)
     assert adapter.preload_env("tq2", {"TOE_POLL_US": "0"})["TOE_POLL_US"] == "0"
 
 
-@pytest.mark.parametrize("state", [{"poll_us": 0}, {}, None, {"poll_us": "20"}])
+@pytest.mark.parametrize("state", [{"app_poll_us": 0}, {"poll_us": 20}, {}, None, {"app_poll_us": "20"}])
 def test_no_poll_setting_without_one(fake_state, state):
     if state is not None:
         fake_state("tq3", **state)
