@@ -19,7 +19,7 @@ PUNT_NAMES = ("unparsed", "syn", "no_ccb", "follows", "fin", "rst", "flags", "op
               "old_ack", "ack_unsent", "dup_ack", "beyond_window", "zero_window", "cork", "rto", "close",
               "forced", "handshake", "state", "teardown")
 HC_NAMES = ("looked", "connects", "passed", "not_fresh", "no_neighbour", "no_port", "no_room", "lost_answers",
-            "fresh_stuffed")
+            "fresh_stuffed", "completed")
 assert len(DROP_NAMES) == lib.FP_NDROPS and len(PUNT_NAMES) == lib.FP_NPUNTS
 
 

@@ -244,23 +244,28 @@ int toe_sock_connect(struct toe_sock *s, int fd, const struct sockaddr *addr, so
     if (reason)
         goto handover;
 
+    /* a blocking connect says so: the adapter may then answer when the handshake is over
+     * (one wake-up instead of the answer's and A's) */
+    int nb = nonblocking(fd);
     memset(&cmd, 0, sizeof(cmd));
     cmd.op = TOE_OP_CONNECT;
     cmd.sock_id = s->sock_id;
     cmd.addr_be32 = dst;
     cmd.port_be16 = sin.sin_port;
+    cmd.arg1 = nb ? 0 : TOE_CONNECT_WAIT;
     reason = ask_adapter(&cmd, &rsp);
     if (reason)
         goto handover;
     lstate_clear(s, TOE_LS_CONNFAIL);
     if (rsp.result == 0) {
         lstate_set(s, TOE_LS_CONNECTED);
+        errno = saved;
         return 0;
     }
     if (rsp.result != -EINPROGRESS)
         return fail(-rsp.result);
     lstate_set(s, TOE_LS_CONNECT);
-    if (nonblocking(fd))
+    if (nb)
         return fail(EINPROGRESS);
     return connect_finish(s, fd, saved);
 

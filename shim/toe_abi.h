@@ -68,6 +68,11 @@
  * after later commands (when idle), its answer flagged TOE_RF_POSTED */
 #define TOE_REUSE_POSTED 1
 
+/* struct toe_cmd.arg1 of CONNECT: the caller blocks until the handshake ends (A is not
+ * O_NONBLOCK); the adapter may then answer 0, connected, when the handshake ended while
+ * it answered (the SYN|ACK came in the same pass), instead of -EINPROGRESS */
+#define TOE_CONNECT_WAIT 1
+
 /* ---- socket state as the shim sees it (struct toe_sock_shm.state) ---- */
 #define TOE_SS_NEW 0
 #define TOE_SS_BOUND 1

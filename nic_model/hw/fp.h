@@ -369,6 +369,7 @@ struct fp_hc_conn {
     uint32_t iss;
     uint32_t adv_mss;
     uint32_t lost;             /* the answer could not be sent: the channel must go */
+    int32_t owed;              /* a blocking connect's channel, its answer owed to the pass's end; -1 */
     uint8_t peer_mac[8];
     double now;
 };
@@ -383,6 +384,7 @@ struct fp_hc_counters {
     uint64_t no_room;          /* ... CCB table or hand-back records full */
     uint64_t lost_answers;     /* answers the channel did not take (it goes) */
     uint64_t fresh_stuffed;    /* a fresh socket's A stuffed by the shim (B readable): nothing to do */
+    uint64_t completed;        /* blocking connects answered 0: the handshake ended in the same pass */
 };
 
 /* engine (fp_engine.c) */
@@ -422,6 +424,8 @@ void fp_hc_unsock(struct fp_state *st, int b_fd);
 int fp_hc_neighbour(struct fp_state *st, uint32_t ip, const uint8_t *mac, double until);
 void fp_hc_counters(struct fp_state *st, struct fp_hc_counters *out);
 int fp_hc_event(struct fp_state *st, int fd, uint32_t ev, double now);
+int fp_hc_owed(const struct fp_state *st);
+void fp_hc_settle(struct fp_state *st);
 void fp_isn_key(const uint8_t *key);
 uint32_t fp_isn(uint32_t local_ip, uint32_t local_port, uint32_t remote_ip, uint32_t remote_port, double now);
 uint32_t fp_eph_start(const struct fp_ids *ids, uint32_t remote_ip, uint32_t remote_port);

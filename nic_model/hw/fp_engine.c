@@ -758,6 +758,13 @@ static int wait_once(struct fp_state *st, int timeout_ms)
         }
     }
     fp_end_burst(st);
+    if (fp_hc_owed(st)) {
+        /* blocking connects answered at the pass's end: a peer behind the TAP has usually
+         * queued its SYN|ACK while the SYN was written, so take it first (host_cmd.c) */
+        rx_burst(st, &next_buf, now);
+        fp_end_burst(st);
+        fp_hc_settle(st);
+    }
     if (st->next_scan && now >= st->next_scan)
         fp_scan(st, now);                      /* its ACKs go out directly: nothing owed after */
     return n;

@@ -79,6 +79,7 @@ struct fp_hc {
     struct hc_neigh neigh[HC_NEIGH];
     struct fp_hc_conn *conns;
     uint32_t nconns;
+    uint32_t nowed;            /* records whose answer waits for the pass's end (fp_hc_settle) */
     struct fp_hc_counters counters;
 };
 
@@ -191,8 +192,52 @@ void fp_hc_counters(struct fp_state *st, struct fp_hc_counters *out)
 
 void fp_hc_begin(struct fp_state *st)
 {
-    if (st->hc)
+    if (st->hc) {
+        fp_hc_settle(st);                      /* (none is left over: the pass settled them) */
         ((struct fp_hc *)st->hc)->nconns = 0;
+    }
+}
+
+static int answer(int fd, int32_t result)
+{
+    struct toe_rsp rsp;
+    memset(&rsp, 0, sizeof(rsp));
+    rsp.result = result;
+    return send(fd, &rsp, sizeof(rsp), MSG_DONTWAIT | MSG_NOSIGNAL) == (ssize_t)sizeof(rsp) ? 0 : -1;
+}
+
+int fp_hc_owed(const struct fp_state *st)
+{
+    return st->hc ? (int)((const struct fp_hc *)st->hc)->nowed : 0;
+}
+
+/*
+ * The pass's end: the answers of blocking connects.  0 when the handshake ended meanwhile
+ * (the SYN|ACK of a peer on the TAP usually comes back while the SYN is written: the
+ * connect then costs the application one wake-up, the answer, instead of two), else
+ * -EINPROGRESS as for any connect (the shim then waits for A to become writable).
+ */
+void fp_hc_settle(struct fp_state *st)
+{
+    struct fp_hc *hc = st->hc;
+    if (!hc || !hc->nowed)
+        return;
+    for (uint32_t i = 0; i < hc->nconns; i++) {
+        struct fp_hc_conn *r = &hc->conns[i];
+        if (r->owed < 0)
+            continue;
+        const struct fp_ccb *c = &st->ccbs[r->slot];
+        int done = c->in_use && c->state == FP_ST_ESTABLISHED && c->local_port == r->local_port &&
+                   c->remote_ip == r->remote_ip && c->remote_port == r->remote_port;
+        if (answer(r->owed, done ? 0 : -EINPROGRESS) < 0) {
+            r->lost = 1;                       /* a channel that does not take its answers goes */
+            hc->counters.lost_answers++;
+        } else if (done) {
+            hc->counters.completed++;
+        }
+        r->owed = -1;
+    }
+    hc->nowed = 0;
 }
 
 void fp_hc_port(struct fp_state *st, uint32_t port, int delta)
@@ -464,15 +509,17 @@ int fp_hc_event(struct fp_state *st, int fd, uint32_t ev, double now)
     r->adv_mss = mss;
     memcpy(r->peer_mac, nb->mac, 6);
     r->now = now;
+    r->owed = -1;
     fp_hc_unsock(st, b);                       /* used: software's from its record on */
 
-    struct toe_rsp rsp;
-    memset(&rsp, 0, sizeof(rsp));
-    rsp.result = -EINPROGRESS;
+    int wait = (cmd.arg1 & TOE_CONNECT_WAIT) != 0;
     if (recv(fd, &cmd, sizeof(cmd), MSG_DONTWAIT) != (ssize_t)sizeof(cmd) ||
-        send(fd, &rsp, sizeof(rsp), MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof(rsp)) {
+        (!wait && answer(fd, -EINPROGRESS) < 0)) {
         r->lost = 1;                           /* a channel that does not take its answers goes */
         hc->counters.lost_answers++;
+    } else if (wait) {
+        r->owed = fd;                          /* answered at the pass's end (fp_hc_settle) */
+        hc->nowed++;
     }
     struct fp_event *e = fp_event_new(st, FP_EV_CONNECT);
     e->fd = b;

@@ -184,10 +184,11 @@ class Harness:
         self.hosts.append(hs)
         return hs, app
 
-    def send_cmd(self, op: int, sock_id: int, ip: int = 0, port: int = 0, fds: list[int] | None = None) -> bytes:
+    def send_cmd(self, op: int, sock_id: int, ip: int = 0, port: int = 0, fds: list[int] | None = None,
+                 arg1: int = 0) -> bytes:
         """A command as the shim sends it on the harness's channel (the daemon's end: self.proc.conn)."""
         cmd = ffi.new("struct toe_cmd *")
-        cmd.op, cmd.sock_id = op, sock_id
+        cmd.op, cmd.sock_id, cmd.arg1 = op, sock_id, arg1
         cmd.addr_be32, cmd.port_be16 = socket.htonl(ip), socket.htons(port)
         msg = bytes(ffi.buffer(cmd))
         if fds:

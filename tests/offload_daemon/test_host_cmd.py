@@ -26,7 +26,7 @@ from offload_daemon.seq import initial_seq
 from offload_daemon.tcp_ccb import EPHEMERAL, LazyCcb, State
 
 from .fixtures import ME, PEER, PEER_MAC, Harness
-from .test_fastpath_diff import World, _parse_out
+from .test_fastpath_diff import World, _frame, _opts, _parse_out
 
 
 @pytest.fixture(autouse=True)
@@ -228,6 +228,69 @@ def test_an_answer_the_channel_does_not_take_drops_it():
     assert u.event() == 1
     r = u.w.fast.hc_conns[u.st.events[0].buf]
     assert r.lost == 1 and _counts(u.w)["lost_answers"] == 1 and filled > 0
+
+
+def _connect_waiting(u: Unit):
+    """A blocking connect (TOE_CONNECT_WAIT) taken by the unit: its answer is owed."""
+    hs, app = u.fresh()
+    u.h.send_cmd(lib.TOE_OP_CONNECT, hs.id, PEER, 8080, arg1=lib.TOE_CONNECT_WAIT)
+    assert u.event() == 1 and fp_lib.fp_hc_owed(u.st) == 1
+    r = u.w.fast.hc_conns[u.st.events[0].buf]
+    assert r.owed == u.ch and not r.lost
+    with pytest.raises(BlockingIOError):                 # nothing answered yet
+        u.h._ctl_a.recv(lib.TOE_RSP_SIZE, socket.MSG_DONTWAIT)
+    syn = _parse_out(u.w.tap_r.recv(4096))
+    return hs, app, r, syn
+
+
+def test_a_blocking_connect_whose_handshake_ends_in_the_pass_is_answered_connected():
+    """The SYN|ACK taken before the pass's end: the answer is 0 (the shim returns from
+    connect() without waiting on A), the header says CONNECTED, the ACK is on the wire."""
+    u = Unit()
+    hs, _app, r, syn = _connect_waiting(u)
+    frame = _frame(5000, syn[0] + 1, 0x12, 29200, b"", 8080, r.local_port, _opts(1460, 7))
+    u.w.bufs[0][:len(frame)] = frame
+    u.st.now = u.h.now
+    assert fp_lib.fp_rx_frame(u.st, 0, len(frame), u.h.now) == 0      # the units take it (fp_synack)
+    fp_lib.fp_end_burst(u.st)
+    fp_lib.fp_hc_settle(u.st)
+    assert u.h.answer().result == 0 and fp_lib.fp_hc_owed(u.st) == 0
+    assert hs.shm.state == lib.TOE_SS_CONNECTED and r.owed == -1 and not r.lost
+    seq, ack, flags, *_ = _parse_out(u.w.tap_r.recv(4096))
+    assert (seq, ack, flags) == (syn[0] + 1, 5001, 0x10)
+    assert _counts(u.w)["completed"] == 1
+    fp_lib.fp_hc_settle(u.st)                            # answered once
+    with pytest.raises(BlockingIOError):
+        u.h._ctl_a.recv(lib.TOE_RSP_SIZE, socket.MSG_DONTWAIT)
+
+
+def test_a_blocking_connect_still_connecting_at_the_pass_end_is_answered_in_progress():
+    """No SYN|ACK in the pass (a peer further away): -EINPROGRESS, as without the flag; so
+    is a refusal (the RST is software's: the connection is no longer the units')."""
+    u = Unit()
+    _hs, _app, _r, _syn = _connect_waiting(u)
+    fp_lib.fp_hc_settle(u.st)
+    assert u.h.answer().result == -errno.EINPROGRESS and _counts(u.w)["completed"] == 0
+    # the next fp_poll settles what a pass left owed before its records go
+    _hs2, _app2, r2, syn2 = _connect_waiting(u)
+    frame = _frame(0, syn2[0] + 1, 0x14, 0, b"", 8080, r2.local_port)
+    u.w.bufs[0][:len(frame)] = frame
+    fp_lib.fp_rx_frame(u.st, 0, len(frame), u.h.now)
+    fp_lib.fp_poll(u.st, 0)
+    assert u.h.answer().result == -errno.EINPROGRESS and _counts(u.w)["completed"] == 0
+
+
+def test_a_blocking_connects_answer_the_channel_does_not_take_drops_it():
+    u = Unit()
+    _hs, _app, r, _syn = _connect_waiting(u)
+    u.h.proc.conn.setblocking(False)
+    while True:
+        try:
+            u.h.proc.conn.send(b"\0" * lib.TOE_RSP_SIZE)
+        except BlockingIOError:
+            break
+    fp_lib.fp_hc_settle(u.st)
+    assert r.lost == 1 and _counts(u.w)["lost_answers"] == 1
 
 
 def test_the_neighbour_copy_keeps_the_entries_that_last():
