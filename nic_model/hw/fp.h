@@ -327,7 +327,8 @@ struct fp_state {
     int32_t place_slot;        /* the connection whose RX ring the next frame's payload is read into */
     uint32_t spin_misses;      /* busy-poll spins in a row that found nothing ... */
     uint32_t spin_skip;        /* ... and the waits that sleep at once because of them */
-    uint32_t pad2;
+    uint32_t kick_kept;        /* doorbell bytes a doorbell may leave in B (fp_new's probe: 1 if one
+                                * byte unread leaves A writable, else 0) */
     double next_scan;          /* earliest deadline the scan may find (0: none) */
     double now;                /* the clock at the last wait */
     uint64_t rx_mark;          /* rx_bytes when the last wait returned (a pass that read

@@ -20,11 +20,13 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -35,6 +37,29 @@ double fp_mono(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/*
+ * Does one byte unread in B leave A writable, A's send buffer at the kernel's minimum as
+ * the shim makes it?  Then a doorbell's byte may stay in B (fp_doorbell_locked): reading
+ * it frees A's send buffer, and the kernel then wakes every recv() asleep on A (a stream
+ * socket's reader waits without a filter) -- the application waiting for its reply would
+ * wake for nothing, once per request.
+ */
+static uint32_t kick_probe(void)
+{
+    int sv[2], one = 1;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+        return 0;
+    uint32_t ok = 0;
+    if (setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0 &&
+        send(sv[0], &one, 1, MSG_NOSIGNAL) == 1) {
+        struct pollfd p = {.fd = sv[0], .events = POLLOUT};
+        ok = poll(&p, 1, 0) == 1 && (p.revents & POLLOUT);
+    }
+    close(sv[0]);
+    close(sv[1]);
+    return ok;
 }
 
 struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip, const uint8_t *my_mac,
@@ -63,6 +88,7 @@ struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip
     st->wnd_poll_s = 0.005;
     st->ack_head = -1;
     st->place_slot = -1;
+    st->kick_kept = kick_probe();
     st->fd_map_len = 1024;
     st->ccbs = calloc(capacity, sizeof(struct fp_ccb));
     st->hash = malloc(hsize * sizeof(int32_t));
@@ -471,13 +497,16 @@ void fp_doorbell_locked(struct fp_state *st, int slot, double now)
     struct toe_sock_shm *shm = fp_shm(c);
     st->counters.doorbells++;
     /* drain B (A writable again) unless the shim waits, stuffed, for writability; only the
-     * bytes counted before the header is read (HostSocket.drain's rule) */
+     * bytes counted before the header is read (HostSocket.drain's rule).  One doorbell
+     * byte may stay (kick_kept): A is writable with it, and its read would wake a recv()
+     * asleep on A for nothing; the next doorbell drains both */
     int queued = 0;
     if (ioctl(c->b_fd, FIONREAD, &queued) < 0)
         queued = 0;
     int sending = c->state == FP_ST_ESTABLISHED || c->state == FP_ST_CLOSE_WAIT;
-    if (sending && (!TOE_LOAD_ACQ(&shm->tx_full_wait) || toe_tx_writable(shm))) {
-        if (queued > 0)
+    uint32_t waiting = TOE_LOAD_ACQ(&shm->tx_full_wait);
+    if (sending && (!waiting || toe_tx_writable(shm))) {
+        if (queued > (waiting ? 0 : (int)st->kick_kept))
             fp_drain(c, queued);               /* (connecting: A stays stuffed until connected) */
     }
     fp_try_send(st, c, now);
