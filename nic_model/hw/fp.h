@@ -572,6 +572,7 @@ void fp_deliver(struct fp_state *st, struct fp_ccb *c, const uint8_t *p, uint32_
 void fp_deliver_placed(struct fp_state *st, struct fp_ccb *c, uint32_t n, double now);
 void fp_wake(struct fp_ccb *c);
 void fp_drain(struct fp_ccb *c, int limit);
+uint32_t fp_kick_probe(void);
 int fp_ack_check(const struct fp_ccb *c, const struct fp_seg *g);    /* tx_hdrgen.c */
 void fp_ack_process(struct fp_state *st, struct fp_ccb *c, const struct fp_seg *g, double now);
 void fp_try_send(struct fp_state *st, struct fp_ccb *c, double now);

@@ -39,29 +39,6 @@ double fp_mono(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/*
- * Does one byte unread in B leave A writable, A's send buffer at the kernel's minimum as
- * the shim makes it?  Then a doorbell's byte may stay in B (fp_doorbell_locked): reading
- * it frees A's send buffer, and the kernel then wakes every recv() asleep on A (a stream
- * socket's reader waits without a filter) -- the application waiting for its reply would
- * wake for nothing, once per request.
- */
-static uint32_t kick_probe(void)
-{
-    int sv[2], one = 1;
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
-        return 0;
-    uint32_t ok = 0;
-    if (setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &one, sizeof(one)) == 0 &&
-        send(sv[0], &one, 1, MSG_NOSIGNAL) == 1) {
-        struct pollfd p = {.fd = sv[0], .events = POLLOUT};
-        ok = poll(&p, 1, 0) == 1 && (p.revents & POLLOUT);
-    }
-    close(sv[0]);
-    close(sv[1]);
-    return ok;
-}
-
 struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip, const uint8_t *my_mac,
                         int offloads, uint32_t max_payload, uint32_t nbufs, uint32_t buf_size)
 {
@@ -88,7 +65,7 @@ struct fp_state *fp_new(uint32_t capacity, int tap_fd, int ep_fd, uint32_t my_ip
     st->wnd_poll_s = 0.005;
     st->ack_head = -1;
     st->place_slot = -1;
-    st->kick_kept = kick_probe();
+    st->kick_kept = fp_kick_probe();
     st->fd_map_len = 1024;
     st->ccbs = calloc(capacity, sizeof(struct fp_ccb));
     st->hash = malloc(hsize * sizeof(int32_t));
@@ -476,45 +453,6 @@ static int rx_frame(struct fp_state *st, const uint8_t *f, uint32_t len, uint32_
     }
     fp_unlock(st, slot);
     return 0;
-}
-
-/* A doorbell on B: the application wrote, or read (RX space), or kicked. */
-int fp_doorbell(struct fp_state *st, int slot, double now)
-{
-    if (slot < 0 || (uint32_t)slot >= st->capacity)
-        return 0;
-    fp_lock(st, slot);
-    int ours = st->ccbs[slot].in_use && !st->ccbs[slot].punted;
-    if (ours)
-        fp_doorbell_locked(st, slot, now);
-    fp_unlock(st, slot);
-    return ours;
-}
-
-void fp_doorbell_locked(struct fp_state *st, int slot, double now)
-{
-    struct fp_ccb *c = &st->ccbs[slot];
-    struct toe_sock_shm *shm = fp_shm(c);
-    st->counters.doorbells++;
-    /* drain B (A writable again) unless the shim waits, stuffed, for writability; only the
-     * bytes counted before the header is read (HostSocket.drain's rule).  One doorbell
-     * byte may stay (kick_kept): A is writable with it, and its read would wake a recv()
-     * asleep on A for nothing; the next doorbell drains both */
-    int queued = 0;
-    if (ioctl(c->b_fd, FIONREAD, &queued) < 0)
-        queued = 0;
-    int sending = c->state == FP_ST_ESTABLISHED || c->state == FP_ST_CLOSE_WAIT;
-    uint32_t waiting = TOE_LOAD_ACQ(&shm->tx_full_wait);
-    if (sending && (!waiting || toe_tx_writable(shm))) {
-        if (queued > (waiting ? 0 : (int)st->kick_kept))
-            fp_drain(c, queued);               /* (connecting: A stays stuffed until connected) */
-    }
-    fp_try_send(st, c, now);
-    if (c->wnd_wait)
-        fp_window_update(st, c, now);
-    if (TOE_LOAD_ACQ(&shm->rx_tail) != TOE_LOAD_ACQ(&shm->rx_head) ||
-        (TOE_LOAD_ACQ(&shm->flags) & (TOE_SF_RX_EOF | TOE_SF_RESET)))
-        fp_wake(c);
 }
 
 /* B of a slot hung up: the application closed the socket.  1: the units go on with the
