@@ -122,13 +122,19 @@ def _pingpong(adapter, client_ns, n: int):
                              text=True)
 
 
-def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_factory, client_ns):
-    adapter = adapter_factory("--poll-us", "20")
+def _polls(adapter, client_ns) -> tuple[tuple[int, int], str]:
+    """The adapter's (poll_us, app_poll_us) as its state file says, and the TOE_POLL_US a
+    program under toe run gets ("unset" without one)."""
     with open(state_path(adapter.tap)) as f:
         state = json.load(f)
-    assert (state["poll_us"], state["app_poll_us"]) == (20, 20)
-    res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=$TOE_POLL_US"], text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "poll=20", (res.stdout, res.stderr)
+    res = client_ns.toe_run(adapter, ["sh", "-c", "echo ${TOE_POLL_US-unset}"], text=True)
+    assert res.returncode == 0, res.stderr
+    return (state["poll_us"], state["app_poll_us"]), res.stdout.strip()
+
+
+def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_factory, client_ns):
+    adapter = adapter_factory("--poll-us", "20")
+    assert _polls(adapter, client_ns) == ((20, 20), "20")
     # and a transfer still works while the adapter and the program spin
     res = _pingpong(adapter, client_ns, 500)
     assert res.returncode == 0 and res.stdout.strip() == "ok 500", res.stderr
@@ -137,11 +143,7 @@ def test_poll_us_reaches_the_adapter_and_the_programs_under_toe_run(adapter_fact
 
 def test_by_default_the_units_poll_and_programs_do_not_spin(adapter_factory, client_ns):
     adapter = adapter_factory()
-    with open(state_path(adapter.tap)) as f:
-        state = json.load(f)
-    assert (state["poll_us"], state["app_poll_us"]) == (20, 0)
-    res = client_ns.toe_run(adapter, ["sh", "-c", "echo poll=${TOE_POLL_US-unset}"], text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "poll=unset", (res.stdout, res.stderr)
+    assert _polls(adapter, client_ns) == ((20, 0), "unset")
     res = _pingpong(adapter, client_ns, 200)
     assert res.returncode == 0 and res.stdout.strip() == "ok 200", res.stderr
     fp = adapter.stat()["units"]["fast_path"]
